@@ -1,0 +1,177 @@
+"""The one table of T5Gemma 2 hook sites and their three spellings.
+
+Every site of the text path has:
+
+- a TransformerLens ``TransformerBridge`` hook name (``encoder_blocks.5.attn.hook_out``),
+  the canonical name used everywhere in this package and in SAE configs;
+- the transformers module path of today's layout (``model.encoder.text_model.layers.5
+  .self_attn.o_proj``) and whether the site is that module's input or output;
+- the older module path that the mindchain card's code uses (``model.encoder.layers.5
+  .self_attn.o_proj``);
+- a short friendly name for command lines (``encoder.5.attn_out``).
+
+Everything else (hook registration, aliases, CLI parsing, SAE metadata) is derived from
+``SITE_KINDS`` below, so a site is described in exactly one place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Stack = Literal["encoder", "decoder"]
+STACKS: tuple[Stack, ...] = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """One kind of site inside a transformer layer."""
+
+    friendly: str
+    """Short name used on command lines, e.g. ``attn_out``."""
+    encoder_hook: str
+    """Bridge hook suffix under ``encoder_blocks.N``."""
+    decoder_hook: str
+    """Bridge hook suffix under ``decoder_blocks.N``."""
+    hf_submodule: str
+    """Module path below the layer ('' for the layer itself)."""
+    hf_io: Literal["input", "output"]
+    """Whether the activation is the module's first input or its output."""
+    description: str
+
+
+# fmt: off
+SITE_KINDS: tuple[SiteKind, ...] = (
+    SiteKind("resid_pre",  "hook_resid_pre", "hook_resid_pre",   "",                          "input",  "residual stream entering the layer"),
+    SiteKind("attn_z",     "attn.hook_z",    "self_attn.hook_z", "self_attn.o_proj",          "input",  "o_proj input: concatenated head outputs (n_heads*head_dim)"),
+    SiteKind("attn_out",   "attn.hook_out",  "self_attn.hook_out", "self_attn.o_proj",        "output", "o_proj output, before post_self_attn_layernorm (mindchain SAE site)"),
+    SiteKind("resid_mid",  "hook_resid_mid", "hook_resid_mid",   "pre_feedforward_layernorm", "input",  "residual stream after the attention block"),
+    SiteKind("mlp_out",    "mlp.hook_out",   "mlp.hook_out",     "mlp",                       "output", "MLP output, before post_feedforward_layernorm"),
+    SiteKind("resid_post", "hook_resid_post", "hook_resid_post", "",                          "output", "residual stream leaving the layer"),
+)
+# fmt: on
+KINDS_BY_FRIENDLY = {k.friendly: k for k in SITE_KINDS}
+
+# Extra bridge spellings of the same activation (TransformerBridge exposes these too).
+BRIDGE_ALIASES: dict[str, dict[str, str]] = {
+    "encoder": {"hook_attn_out": "attn_out", "attn.o.hook_out": "attn_out", "attn.o.hook_in": "attn_z"},
+    "decoder": {"hook_attn_out": "attn_out", "self_attn.o.hook_out": "attn_out", "self_attn.o.hook_in": "attn_z"},
+}
+
+HF_LAYERS = {"encoder": "model.encoder.text_model.layers", "decoder": "model.decoder.layers"}
+HF_LAYERS_LEGACY = {"encoder": "model.encoder.layers", "decoder": "model.decoder.layers"}
+BRIDGE_BLOCKS = {"encoder": "encoder_blocks", "decoder": "decoder_blocks"}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A hook site: one kind of activation at one layer of one stack."""
+
+    stack: Stack
+    layer: int
+    kind: SiteKind
+
+    @property
+    def hook_name(self) -> str:
+        """TransformerBridge hook name, the canonical name."""
+        suffix = self.kind.encoder_hook if self.stack == "encoder" else self.kind.decoder_hook
+        return f"{BRIDGE_BLOCKS[self.stack]}.{self.layer}.{suffix}"
+
+    def _hf(self, layers: dict[str, str]) -> str:
+        path = f"{layers[self.stack]}.{self.layer}"
+        return f"{path}.{self.kind.hf_submodule}" if self.kind.hf_submodule else path
+
+    @property
+    def hf_module(self) -> str:
+        """transformers module path in today's layout (transformers >= 5)."""
+        return self._hf(HF_LAYERS)
+
+    @property
+    def hf_module_legacy(self) -> str:
+        """Module path in the older layout used by the mindchain card's code."""
+        return self._hf(HF_LAYERS_LEGACY)
+
+    @property
+    def friendly(self) -> str:
+        return f"{self.stack}.{self.layer}.{self.kind.friendly}"
+
+
+def site(stack: str, layer: int, kind: str = "attn_out") -> Site:
+    """Build a site from its parts, e.g. ``site("encoder", 5, "attn_out")``."""
+    if stack not in STACKS:
+        raise ValueError(f"Unknown stack {stack!r}: expected one of {STACKS}")
+    if kind not in KINDS_BY_FRIENDLY:
+        raise ValueError(f"Unknown site kind {kind!r}: expected one of {sorted(KINDS_BY_FRIENDLY)}")
+    return Site(stack, int(layer), KINDS_BY_FRIENDLY[kind])  # type: ignore[arg-type]
+
+
+def all_sites(n_layers: int, kinds: tuple[str, ...] | None = None) -> list[Site]:
+    """Every site of a model with ``n_layers`` layers per stack, encoder first."""
+    kinds = kinds or tuple(KINDS_BY_FRIENDLY)
+    return [site(s, n, k) for s in STACKS for n in range(n_layers) for k in kinds]
+
+
+def _lookup_table(n_layers: int) -> dict[str, Site]:
+    table: dict[str, Site] = {}
+    for s in all_sites(n_layers):
+        table[s.hook_name] = s
+        table[s.friendly] = s
+        io = s.kind.hf_io
+        for path in {s.hf_module, s.hf_module_legacy}:
+            # A bare module path means its output; ".input"/".output" say which explicitly.
+            table[f"{path}.{io}"] = s
+            if io == "output" or s.kind.friendly == "attn_z":
+                table.setdefault(path if io == "output" else f"{path}.input", s)
+        for alias, kind in BRIDGE_ALIASES[s.stack].items():
+            if kind == s.kind.friendly:
+                table[f"{BRIDGE_BLOCKS[s.stack]}.{s.layer}.{alias}"] = s
+    return table
+
+
+_LAYER_RE = re.compile(r"(?:_blocks|layers|^encoder|^decoder)\.(\d+)(?:\.|$)")
+
+
+def resolve(name: str, n_layers: int | None = None) -> Site:
+    """Resolve any spelling of a site (bridge name, alias, HF path, friendly name).
+
+    Args:
+        name: e.g. ``encoder_blocks.5.attn.hook_out``, ``model.decoder.layers.3.self_attn.o_proj``,
+            ``model.encoder.layers.0.self_attn.o_proj`` (legacy) or ``encoder.5.attn_out``.
+        n_layers: layers per stack; if given, layer indices beyond it are an error.
+
+    Raises:
+        ValueError: the name matches no site; the message lists the closest valid names.
+    """
+    m = _LAYER_RE.search(name)
+    layer = int(m.group(1)) if m else 0
+    table = _lookup_table(max(layer + 1, n_layers or 0))
+    found = table.get(name)
+    if found is not None and (n_layers is None or found.layer < n_layers):
+        return found
+    valid = _lookup_table(n_layers) if n_layers is not None else table
+    close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.6)
+    hint = f" Close matches: {close}." if close else ""
+    where = f" (the model has {n_layers} layers per stack)" if n_layers is not None else ""
+    raise ValueError(f"Unknown T5Gemma 2 hook name {name!r}{where}.{hint}")
+
+
+def expand(pattern: str, n_layers: int) -> list[Site]:
+    """Expand a friendly pattern with wildcards (``decoder.*.attn_out``) into sites.
+
+    Exact names of any spelling are accepted too. An empty expansion is an error.
+    """
+    if not any(c in pattern for c in "*?["):
+        return [resolve(pattern, n_layers)]
+    sites = [s for s in all_sites(n_layers) if fnmatch.fnmatchcase(s.friendly, pattern)]
+    if not sites:
+        sites = [s for s in all_sites(n_layers) if fnmatch.fnmatchcase(s.hook_name, pattern)]
+    if not sites:
+        examples = [s.friendly for s in all_sites(1)][:6]
+        raise ValueError(
+            f"Hook pattern {pattern!r} matches no site of a {n_layers}-layer T5Gemma 2. "
+            f"Friendly names look like {examples} with layer numbers or '*'."
+        )
+    return sites

@@ -1,0 +1,274 @@
+"""Synthetic stand-ins for what this machine cannot download.
+
+Real T5Gemma 2, Gemma 3 and SAE weights live on the Hugging Face hub. For offline tests,
+the demo and the notebooks this module builds:
+
+- tiny random ``T5Gemma2ForConditionalGeneration`` models from config (and one with the
+  real 270m-270m text dimensions, for benchmarks: speed does not depend on weight values);
+- a small BPE tokenizer with Gemma's special ids (pad 0, eos 1, bos 2), saved to a folder;
+- a throwaway Hugging Face cache laid out exactly as the hub's cache is, so that the real
+  ``hf_hub_download`` / ``from_pretrained`` code paths run unchanged with ``HF_HUB_OFFLINE=1``;
+- mindchain-format SAE checkpoints with random weights.
+
+Everything here is labelled synthetic wherever it is shown to a user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MINDCHAIN_REPO = "mindchain/t5gemma2-sae-all-layers"
+T5GEMMA2_MODEL = "google/t5gemma-2-270m-270m"
+
+
+# Real 270m-270m text dimensions (see shared FACTS): used for benchmarks only.
+REAL_TEXT_DIMS: dict[str, Any] = dict(
+    hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
+    max_position_embeddings=32768, query_pre_attn_scalar=256,
+)  # fmt: skip
+TINY_TEXT_DIMS: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=16, vocab_size=512, sliding_window=8,
+    max_position_embeddings=512, query_pre_attn_scalar=16,
+)  # fmt: skip
+_TINY_VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    image_size=28, patch_size=14,
+)  # fmt: skip
+SPECIAL_TOKENS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+
+
+def stand_in_texts() -> list[str]:
+    """The embedded default corpus: a few dozen plain English sentences."""
+    text = files("sae_lens_t5gemma").joinpath("data/stand_in.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def t5gemma2_config(real_dims: bool = False, **text_overrides: Any):
+    """A ``T5Gemma2Config`` with tiny (default) or real 270m-270m text dimensions.
+
+    The vision tower is always tiny: this package uses the text path only.
+    """
+    from transformers import T5Gemma2Config
+
+    text = dict(REAL_TEXT_DIMS if real_dims else TINY_TEXT_DIMS)
+    text.update(text_overrides)
+    n = text["num_hidden_layers"]
+    # Gemma 3's pattern: 5 sliding-window layers, then 1 full-attention layer.
+    text.setdefault(
+        "layer_types",
+        ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)],
+    )
+    if n <= 2 and not real_dims and "layer_types" not in text_overrides:
+        text["layer_types"] = ["sliding_attention", "full_attention"][:n]
+    text.update(bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    return T5Gemma2Config(
+        encoder=dict(text_config=text, vision_config=_TINY_VISION, mm_tokens_per_image=4),
+        decoder=dict(text),
+        tie_word_embeddings=True,
+    )
+
+
+def build_t5gemma2(real_dims: bool = False, seed: int = 0, **text_overrides: Any):
+    """A random-init ``T5Gemma2ForConditionalGeneration`` in eval mode."""
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = T5Gemma2ForConditionalGeneration(t5gemma2_config(real_dims, **text_overrides))
+    return model.eval()
+
+
+def build_tokenizer(folder: str | Path, vocab_size: int = 512):
+    """Train a small BPE tokenizer on the embedded corpus and save it to ``folder``.
+
+    It has Gemma's special ids (pad 0, eos 1, bos 2) and prepends ``<bos>`` like Gemma's.
+    Returns the loaded ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stand_in_texts(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)]
+    )
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    folder = Path(folder)
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def save_stand_in_model(folder: str | Path, real_dims: bool = False, seed: int = 0) -> Path:
+    """Save a random model and a matching tokenizer to ``folder`` (loadable by ``from_pretrained``)."""
+    folder = Path(folder)
+    build_t5gemma2(real_dims, seed).save_pretrained(folder)
+    build_tokenizer(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- hub cache
+
+
+def _repo_folder(cache_dir: Path, repo_id: str, repo_type: str = "model") -> Path:
+    return cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
+
+
+def write_hub_repo(
+    cache_dir: str | Path, repo_id: str, payload: dict[str, bytes | Path], revision: str = "main"
+) -> Path:
+    """Write files into ``cache_dir`` laid out as the hub's cache is.
+
+    ``blobs/<sha256>`` hold the bytes, ``snapshots/<commit>/<path>`` link to them and
+    ``refs/<revision>`` names the commit, so ``hf_hub_download`` finds them offline.
+
+    Args:
+        cache_dir: the cache root (what ``HF_HUB_CACHE`` points at).
+        repo_id: e.g. ``mindchain/t5gemma2-sae-all-layers``.
+        payload: repo-relative path -> file bytes, or a local file to copy.
+
+    Returns:
+        The snapshot folder.
+    """
+    repo = _repo_folder(Path(cache_dir), repo_id)
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    for rel, data in payload.items():
+        raw = data.read_bytes() if isinstance(data, Path) else data
+        blob = repo / "blobs" / hashlib.sha256(raw).hexdigest()
+        blob.write_bytes(raw)
+        target = snapshot / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        target.symlink_to(os.path.relpath(blob, target.parent))
+    return snapshot
+
+
+def write_hub_folder(cache_dir: str | Path, repo_id: str, folder: str | Path) -> Path:
+    """Place every file of a local folder (e.g. a saved model) in the cache as ``repo_id``."""
+    folder = Path(folder)
+    payload = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    return write_hub_repo(cache_dir, repo_id, payload)
+
+
+@contextlib.contextmanager
+def offline_hub(cache_dir: str | Path) -> Iterator[Path]:
+    """Point huggingface_hub at ``cache_dir`` and switch it offline, then restore.
+
+    huggingface_hub reads ``HF_HUB_CACHE``/``HF_HUB_OFFLINE`` once at import, so the
+    environment variables alone are not enough inside a running process; this sets both
+    the variables (for subprocesses) and the module constants (for this process).
+    """
+    from huggingface_hub import constants
+
+    cache_dir = Path(cache_dir)
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    saved = (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+    os.environ["HF_HUB_CACHE"] = str(cache_dir)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache_dir), True
+    try:
+        yield cache_dir
+    finally:
+        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ------------------------------------------------------------------ mindchain checkpoints
+
+
+def mindchain_checkpoint(
+    stack: str, layer: int, d_in: int = 640, d_sae: int = 4096, seed: int = 0, model_name: str = T5GEMMA2_MODEL
+) -> dict[str, Any]:
+    """A checkpoint dict in the mindchain format, with random weights from ``seed``."""
+    g = torch.Generator().manual_seed(seed * 1000 + layer * 2 + (stack == "decoder"))
+    scale = d_in**-0.5
+    return {
+        "model_name": model_name,
+        "layer_type": stack,
+        "layer_idx": layer,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "W_enc": torch.randn(d_in, d_sae, generator=g) * scale,
+        "b_enc": torch.randn(d_sae, generator=g) * 0.01,
+        "W_dec": torch.randn(d_sae, d_in, generator=g) * d_sae**-0.5,
+        "b_dec": torch.randn(d_in, generator=g) * 0.01,
+        "history": {"loss": [0.01, 0.002, 0.0014], "l0": [2000.0, 1500.0, 1367.0]},
+    }
+
+
+def mindchain_filename(stack: str, layer: int) -> str:
+    """Repo path of one mindchain checkpoint, e.g. ``encoder/sae_encoder_05.pt``."""
+    return f"{stack}/sae_{stack}_{layer:02d}.pt"
+
+
+def write_mindchain_repo(
+    cache_dir: str | Path, n_layers: int = 18, d_in: int = 640, d_sae: int = 4096, seed: int = 0
+) -> Path:
+    """Write a full synthetic mindchain repo (both stacks, ``n_layers`` each) into the cache."""
+    import io
+
+    payload: dict[str, bytes | Path] = {}
+    for stack in ("encoder", "decoder"):
+        for layer in range(n_layers):
+            buf = io.BytesIO()
+            torch.save(mindchain_checkpoint(stack, layer, d_in, d_sae, seed), buf)
+            payload[mindchain_filename(stack, layer)] = buf.getvalue()
+    payload["README.md"] = b"Synthetic stand-in for mindchain/t5gemma2-sae-all-layers (random weights).\n"
+    return write_hub_repo(cache_dir, MINDCHAIN_REPO, payload)
+
+
+STAND_IN_LAYERS = 18
+STAND_IN_D_SAE = 256
+
+
+def write_stand_in_hub(cache_dir: str | Path, seed: int = 0) -> Path:
+    """The embedded default: a throwaway hub cache holding synthetic stand-ins.
+
+    - ``google/t5gemma-2-270m-270m``: a tiny random T5Gemma 2 (hidden 64, 18 layers per
+      stack, so every mindchain id has a layer) with the small BPE tokenizer;
+    - ``mindchain/t5gemma2-sae-all-layers``: 36 mindchain-format checkpoints, d_in 64,
+      d_sae 256, random weights.
+
+    Both sit under the real repo ids, so the code path is exactly the one users run online
+    once ``offline_hub(cache_dir)`` is active. Returns ``cache_dir``.
+    """
+    import tempfile
+
+    cache_dir = Path(cache_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        build_t5gemma2(seed=seed, num_hidden_layers=STAND_IN_LAYERS).save_pretrained(folder)
+        build_tokenizer(folder)
+        write_hub_folder(cache_dir, T5GEMMA2_MODEL, folder)
+    d_model = TINY_TEXT_DIMS["hidden_size"]
+    write_mindchain_repo(cache_dir, STAND_IN_LAYERS, d_in=d_model, d_sae=STAND_IN_D_SAE, seed=seed)
+    return cache_dir

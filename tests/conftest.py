@@ -1,0 +1,38 @@
+"""Shared fixtures: a throwaway Hugging Face cache with synthetic stand-ins, offline.
+
+The environment is set before anything imports huggingface_hub, so every test runs the
+real ``hf_hub_download`` / ``from_pretrained`` code paths against files laid out as the
+hub's cache is, with no network.
+"""
+
+import os
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="sae_lens_t5gemma_hub_")
+os.environ["HF_HUB_CACHE"] = _CACHE
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sae_lens_t5gemma import synthetic  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def hub_cache() -> Path:
+    """The offline hub cache holding the stand-in T5Gemma 2 and 36 mindchain SAEs."""
+    cache = Path(_CACHE)
+    synthetic.write_stand_in_hub(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder with a 2-layer random T5Gemma 2 and the small tokenizer."""
+    return synthetic.save_stand_in_model(tmp_path_factory.mktemp("tiny_model"))
