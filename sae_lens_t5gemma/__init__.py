@@ -6,3 +6,10 @@ sae_id="encoder/layer_5")`` works next to Gemma Scope 2's releases.
 """
 
 __version__ = "0.1.0"
+
+from sae_lens_t5gemma.registration import register, register_release_yaml  # noqa: E402
+
+# SAELens has no plugin mechanism: registration happens on import (idempotent).
+register()
+
+__all__ = ["__version__", "register", "register_release_yaml"]

@@ -13,29 +13,203 @@ import sys
 # --------------------------------------------------------------- list / inspect / convert (issue 2)
 def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="releases, SAE ids and hook names")
-    p.set_defaults(func=lambda a: print("TODO list"))
+    p.add_argument("--all", action="store_true", help="also list SAELens' other releases")
+
+    def run(a: argparse.Namespace) -> None:
+        from sae_lens_t5gemma.registration import format_releases
+
+        print(format_releases(include_all=a.all))
+
+    p.set_defaults(func=run)
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="an SAE's config, shapes and weight statistics")
-    p.set_defaults(func=lambda a: print("TODO inspect"))
+    p = sub.add_parser(
+        "inspect",
+        help="an SAE's config, shapes and weight statistics",
+        description="inspect RELEASE SAE_ID, or inspect --path FOLDER_OR_PT",
+    )
+    p.add_argument("release", nargs="?", help="release name, e.g. t5gemma2-270m-attn_out")
+    p.add_argument("sae_id", nargs="?", help="SAE id, e.g. encoder/layer_5")
+    p.add_argument("--path", help="a SAELens folder (cfg.json) or a mindchain .pt file instead")
+    p.add_argument("--device", default="cpu")
+
+    def run(a: argparse.Namespace) -> None:
+        from sae_lens_t5gemma.inspection import describe_sae
+
+        print(describe_sae(a.release, a.sae_id, a.path, a.device))
+
+    p.set_defaults(func=run)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="mindchain snapshot -> SAELens-native folders + release YAML")
-    p.set_defaults(func=lambda a: print("TODO convert"))
+    p.add_argument("src_dir", help="local snapshot of mindchain/t5gemma2-sae-all-layers")
+    p.add_argument("out_dir", help="output folder (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
+    p.add_argument("--release", default="t5gemma2-270m-attn_out", help="release name in the YAML")
+    p.add_argument("--repo-id", default=None, help="HF repo the folders will be uploaded to (YAML repo_id)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> None:
+        from sae_lens_t5gemma.convert import REPO_ID_PLACEHOLDER, convert_snapshot
+
+        yaml_path = convert_snapshot(
+            a.src_dir, a.out_dir, a.force, not a.no_progress, a.release, a.repo_id or REPO_ID_PLACEHOLDER
+        )
+        print(f"wrote {yaml_path}")
+
+    p.set_defaults(func=run)
 
 
 # ------------------------------------------------------------------------------ train (issue 4)
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train SAEs on T5Gemma 2 activations with SAELens' runners")
-    p.set_defaults(func=lambda a: print("TODO train"))
+    p = sub.add_parser(
+        "train",
+        help="train SAEs on T5Gemma 2 activations with SAELens' runners",
+        description="Train one SAE per hook with SAELens' runners (several hooks share one forward pass). "
+        "Every input is checked before the model loads. Presets: 'recommended' (BatchTopK k=40, 16k wide, "
+        "Gemma Scope 2's medium L0 band) and 'mindchain' (the mindchain card's recipe: standard ReLU, "
+        "d_sae 4096, L1 0.01, lr 1e-4, all 36 attn_out hooks). Options below override the preset.",
+    )
+
+    def count(text: str) -> int:
+        """Token counts like 100000, 1e6, 250k, 100M, 2B."""
+        scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+        try:
+            return int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 2000000, 2e6, 2M)") from None
+
+    p.add_argument("model", nargs="?", default="google/t5gemma-2-270m-270m", help="hub id or local folder")
+    p.add_argument("--hook", action="append", help="site, wildcards ok (repeatable): decoder.*.attn_out")
+    p.add_argument("--dataset", action="append", help="HF dataset, .txt/.jsonl file or folder (repeatable)")
+    p.add_argument("--preset", choices=["recommended", "mindchain"], default="recommended")
+    p.add_argument("--architecture", choices=["standard", "topk", "batchtopk", "jumprelu", "matryoshka"])
+    p.add_argument("--d-sae", type=int, help="SAE width")
+    p.add_argument("--k", type=float, help="target L0 (topk/batchtopk/matryoshka k; jumprelu L0 target)")
+    p.add_argument("--l1", type=float, help="L1 coefficient (standard) or L0 coefficient (jumprelu)")
+    p.add_argument("--tokens", type=count, help="training tokens per SAE (e.g. 50M)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--context-size", type=int)
+    p.add_argument("--batch-tokens", type=int, help="SAE batch size in tokens")
+    p.add_argument("--store-batch", type=int, help="sequences per model forward pass")
+    p.add_argument("--matryoshka-widths", help="comma-separated nested widths, ending at d_sae")
+    p.add_argument("--eval-every", type=int, help="in-training eval every N steps")
+    p.add_argument("--eval-batches", type=int, help="batches per eval")
+    p.add_argument("--out", default="out/saes", help="output folder (one SAELens folder per SAE)")
+    p.add_argument("--release-name", help="write <out>/release.yaml and register it under this name")
+    p.add_argument("--cache-dir", help="cache activations here first, then train from the cache")
+    p.add_argument("--one-pass-per-hook", action="store_true", help="one run per hook, not one shared pass")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace SAE folders already in --out")
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+
+    def run(a: argparse.Namespace) -> None:
+        import torch
+
+        from sae_lens_t5gemma.training import TrainConfig, run_training
+
+        device = a.device or ("cuda" if torch.cuda.is_available() else None)
+        widths = [int(w) for w in a.matryoshka_widths.split(",")] if a.matryoshka_widths else None
+        if not a.dataset:
+            raise ValueError("--dataset is required: a Hugging Face dataset name or local .txt/.jsonl files")
+        cfg = TrainConfig.from_preset(
+            a.preset,
+            model=a.model, hooks=a.hook, dataset=a.dataset if len(a.dataset) > 1 else a.dataset[0],
+            architecture=a.architecture, d_sae=a.d_sae, k=a.k, l1=a.l1, training_tokens=a.tokens, lr=a.lr,
+            context_size=a.context_size, train_batch_size_tokens=a.batch_tokens, store_batch_size_prompts=a.store_batch,
+            matryoshka_widths=widths, eval_every_n_steps=a.eval_every, n_eval_batches=a.eval_batches, out=a.out,
+            release_name=a.release_name, device=device, model_dtype=a.model_dtype, seed=a.seed,
+            multi_hook=False if a.one_pass_per_hook else None, overwrite=a.overwrite or None, wandb=a.wandb or None,
+        )  # fmt: skip
+        run_training(cfg, cache_dir=a.cache_dir)
+
+    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------- compare (issue 5)
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="side-by-side eval report against Gemma Scope 2")
-    p.set_defaults(func=lambda a: print("TODO compare"))
+    p = sub.add_parser(
+        "compare",
+        help="side-by-side eval report against Gemma Scope 2",
+        description="Evaluate (model, SAE) pairs on the same texts with SAELens' run_evals and write "
+        "report.md, results.csv/json, transfer.csv and PNG plots. --layers builds the standard set: "
+        "mindchain encoder/decoder SAEs on T5Gemma 2, Gemma Scope 2 every-layer SAEs on Gemma 3 270M, and "
+        "the Gemma Scope 2 hook_z/resid_post SAEs transferred onto T5Gemma 2's encoder.",
+    )
+    p.add_argument("--layers", type=int, nargs="+", default=[], help="layers for the standard comparison")
+    p.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="an extra pair: 'sae=RELEASE:SAE_ID|FOLDER[,model=NAME][,hook=HOOK]' (repeatable)",
+    )
+    p.add_argument(
+        "--local-sae", action="append", default=[], metavar="FOLDER", help="a SAELens SAE folder (repeatable)"
+    )
+    p.add_argument("--gemma-scope-variant", default="width_16k_l0_small", help="Gemma Scope 2 id suffix")
+    p.add_argument(
+        "--gemma-scope-sites",
+        nargs="+",
+        default=["attn_out", "resid_post", "mlp_out"],
+        choices=["attn_out", "resid_post", "mlp_out"],
+        help="Gemma Scope 2 sites for --layers",
+    )
+    p.add_argument("--no-mindchain", action="store_true", help="leave the mindchain SAEs out of --layers")
+    p.add_argument("--no-decoder", action="store_true", help="mindchain encoder SAEs only")
+    p.add_argument("--no-transfer", action="store_true", help="no Gemma Scope 2 SAEs on T5Gemma 2")
+    p.add_argument("--texts", help="text file, one text per line (default: the embedded corpus)")
+    p.add_argument("--context-size", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
+    p.add_argument("--n-batches", type=int, default=None, help="batches to evaluate on (default: all)")
+    p.add_argument(
+        "--dense-threshold", type=float, default=0.1, help="dense = fires on more than this fraction"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="out/compare", help="folder for the report, tables and plots")
+    p.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="run offline on the embedded synthetic stand-in (tiny random models)",
+    )
+
+    def run(a: argparse.Namespace) -> None:
+        import contextlib
+
+        from sae_lens_t5gemma.compare import Pair, compare, read_texts, stand_in_hub, standard_pairs
+        from sae_lens_t5gemma.demo import BANNER
+
+        pairs = standard_pairs(
+            a.layers,
+            mindchain=not a.no_mindchain,
+            decoder=not a.no_decoder,
+            gemma_scope_sites=a.gemma_scope_sites,
+            gemma_scope_variant=a.gemma_scope_variant,
+            transfer=not a.no_transfer,
+            local_saes=a.local_sae,
+        ) + [Pair.parse(spec) for spec in a.pair]
+        if not pairs:
+            raise ValueError("nothing to compare: give --layers, --pair or --local-sae")
+        texts = read_texts(a.texts) if a.texts else None
+        with stand_in_hub() if a.stand_in else contextlib.nullcontext():
+            report = compare(
+                pairs,
+                texts,
+                a.out,
+                context_size=a.context_size,
+                batch_size=a.batch_size,
+                n_batches=a.n_batches,
+                device=a.device,
+                dense_threshold=a.dense_threshold,
+                banner=BANNER if a.stand_in else None,
+            )
+        print(report.summary())
+
+    p.set_defaults(func=run)
 
 
 # ------------------------------------------------------------------------------- demo (all)

@@ -19,6 +19,26 @@ BANNER = "SYNTHETIC STAND-IN: random weights, tiny model; numbers say nothing ab
 
 def section_load(cache: Path, out: Path) -> None:
     """Issue 2: load all 36 SAEs through SAE.from_pretrained."""
+    import time
+
+    from sae_lens import SAE
+
+    from sae_lens_t5gemma.mindchain import final_l0, training_history
+    from sae_lens_t5gemma.registration import PACKAGE_RELEASE, valid_sae_ids
+
+    print(f"\n== load: every SAE of {PACKAGE_RELEASE!r} via SAE.from_pretrained (SYNTHETIC weights) ==")
+    t0 = time.perf_counter()
+    header = f"{'sae_id':<18}{'hook_name':<38}{'d_in':>5}{'d_sae':>7}  {'dtype':<8}{'|W_dec| mean':>13}{'final l0':>10}"
+    print(header)
+    ids = valid_sae_ids(PACKAGE_RELEASE)
+    for sae_id in ids:
+        sae = SAE.from_pretrained(release=PACKAGE_RELEASE, sae_id=sae_id)
+        l0 = final_l0(training_history(sae))
+        print(
+            f"{sae_id:<18}{sae.cfg.metadata.hook_name:<38}{sae.cfg.d_in:>5}{sae.cfg.d_sae:>7}  {sae.cfg.dtype:<8}"
+            f"{sae.W_dec.norm(dim=1).mean().item():>13.4f}{l0 if l0 is not None else float('nan'):>10.1f}"
+        )
+    print(f"loaded {len(ids)} SAEs in {time.perf_counter() - t0:.1f} s (SYNTHETIC stand-in weights)")
 
 
 def section_hook_and_steer(cache: Path, out: Path) -> None:
@@ -31,6 +51,28 @@ def section_train(cache: Path, out: Path) -> None:
 
 def section_compare(cache: Path, out: Path) -> None:
     """Issue 5: a small comparison on the stand-in."""
+    import time
+
+    from sae_lens_t5gemma.compare import compare, standard_pairs
+
+    print("\n== compare: mindchain vs Gemma Scope 2; Gemma Scope 2 on T5Gemma 2's encoder (SYNTHETIC) ==")
+    t0 = time.perf_counter()
+    # The cache holds T5Gemma 2 + mindchain; Gemma 3 and Gemma Scope 2 stand-ins join it here.
+    synthetic.write_gemma3_stand_in_hub(cache)
+    pairs = standard_pairs([5], gemma_scope_sites=("attn_out", "resid_post"))
+    report = compare(
+        pairs,
+        out_dir=out / "compare",
+        context_size=32,
+        batch_size=4,
+        n_batches=2,
+        banner=BANNER,
+        progress=False,
+    )
+    print(report.summary())
+    print(
+        f"compared {len(report.rows)} pairs in {time.perf_counter() - t0:.1f} s; see {report.files['report']}"
+    )
 
 
 def run_demo(args: argparse.Namespace) -> None:

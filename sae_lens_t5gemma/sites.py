@@ -56,10 +56,14 @@ SITE_KINDS: tuple[SiteKind, ...] = (
 KINDS_BY_FRIENDLY = {k.friendly: k for k in SITE_KINDS}
 
 # Extra bridge spellings of the same activation (TransformerBridge exposes these too).
+# Not here: the bridge's encoder ``hook_attn_out``/``hook_mlp_out`` are the outputs of
+# post_self_attn_layernorm/post_feedforward_layernorm (checked against TransformerLens 3.9),
+# a different activation from the o_proj/MLP outputs above; ``resolve`` says so.
 BRIDGE_ALIASES: dict[str, dict[str, str]] = {
-    "encoder": {"hook_attn_out": "attn_out", "attn.o.hook_out": "attn_out", "attn.o.hook_in": "attn_z"},
-    "decoder": {"hook_attn_out": "attn_out", "self_attn.o.hook_out": "attn_out", "self_attn.o.hook_in": "attn_z"},
+    "encoder": {"attn.o.hook_out": "attn_out", "attn.o.hook_in": "attn_z"},
+    "decoder": {"self_attn.o.hook_out": "attn_out", "self_attn.o.hook_in": "attn_z"},
 }
+_POST_NORM_RE = re.compile(r"^(encoder|decoder)_blocks\.(\d+)\.hook_(attn|mlp)_out$")
 
 HF_LAYERS = {"encoder": "model.encoder.text_model.layers", "decoder": "model.decoder.layers"}
 HF_LAYERS_LEGACY = {"encoder": "model.encoder.layers", "decoder": "model.decoder.layers"}
@@ -151,6 +155,15 @@ def resolve(name: str, n_layers: int | None = None) -> Site:
     found = table.get(name)
     if found is not None and (n_layers is None or found.layer < n_layers):
         return found
+    post_norm = _POST_NORM_RE.match(name)
+    if post_norm:
+        stack, n, part = post_norm.groups()
+        sub = ("attn" if stack == "encoder" else "self_attn") if part == "attn" else "mlp"
+        module = "o_proj" if part == "attn" else "MLP"
+        raise ValueError(
+            f"{name!r} is TransformerBridge's output of the RMSNorm after the {module}, which is not a "
+            f"site here. The {module} output itself (before that norm) is '{stack}_blocks.{n}.{sub}.hook_out'."
+        )
     valid = _lookup_table(n_layers) if n_layers is not None else table
     close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.6)
     hint = f" Close matches: {close}." if close else ""

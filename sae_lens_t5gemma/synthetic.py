@@ -206,7 +206,12 @@ def offline_hub(cache_dir: str | Path) -> Iterator[Path]:
 
 
 def mindchain_checkpoint(
-    stack: str, layer: int, d_in: int = 640, d_sae: int = 4096, seed: int = 0, model_name: str = T5GEMMA2_MODEL
+    stack: str,
+    layer: int,
+    d_in: int = 640,
+    d_sae: int = 4096,
+    seed: int = 0,
+    model_name: str = T5GEMMA2_MODEL,
 ) -> dict[str, Any]:
     """A checkpoint dict in the mindchain format, with random weights from ``seed``."""
     g = torch.Generator().manual_seed(seed * 1000 + layer * 2 + (stack == "decoder"))
@@ -271,4 +276,165 @@ def write_stand_in_hub(cache_dir: str | Path, seed: int = 0) -> Path:
         write_hub_folder(cache_dir, T5GEMMA2_MODEL, folder)
     d_model = TINY_TEXT_DIMS["hidden_size"]
     write_mindchain_repo(cache_dir, STAND_IN_LAYERS, d_in=d_model, d_sae=STAND_IN_D_SAE, seed=seed)
+    return cache_dir
+
+
+# ------------------------------------------------------- Gemma 3 + Gemma Scope 2 (issue 5)
+
+GEMMA3_MODEL = "google/gemma-3-270m"
+GEMMA_SCOPE_REPO = "google/gemma-scope-2-270m-pt"
+# SAELens' Gemma Scope 2 releases whose every-layer folders the stand-in mirrors.
+GEMMA_SCOPE_RELEASES = {
+    "attn_out": "gemma-scope-2-270m-pt-att-all",
+    "resid_post": "gemma-scope-2-270m-pt-res-all",
+    "mlp_out": "gemma-scope-2-270m-pt-mlp-all",
+}
+# The transformers module each Gemma Scope 2 site reads (``hf_hook_point_in`` in config.json).
+GEMMA_SCOPE_HF_POINTS = {
+    "attn_out": "model.layers.{layer}.self_attn.o_proj.input",
+    "resid_post": "model.layers.{layer}.output",
+    "mlp_out": "model.layers.{layer}.post_feedforward_layernorm.output",
+}
+GEMMA_SCOPE_STAND_IN_D_SAE = 128
+# T5Gemma 2's encoder layer norms carry other names than Gemma 3's decoder layer norms.
+_T5_TO_GEMMA3_NORMS = {
+    "pre_self_attn_layernorm": "input_layernorm",
+    "post_self_attn_layernorm": "post_attention_layernorm",
+}
+
+
+def gemma3_from_t5gemma2_encoder(t5_model: Any):
+    """A ``Gemma3ForCausalLM`` carrying the text encoder weights of a T5Gemma 2 model.
+
+    The real T5Gemma 2 was initialised from Gemma 3 270M; the stand-in mirrors that
+    relation the other way round, so that applying a Gemma 3 SAE to the T5Gemma 2 encoder
+    differs on the stand-in only by what differs on the real pair in structure
+    (bidirectional attention), not by unrelated random weights.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    text_cfg = t5_model.config.encoder.text_config.to_dict()
+    keep = set(Gemma3TextConfig().to_dict()) - {"model_type", "architectures", "transformers_version"}
+    cfg = Gemma3TextConfig(**{k: v for k, v in text_cfg.items() if k in keep})
+    cfg.use_bidirectional_attention = False
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    gemma3 = Gemma3ForCausalLM(cfg)
+    state = {}
+    for name, tensor in t5_model.model.encoder.text_model.state_dict().items():
+        if name == "embed_tokens.eoi_embedding":  # multimodal end-of-image token: not in Gemma 3 text
+            continue
+        for old, new in _T5_TO_GEMMA3_NORMS.items():
+            name = name.replace(old, new)
+        state[name] = tensor
+    gemma3.model.load_state_dict(state, strict=True)
+    gemma3.tie_weights()
+    return gemma3.eval()
+
+
+def gemma_scope_ids(site: str, widths: tuple[str, ...] = ("16k",)) -> dict[str, tuple[str, float]]:
+    """SAE id -> (repo folder, expected L0) of one Gemma Scope 2 every-layer release.
+
+    Read from SAELens' own ``pretrained_saes.yaml``, so the stand-in's folder names are
+    exactly the ones SAELens asks the hub for.
+    """
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory()[GEMMA_SCOPE_RELEASES[site]]
+    return {
+        sae_id: (path, lookup.expected_l0[sae_id])
+        for sae_id, path in lookup.saes_map.items()
+        if any(f"_width_{w}_" in sae_id for w in widths)
+    }
+
+
+def gemma_scope_config(site: str, layer: int, d_sae: int, l0: float) -> dict[str, Any]:
+    """A Gemma Scope 2 ``config.json`` for one SAE, with the real files' fields."""
+    point = GEMMA_SCOPE_HF_POINTS[site].format(layer=layer)
+    return {
+        "width": d_sae,
+        # The real 270m files name the model "google/gemma-3-270m-pt"; SAELens' loader maps it.
+        "model_name": "google/gemma-3-270m-pt",
+        "architecture": "jump_relu",
+        "l0": l0,
+        "affine_connection": False,
+        "hf_hook_point_in": point,
+        "hf_hook_point_out": point,
+        "type": "sae",
+    }
+
+
+def gemma_scope_params(d_in: int, d_sae: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random JumpReLU parameters in Gemma Scope 2's layout (``w_enc`` is [d_in, d_sae])."""
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(d_sae, d_in, generator=g)
+    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    return {
+        "w_enc": w_dec.T.contiguous(),  # tied at init, as Gemma Scope trains from
+        "w_dec": w_dec,
+        "b_enc": torch.zeros(d_sae),
+        "b_dec": torch.zeros(d_in),
+        "threshold": torch.rand(d_sae, generator=g) * 0.5,
+    }
+
+
+def write_gemma_scope_repo(
+    cache_dir: str | Path,
+    n_layers: int = STAND_IN_LAYERS,
+    d_in: dict[str, int] | None = None,
+    d_sae: int = GEMMA_SCOPE_STAND_IN_D_SAE,
+    sites: tuple[str, ...] = ("attn_out", "resid_post", "mlp_out"),
+    widths: tuple[str, ...] = ("16k",),
+    seed: int = 0,
+) -> Path:
+    """Write Gemma Scope 2 SAEs laid out as in ``google/gemma-scope-2-270m-pt``.
+
+    One ``<site>_all/layer_{L}_width_{W}_l0_{small|big}/`` folder per SAELens id with layer
+    below ``n_layers`` and a width in ``widths``, each holding ``config.json`` and
+    ``params.safetensors`` (``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``).
+    The folder name keeps the real width label; the tensors are ``d_sae`` wide.
+
+    Args:
+        d_in: input width per site; default 64 everywhere (the stand-in's hidden size and
+            its n_heads * head_dim = 4 * 16).
+    """
+    import json
+
+    from safetensors.torch import save as save_safetensors
+
+    d_in = {site: TINY_TEXT_DIMS["hidden_size"] for site in sites} | (d_in or {})
+    payload: dict[str, bytes | Path] = {}
+    for s_index, site in enumerate(sites):
+        for sae_id, (folder, l0) in sorted(gemma_scope_ids(site, widths).items()):
+            layer = int(sae_id.split("_")[1])
+            if layer >= n_layers:
+                continue
+            params = gemma_scope_params(d_in[site], d_sae, seed=seed * 10007 + s_index * 1009 + layer)
+            payload[f"{folder}/params.safetensors"] = save_safetensors(params)
+            config = gemma_scope_config(site, layer, d_sae, l0)
+            payload[f"{folder}/config.json"] = json.dumps(config, indent=2).encode()
+    payload["README.md"] = b"Synthetic stand-in for google/gemma-scope-2-270m-pt (random weights).\n"
+    return write_hub_repo(cache_dir, GEMMA_SCOPE_REPO, payload)
+
+
+def write_gemma3_stand_in_hub(cache_dir: str | Path, seed: int = 0) -> Path:
+    """Add the Gemma 3 side to a stand-in hub cache.
+
+    - ``google/gemma-3-270m``: a tiny ``Gemma3ForCausalLM`` (18 layers, hidden 64) holding
+      the text-encoder weights of the T5Gemma 2 stand-in built from the same ``seed``, with
+      the same small tokenizer;
+    - ``google/gemma-scope-2-270m-pt``: Gemma Scope 2 stand-ins for the three every-layer
+      releases (``-att-all``, ``-res-all``, ``-mlp-all``), width-16k ids only, d_sae 128.
+
+    Returns ``cache_dir``.
+    """
+    import tempfile
+
+    cache_dir = Path(cache_dir)
+    t5 = build_t5gemma2(seed=seed, num_hidden_layers=STAND_IN_LAYERS)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gemma3"
+        gemma3_from_t5gemma2_encoder(t5).save_pretrained(folder)
+        build_tokenizer(folder)
+        write_hub_folder(cache_dir, GEMMA3_MODEL, folder)
+    write_gemma_scope_repo(cache_dir, STAND_IN_LAYERS, seed=seed)
     return cache_dir

@@ -1,0 +1,998 @@
+"""One eval harness for SAEs on T5Gemma 2 and Gemma 3: a side-by-side report with plots.
+
+:func:`compare` evaluates (model, SAE) pairs on the same token batches with SAELens' own
+``run_evals`` (explained variance, MSE, cosine similarity, L0, feature density, CE-loss
+and KL scores from splicing the SAE in) and times each evaluation. Sources:
+
+- the mindchain release on T5Gemma 2 (``t5gemma2-270m-attn_out:encoder/layer_5``), run
+  through :class:`~sae_lens_t5gemma.hooked.HookedT5Gemma2`;
+- Gemma Scope 2 releases on Gemma 3 270M (``gemma-scope-2-270m-pt-res-all:layer_5_width_16k_l0_small``),
+  loaded by SAELens' ``gemma_3`` loader, with Gemma 3 run through TransformerLens
+  (:func:`~sae_lens_t5gemma.gemma_scope.load_gemma3`);
+- SAEs trained with this package, or any SAELens folder (a path);
+- any other SAELens release, on its TransformerLens model.
+
+**Honest sites.** Every row names its model, stack, layer, hook and site in plain words,
+with the SAE's width. A *site key* (``SITE_WORDS``) says which activation a hook reads;
+rows are compared like with like only where the keys agree. Gemma Scope 2's "attn_out"
+SAEs read the o_proj *input* (``hook_z``, n_heads × d_head = 1024 wide on the real model),
+the mindchain SAEs the o_proj *output* (640 wide): different activations, never compared.
+
+**Transfer.** A pair may apply an SAE at another model's hook (``hook_name``): a Gemma
+Scope 2 SAE at the T5Gemma 2 encoder site with the same key and layer. The report sets
+each transfer row beside the same SAE on its own model (evaluated automatically if not
+asked for) and beside the native SAEs of that layer.
+
+**hook_z.** Both Gemma 3 under TransformerLens and ``HookedT5Gemma2`` give ``hook_z`` as
+``[batch, pos, n_heads, d_head]``. SAELens' evals flatten the last two dimensions of any
+hook named ``hook_z`` (head-major, as transformers concatenates heads before o_proj), and
+Gemma Scope 2's loader sets ``reshape_activations="none"``, so the same SAE reads the same
+layout of o_proj input on both models; :func:`compare` checks that the width fits first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.synthetic import GEMMA_SCOPE_RELEASES, T5GEMMA2_MODEL
+
+MINDCHAIN_RELEASE = "t5gemma2-270m-attn_out"
+DEFAULT_GEMMA_SCOPE_VARIANT = "width_16k_l0_small"
+
+SITE_WORDS: dict[str, str] = {
+    "resid_pre": "resid_pre (residual stream entering the layer)",
+    "attn_z": "o_proj input (hook_z: the heads' outputs concatenated, n_heads x d_head wide)",
+    "attn_out": "o_proj output (attention output before any post-attention norm)",
+    "attn_out_normed": "attention output after post_attention_layernorm",
+    "resid_mid": "resid_mid (residual stream between attention and MLP)",
+    "mlp_out": "mlp_out (MLP output before any post-MLP norm)",
+    "mlp_out_normed": "mlp_out after post_feedforward_layernorm",
+    "resid_post": "resid_post (residual stream leaving the layer)",
+}
+"""Site key -> plain words. Two rows are like with like only if their keys agree."""
+
+# TransformerLens hook suffix -> site key (for models with Gemma's sandwich norms, the
+# attn/mlp outputs are taken after the post-sublayer norm: see ``_describe_tl_hook``).
+_TL_SUFFIXES = {
+    "hook_resid_pre": "resid_pre",
+    "attn.hook_z": "attn_z",
+    "hook_attn_out": "attn_out",
+    "hook_resid_mid": "resid_mid",
+    "hook_mlp_out": "mlp_out",
+    "hook_resid_post": "resid_post",
+}
+# T5Gemma 2 encoder site kinds that are the same activation as a Gemma 3 site key.
+TRANSFERABLE = ("resid_pre", "attn_z", "resid_mid", "resid_post")
+
+CE_KL_CAVEAT = (
+    "CE/KL caveat for T5Gemma 2 rows: the encoder reads the tokens and the decoder is scored on "
+    "reproducing them (labels = tokens, the convention of transformers' own T5Gemma 2 "
+    "classification heads). The encoder has already seen every target token, so CE-loss score, "
+    "KL score and CE increase measure how much splicing the SAE in harms the model's ability to "
+    "reproduce its input, not free next-token prediction. They compare T5Gemma 2 rows with each "
+    "other; Gemma 3 rows measure next-token prediction, a different task."
+)
+HONEST_SITES_NOTE = (
+    "Gemma Scope 2's 'attn_out' SAEs (releases -att / -att-all) read the o_proj INPUT "
+    "(hook_z: n_heads x d_head = 4 x 256 = 1024 wide on the real model). The mindchain SAEs read "
+    "the o_proj OUTPUT (d_model = 640 wide), before post_self_attn_layernorm. These are different "
+    "activations, so their rows are not compared with each other. Likewise Gemma Scope 2's "
+    "'mlp_out' is the output of post_feedforward_layernorm, while T5Gemma 2's mlp.hook_out is the "
+    "MLP output before that norm: no transfer row is made for it. resid_post and hook_z are the "
+    "same activations in both models."
+)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (model, SAE) pair to evaluate.
+
+    ``sae`` is ``RELEASE:SAE_ID`` (any registered SAELens release) or a local SAELens folder
+    (``cfg.json`` + ``sae_weights.safetensors``, as training here writes). ``model`` is a hub id
+    or folder; by default the SAE's own model. ``hook_name`` applies the SAE at another hook
+    (transfer); by default its own.
+    """
+
+    sae: str
+    model: str | None = None
+    hook_name: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Pair:
+        """Parse ``sae=SPEC[,model=NAME][,hook=HOOK]``, or a bare SAE spec.
+
+        Raises:
+            ValueError: unknown key or no ``sae``.
+        """
+        if "=" not in spec:
+            return cls(sae=spec.strip())
+        parts: dict[str, str] = {}
+        for item in spec.split(","):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in ("sae", "model", "hook"):
+                raise ValueError(f"Pair {spec!r}: expected 'sae=...,model=...,hook=...', got {item!r}.")
+            parts[key] = value.strip()
+        if not parts.get("sae"):
+            raise ValueError(f"Pair {spec!r} names no SAE (sae=RELEASE:SAE_ID or a folder).")
+        return cls(sae=parts["sae"], model=parts.get("model") or None, hook_name=parts.get("hook") or None)
+
+
+def standard_pairs(
+    layers: Iterable[int],
+    mindchain: bool = True,
+    decoder: bool = True,
+    gemma_scope_sites: Sequence[str] = ("attn_out", "resid_post", "mlp_out"),
+    gemma_scope_variant: str = DEFAULT_GEMMA_SCOPE_VARIANT,
+    transfer: bool = True,
+    local_saes: Sequence[str | Path] = (),
+    t5gemma2_model: str = T5GEMMA2_MODEL,
+) -> list[Pair]:
+    """The usual comparison at some layers.
+
+    Per layer: the mindchain encoder (and decoder) SAE on T5Gemma 2; the Gemma Scope 2
+    every-layer SAEs (``gemma_scope_variant``, e.g. ``width_16k_l0_small``) at
+    ``gemma_scope_sites`` on Gemma 3; and, with ``transfer``, those of them whose site exists
+    in T5Gemma 2's encoder (hook_z and resid_post) applied there. Then each local folder.
+    """
+    pairs: list[Pair] = []
+    for layer in layers:
+        if mindchain:
+            stacks = ("encoder", "decoder") if decoder else ("encoder",)
+            pairs += [Pair(f"{MINDCHAIN_RELEASE}:{stack}/layer_{layer}", t5gemma2_model) for stack in stacks]
+        for gs_site in gemma_scope_sites:
+            if gs_site not in GEMMA_SCOPE_RELEASES:
+                raise ValueError(
+                    f"Unknown Gemma Scope 2 site {gs_site!r}: expected one of {sorted(GEMMA_SCOPE_RELEASES)}."
+                )
+            spec = f"{GEMMA_SCOPE_RELEASES[gs_site]}:layer_{layer}_{gemma_scope_variant}"
+            pairs.append(Pair(spec))
+            kind = "attn_z" if gs_site == "attn_out" else gs_site
+            if transfer and kind in TRANSFERABLE:
+                pairs.append(Pair(spec, t5gemma2_model, sites_mod.site("encoder", layer, kind).hook_name))
+    pairs += [Pair(str(p)) for p in local_saes]
+    return pairs
+
+
+# ------------------------------------------------------------------------------ rows
+
+
+@dataclass
+class Row:
+    """One evaluated pair. Metrics are SAELens ``run_evals`` outputs unless said otherwise."""
+
+    model: str
+    family: str
+    """T5Gemma 2, Gemma 3, or the TransformerLens model name."""
+    stack: str
+    """encoder / decoder (T5Gemma 2) or decoder-only."""
+    layer: int
+    hook_name: str
+    site: str
+    """Site key (see ``SITE_WORDS``); rows compare like with like only when it agrees."""
+    site_words: str
+    sae: str
+    sae_source: str
+    """mindchain, gemma-scope-2, local, or the release name."""
+    sae_home_model: str
+    sae_home_hook: str
+    role: str
+    """native (SAE on the model it was trained on) or transfer."""
+    d_in: int
+    d_sae: int
+    n_tokens: int
+    """Tokens scored (special tokens excluded)."""
+    explained_variance: float
+    mse: float
+    cossim: float
+    l0: float
+    l1: float
+    l2_ratio: float
+    dead_frac: float
+    """Fraction of features that never fire on the eval tokens."""
+    dense_frac: float
+    """Fraction of features firing on more than ``dense_threshold`` of the eval tokens."""
+    ce_loss_score: float
+    kl_div_score: float
+    ce_loss_without_sae: float
+    ce_loss_with_sae: float
+    ce_loss_with_ablation: float
+    ce_increase: float
+    """ce_loss_with_sae - ce_loss_without_sae: the loss increase from splicing the SAE in."""
+    kl_div_with_sae: float
+    kl_div_with_ablation: float
+    load_s: float
+    """Wall time to load the SAE (the model is loaded once per run and not counted)."""
+    eval_s: float
+    """Wall time of run_evals for this pair."""
+
+    @property
+    def label(self) -> str:
+        where = f"{self.family} {self.stack}" if self.stack != "decoder-only" else self.family
+        return f"{self.sae_source} {self.site} on {where}" + (
+            " (transfer)" if self.role == "transfer" else ""
+        )
+
+
+@dataclass
+class TransferRow:
+    """A Gemma Scope (or any) SAE applied off its home model, beside its reference numbers."""
+
+    sae: str
+    layer: int
+    site: str
+    target_model: str
+    target_hook: str
+    home_model: str
+    home_hook: str
+    ev_target: float
+    ev_home: float
+    ev_carried: float | None
+    """ev_target / ev_home when ev_home > 0, else None."""
+    ce_score_target: float
+    ce_score_home: float
+    l0_target: float
+    l0_home: float
+    natives: str
+    """The native SAEs at that layer of the target stack: 'sae (site; EV, CE score, same/different site)'."""
+
+
+@dataclass
+class Report:
+    """What :func:`compare` returns: the rows, the transfer table, and the files written."""
+
+    rows: list[Row]
+    transfer: list[TransferRow]
+    setup: dict[str, Any]
+    notes: list[str]
+    files: dict[str, Path] = field(default_factory=dict)
+    markdown: str = ""
+
+    def summary(self) -> str:
+        """A short plain-text table of the rows and the files written, for terminals."""
+        lines = [
+            f"{'SAE':<58} {'role':<8} {'model / stack':<22} {'site':<14} {'EV':>7} {'L0':>7} {'CE score':>9}"
+        ]
+        for r in self.rows:
+            where = f"{r.family} {r.stack}" if r.stack != "decoder-only" else r.family
+            lines.append(
+                f"{r.sae:<58} {r.role:<8} {where:<22} {r.site:<14} {_fmt(r.explained_variance, '7.3f')} "
+                f"{_fmt(r.l0, '7.1f')} {_fmt(r.ce_loss_score, '9.3f')}"
+            )
+        lines += [f"wrote {path}" for path in self.files.values()]
+        return "\n".join(lines)
+
+    def find(self, sae: str, model: str | None = None, role: str | None = None) -> Row:
+        """The row of ``sae`` (spec as given) on ``model``; KeyError if none."""
+        for row in self.rows:
+            if (
+                row.sae == sae
+                and (model is None or row.model == model)
+                and (role is None or row.role == role)
+            ):
+                return row
+        raise KeyError(f"No row for SAE {sae!r}" + (f" on {model!r}" if model else ""))
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _family_of_name(name: str) -> str:
+    low = name.lower()
+    if "t5gemma-2" in low or "t5gemma2" in low:
+        return "T5Gemma 2"
+    if "gemma-3" in low or "gemma3" in low:
+        return "Gemma 3"
+    return name
+
+
+def _load_model(name: str, device: str, dtype: torch.dtype) -> tuple[Any, str]:
+    """(hooked model, family) for a hub id or folder."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(name).model_type
+    except (OSError, ValueError):
+        model_type = None  # e.g. a TransformerLens alias such as "gpt2-small"
+    if model_type == "t5gemma2":
+        from sae_lens_t5gemma.hooked import load_t5gemma2
+
+        return load_t5gemma2(name, device=device, dtype=dtype), "T5Gemma 2"
+    if model_type in ("gemma3_text", "gemma3"):
+        from sae_lens_t5gemma.gemma_scope import load_gemma3
+
+        return load_gemma3(name, device=device, dtype=dtype), "Gemma 3"
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype), name
+
+
+def _check_sae_spec(spec: str) -> None:
+    """Fail early, before anything is loaded, on an SAE spec that cannot resolve."""
+    if Path(spec).exists():
+        if not (Path(spec) / "cfg.json").is_file():
+            raise FileNotFoundError(f"SAE folder {spec}: no cfg.json (expected a SAELens folder).")
+        return
+    release, sep, sae_id = spec.partition(":")
+    if not sep:
+        raise ValueError(f"SAE {spec!r}: expected RELEASE:SAE_ID or an existing SAELens folder.")
+    from sae_lens_t5gemma.registration import check_sae_id
+
+    check_sae_id(release, sae_id)
+
+
+def _load_sae(spec: str, device: str) -> tuple[Any, str]:
+    """(SAE, source label) for ``RELEASE:SAE_ID`` or a folder."""
+    from sae_lens import SAE
+
+    if Path(spec).exists():
+        return SAE.load_from_disk(spec, device=device), "local"
+    release, _, sae_id = spec.partition(":")
+    if release in GEMMA_SCOPE_RELEASES.values():
+        import sae_lens_t5gemma.gemma_scope  # noqa: F401  (reads tensor shapes from the local cache offline)
+    sae = SAE.from_pretrained(release=release, sae_id=sae_id, device=device)
+    source = {MINDCHAIN_RELEASE: "mindchain"}.get(release)
+    if source is None:
+        source = "gemma-scope-2" if release.startswith("gemma-scope-2") else release
+    return sae, source
+
+
+@contextlib.contextmanager
+def stand_in_hub() -> Iterator[Path]:
+    """A throwaway offline hub cache with every stand-in this comparison can use.
+
+    The T5Gemma 2 stand-in and the mindchain SAEs (``synthetic.write_stand_in_hub``) plus
+    Gemma 3 and Gemma Scope 2 (``synthetic.write_gemma3_stand_in_hub``), under their real
+    ids, with huggingface_hub offline; removed on exit. Numbers from it are synthetic.
+    """
+    from sae_lens_t5gemma import synthetic
+
+    with tempfile.TemporaryDirectory(prefix="sae_lens_t5gemma_compare_hub_") as tmp:
+        synthetic.write_stand_in_hub(tmp)
+        synthetic.write_gemma3_stand_in_hub(tmp)
+        with synthetic.offline_hub(tmp) as cache:
+            yield cache
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file, one text each."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Texts file {path} does not exist.")
+    texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"Texts file {path} has no non-empty line.")
+    return texts
+
+
+# ------------------------------------------------------------------------------ sites
+
+
+def _describe_tl_hook(model: Any, hook_name: str) -> tuple[str, int, str]:
+    parts = hook_name.split(".")
+    suffix = ".".join(parts[2:])
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or suffix not in _TL_SUFFIXES:
+        raise ValueError(
+            f"Hook {hook_name!r} is not a per-layer TransformerLens site this comparison knows: "
+            f"expected blocks.<layer>.<one of {sorted(_TL_SUFFIXES)}>."
+        )
+    key = _TL_SUFFIXES[suffix]
+    # Gemma 2/3 normalise each sublayer's output before adding it to the residual stream,
+    # and TransformerLens' hook_attn_out/hook_mlp_out sit after that norm.
+    if key in ("attn_out", "mlp_out") and getattr(model.cfg, "use_normalization_before_and_after", False):
+        key += "_normed"
+    return "decoder-only", int(parts[1]), key
+
+
+def describe_site(model: Any, hook_name: str) -> tuple[str, int, str, str]:
+    """(stack, layer, site key, plain words) of a hook on a loaded model.
+
+    Raises:
+        ValueError: the hook is unknown to the model (the message lists close names).
+    """
+    if hasattr(model, "canonical_name"):  # HookedT5Gemma2
+        s = sites_mod.resolve(model.canonical_name(hook_name))
+        key = s.kind.friendly
+        return s.stack, s.layer, key, SITE_WORDS[key]
+    if hook_name not in model.hook_dict:
+        raise ValueError(f"Hook {hook_name!r} does not exist on {model.cfg.model_name}.")
+    stack, layer, key = _describe_tl_hook(model, hook_name)
+    return stack, layer, key, SITE_WORDS[key]
+
+
+def _site_width(model: Any, site_key: str) -> int:
+    if site_key == "attn_z":
+        return model.cfg.n_heads * model.cfg.d_head
+    return model.cfg.d_model
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def token_batches(tokenizer: Any, texts: Sequence[str], context_size: int) -> torch.Tensor:
+    """``[n_seq, context_size]`` token ids: the texts concatenated, as SAELens' store does.
+
+    Each text is tokenised without special tokens; sequences start with BOS and texts are
+    separated by BOS (SAELens' defaults). Trailing tokens that do not fill a sequence are dropped.
+    """
+    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+
+    bos = tokenizer.bos_token_id
+    streams = (
+        torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts
+    )
+    seqs = list(
+        concat_and_batch_sequences(
+            streams, context_size, begin_batch_token_id=bos, sequence_separator_token_id=bos
+        )
+    )
+    if not seqs:
+        raise ValueError(
+            f"The texts give fewer than context_size={context_size} tokens: nothing to evaluate on."
+        )
+    return torch.stack(seqs)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _evaluate(
+    model: Any,
+    sae: Any,
+    hook_name: str,
+    tokens: torch.Tensor,
+    batch_size: int,
+    dense_threshold: float,
+    device: str,
+) -> dict[str, float]:
+    from datasets import Dataset
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.training.activations_store import ActivationsStore
+
+    n_batches = tokens.shape[0] // batch_size
+    dataset = Dataset.from_dict({"tokens": tokens.tolist()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ActivationsStore(
+            model=model,
+            dataset=dataset,
+            streaming=False,
+            hook_name=hook_name,
+            hook_head_index=None,
+            context_size=tokens.shape[1],
+            d_in=sae.cfg.d_in,
+            n_batches_in_buffer=1,
+            total_training_tokens=tokens.shape[0],
+            store_batch_size_prompts=batch_size,
+            train_batch_size_tokens=batch_size * tokens.shape[1],
+            prepend_bos=True,
+            normalize_activations="none",
+            device=torch.device(device),
+            dtype=str(sae.cfg.dtype),
+        )
+        config = EvalConfig(
+            batch_size_prompts=batch_size,
+            n_eval_reconstruction_batches=n_batches,
+            n_eval_sparsity_variance_batches=n_batches,
+            compute_kl=True,
+            compute_ce_loss=True,
+            compute_l2_norms=True,
+            compute_sparsity_metrics=True,
+            compute_variance_metrics=True,
+            compute_featurewise_density_statistics=True,
+        )
+        metrics, features = run_evals(sae, store, model, ActivationScaler(), config)
+    flat = {k: v for group in metrics.values() for k, v in group.items()}
+    density = torch.tensor(features["feature_density"])
+    special = torch.zeros_like(tokens, dtype=torch.bool)
+    for tok in _special_ids(model.tokenizer):
+        special |= tokens == tok
+    ce = flat["ce_loss_with_sae"] - flat["ce_loss_without_sae"]
+    return {
+        "n_tokens": int((~special).sum()),
+        "explained_variance": flat["explained_variance"],
+        "mse": flat["mse"],
+        "cossim": flat["cossim"],
+        "l0": flat["l0"],
+        "l1": flat["l1"],
+        "l2_ratio": flat["l2_ratio"],
+        "dead_frac": float((density == 0).float().mean()),
+        "dense_frac": float((density > dense_threshold).float().mean()),
+        "ce_loss_score": flat["ce_loss_score"],
+        "kl_div_score": flat["kl_div_score"],
+        "ce_loss_without_sae": flat["ce_loss_without_sae"],
+        "ce_loss_with_sae": flat["ce_loss_with_sae"],
+        "ce_loss_with_ablation": flat["ce_loss_with_ablation"],
+        "ce_increase": ce,
+        "kl_div_with_sae": flat["kl_div_with_sae"],
+        "kl_div_with_ablation": flat["kl_div_with_ablation"],
+    }
+
+
+def _special_ids(tokenizer: Any) -> list[int]:
+    from sae_lens.util import get_special_token_ids
+
+    return list(get_special_token_ids(tokenizer))
+
+
+def compare(
+    pairs: Sequence[Pair | str],
+    texts: Sequence[str] | None = None,
+    out_dir: str | Path = "out/compare",
+    context_size: int = 128,
+    batch_size: int = 4,
+    n_batches: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    dense_threshold: float = 0.1,
+    title: str = "SAE comparison: T5Gemma 2 and Gemma 3 270M",
+    banner: str | None = None,
+    progress: bool = True,
+) -> Report:
+    """Evaluate (model, SAE) pairs on the same texts and write a side-by-side report.
+
+    Args:
+        pairs: :class:`Pair` objects or spec strings (see :meth:`Pair.parse`). A transfer
+            pair whose SAE is not also evaluated on its home model gets that pair added.
+        texts: the evaluation texts (default: the embedded stand-in corpus).
+        out_dir: where ``report.md``, ``results.csv``, ``results.json`` and the PNGs go.
+        context_size: tokens per sequence.
+        batch_size: sequences per batch.
+        n_batches: batches to evaluate on (default: every whole batch the texts give).
+        dense_threshold: a feature is dense if it fires on more than this fraction of tokens.
+        banner: a line put at the top of the report (e.g. the synthetic stand-in warning).
+        progress: show a progress bar over the pairs.
+
+    Returns:
+        The :class:`Report`; its ``files`` name what was written.
+
+    Raises:
+        ValueError / KeyError / FileNotFoundError: a pair names an unknown release, id,
+            folder or hook, or an SAE whose width does not fit the site; checked for every
+            pair before anything is evaluated where possible.
+    """
+    from tqdm.auto import tqdm
+
+    from sae_lens_t5gemma.synthetic import stand_in_texts
+
+    pairs = [p if isinstance(p, Pair) else Pair.parse(p) for p in pairs]
+    if not pairs:
+        raise ValueError("compare needs at least one (model, SAE) pair.")
+    for p in pairs:
+        _check_sae_spec(p.sae)
+    texts = list(texts) if texts is not None else stand_in_texts()
+    pairs = _add_home_pairs(pairs)
+
+    models: dict[str, tuple[Any, str]] = {}
+    tokens: dict[str, torch.Tensor] = {}
+    rows: list[Row] = []
+    for pair in tqdm(pairs, desc="SAE pairs", unit="pair", disable=not progress):
+        t0 = time.perf_counter()
+        sae, source = _load_sae(pair.sae, device)
+        load_s = time.perf_counter() - t0
+        home_model = sae.cfg.metadata.model_name or ""
+        home_hook = sae.cfg.metadata.hook_name
+        model_name = pair.model or home_model
+        if not model_name:
+            raise ValueError(f"SAE {pair.sae}: its config names no model; give the pair a model.")
+        if model_name not in models:
+            models[model_name] = _load_model(model_name, device, dtype)
+            seqs = token_batches(models[model_name][0].tokenizer, texts, context_size)
+            # Whole batches only: reconstruction and sparsity/variance metrics then read the same sequences.
+            keep = (seqs.shape[0] // batch_size) * batch_size
+            if n_batches is not None:
+                keep = min(keep, n_batches * batch_size)
+            tokens[model_name] = seqs[:keep]
+        model, family = models[model_name]
+        hook = pair.hook_name or home_hook
+        stack, layer, key, words = describe_site(model, hook)
+        width = _site_width(model, key)
+        if sae.cfg.d_in != width:
+            raise ValueError(
+                f"SAE {pair.sae} (d_in={sae.cfg.d_in}) does not fit {hook} on {model_name}, "
+                f"which is {width} wide ({words})."
+            )
+        if tokens[model_name].shape[0] == 0:
+            raise ValueError(
+                f"The texts give fewer than batch_size={batch_size} sequences of {context_size} tokens "
+                f"for {model_name}: nothing to evaluate on."
+            )
+        sae.cfg.metadata.hook_name = hook  # where run_evals hooks it (a transfer changes it)
+        t0 = time.perf_counter()
+        metrics = _evaluate(model, sae, hook, tokens[model_name], batch_size, dense_threshold, device)
+        eval_s = time.perf_counter() - t0
+        role = _role(hook, home_hook, model_name, home_model, family)
+        rows.append(
+            Row(
+                model=model_name,
+                family=family,
+                stack=stack,
+                layer=layer,
+                hook_name=hook,
+                site=key,
+                site_words=words,
+                sae=pair.sae,
+                sae_source=source,
+                sae_home_model=home_model,
+                sae_home_hook=home_hook,
+                role=role,
+                d_in=sae.cfg.d_in,
+                d_sae=sae.cfg.d_sae,
+                load_s=load_s,
+                eval_s=eval_s,
+                **metrics,
+            )
+        )
+
+    setup = _setup(texts, tokens, context_size, batch_size, device, dense_threshold)
+    transfer = _transfer_rows(rows)
+    notes = _notes(rows)
+    report = Report(rows=rows, transfer=transfer, setup=setup, notes=notes)
+    write_report(report, out_dir, title=title, banner=banner)
+    return report
+
+
+def _role(hook: str, home_hook: str, model_name: str, home_model: str, family: str) -> str:
+    """transfer: applied at another hook than its own, or on a model of another family."""
+    if hook != home_hook:
+        return "transfer"
+    if model_name == home_model:
+        return "native"
+    home_family = _family_of_name(home_model)
+    known = home_family in ("T5Gemma 2", "Gemma 3")
+    return "transfer" if known and home_family != family else "native"
+
+
+def _add_home_pairs(pairs: list[Pair]) -> list[Pair]:
+    """Put the home-model evaluation of every transfer pair's SAE right before it."""
+    out: list[Pair] = []
+    have = {p.sae for p in pairs if p.hook_name is None and p.model is None}
+    for p in pairs:
+        if p.hook_name is not None and p.sae not in have:
+            out.append(Pair(p.sae))
+            have.add(p.sae)
+        out.append(p)
+    return out
+
+
+def _setup(
+    texts: Sequence[str],
+    tokens: dict[str, torch.Tensor],
+    context_size: int,
+    batch_size: int,
+    device: str,
+    dense_threshold: float,
+) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    digests = {name: hashlib.sha1(t.numpy().tobytes()).hexdigest()[:12] for name, t in tokens.items()}
+    return {
+        "n_texts": len(texts),
+        "context_size": context_size,
+        "batch_size": batch_size,
+        "sequences": {name: t.shape[0] for name, t in tokens.items()},
+        "token_digest": digests,
+        "same_tokens_for_all_models": len(set(digests.values())) <= 1,
+        "device": device,
+        "dense_threshold": dense_threshold,
+        "versions": {pkg: version(pkg) for pkg in ("sae-lens", "transformer-lens", "transformers", "torch")},
+    }
+
+
+def _transfer_rows(rows: list[Row]) -> list[TransferRow]:
+    out = []
+    for r in rows:
+        if r.role != "transfer":
+            continue
+        home = next((h for h in rows if h.sae == r.sae and h.role == "native"), None)
+        if home is None:
+            continue
+        natives = [
+            n
+            for n in rows
+            if n.role == "native" and n.model == r.model and n.stack == r.stack and n.layer == r.layer
+        ]
+        native_text = "; ".join(
+            f"{n.sae} ({n.site}, {'same site' if n.site == r.site else 'different site'}: "
+            f"EV {n.explained_variance:.3f}, CE score {n.ce_loss_score:.3f})"
+            for n in natives
+        )
+        out.append(
+            TransferRow(
+                sae=r.sae,
+                layer=r.layer,
+                site=r.site,
+                target_model=r.model,
+                target_hook=r.hook_name,
+                home_model=home.model,
+                home_hook=home.hook_name,
+                ev_target=r.explained_variance,
+                ev_home=home.explained_variance,
+                ev_carried=r.explained_variance / home.explained_variance
+                if home.explained_variance > 0
+                else None,
+                ce_score_target=r.ce_loss_score,
+                ce_score_home=home.ce_loss_score,
+                l0_target=r.l0,
+                l0_home=home.l0,
+                natives=native_text or "none evaluated",
+            )
+        )
+    return out
+
+
+def _notes(rows: list[Row]) -> list[str]:
+    notes = []
+    keys = {r.site for r in rows}
+    if {"attn_z", "attn_out"} <= keys or any(r.sae_source == "gemma-scope-2" for r in rows):
+        notes.append(HONEST_SITES_NOTE)
+    if any(r.family == "T5Gemma 2" for r in rows):
+        notes.append(CE_KL_CAVEAT)
+    return notes
+
+
+# ----------------------------------------------------------------------------- output
+
+
+_FMT = {"explained_variance": ".3f", "mse": ".4g", "cossim": ".3f", "l0": ".1f", "dead_frac": ".3f",
+        "dense_frac": ".3f", "ce_loss_score": ".3f", "kl_div_score": ".3f", "ce_increase": ".4f",
+        "eval_s": ".2f"}  # fmt: skip
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else format(value, spec)
+    return str(value)
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def write_report(
+    report: Report, out_dir: str | Path, title: str = "SAE comparison", banner: str | None = None
+) -> Report:
+    """Write ``report.md``, ``results.csv``, ``results.json``, ``transfer.csv`` and the PNG plots."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in fields(Row)]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in report.rows)
+    with open(out / "transfer.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(TransferRow)])
+        writer.writeheader()
+        writer.writerows(asdict(t) for t in report.transfer)
+    payload = {
+        "title": title,
+        "banner": banner,
+        "setup": report.setup,
+        "site_words": SITE_WORDS,
+        "notes": report.notes,
+        "rows": [asdict(r) for r in report.rows],
+        "transfer": [asdict(t) for t in report.transfer],
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    report.files = {
+        "csv": out / "results.csv",
+        "transfer_csv": out / "transfer.csv",
+        "json": out / "results.json",
+        **_plots(report.rows, out),
+    }
+    report.markdown = _markdown(report, title, banner)
+    (out / "report.md").write_text(report.markdown)
+    report.files["report"] = out / "report.md"
+    return report
+
+
+def _markdown(report: Report, title: str, banner: str | None) -> str:
+    rows, s = report.rows, report.setup
+    parts = [f"# {title}", ""]
+    if banner:
+        parts += [f"> **{banner}**", ""]
+    parts += [
+        "## Setup",
+        "",
+        f"{s['n_texts']} texts; sequences of {s['context_size']} tokens, batches of {s['batch_size']}; "
+        f"sequences per model: {s['sequences']}. Special tokens (BOS/EOS/PAD) are excluded from every metric. "
+        f"Same token batches for all models: {'yes' if s['same_tokens_for_all_models'] else 'no (different tokenizers)'}. "
+        f"Metrics: SAELens `run_evals`; dense = fires on more than {s['dense_threshold']:.0%} of tokens. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in s['versions'].items())}; device {s['device']}.",
+        "",
+        "## Sites",
+        "",
+        "Every SAE, where it was applied, and how wide it is. Rows compare like with like only where the site key agrees.",
+        "",
+        _md_table(
+            ["SAE", "role", "model", "stack", "layer", "hook", "site", "what it reads", "d_in", "d_sae"],
+            [
+                [
+                    r.sae,
+                    r.role,
+                    r.model,
+                    r.stack,
+                    str(r.layer),
+                    f"`{r.hook_name}`",
+                    r.site,
+                    r.site_words,
+                    str(r.d_in),
+                    str(r.d_sae),
+                ]
+                for r in rows
+            ],
+        ),  # fmt: skip
+        "",
+        "## Results",
+        "",
+        _md_table(
+            ["SAE", "role", "model / stack", "layer", "site", *_FMT],
+            [
+                [
+                    r.sae,
+                    r.role,
+                    f"{r.family} {r.stack}",
+                    str(r.layer),
+                    r.site,
+                    *(_fmt(getattr(r, k), v) for k, v in _FMT.items()),
+                ]
+                for r in rows
+            ],
+        ),  # fmt: skip
+        "",
+        "## Like with like",
+        "",
+    ]
+    by_site: dict[str, list[Row]] = {}
+    for r in rows:
+        by_site.setdefault(r.site, []).append(r)
+    for key, group in by_site.items():
+        labels = sorted({r.label for r in group})
+        verdict = (
+            "comparable with each other" if len(labels) > 1 else "nothing else in this run reads this site"
+        )
+        parts.append(f"- **{key}** ({SITE_WORDS[key]}): {', '.join(labels)}: {verdict}.")
+    parts += ["", "## Transfer: Gemma Scope 2 SAEs on the T5Gemma 2 encoder", ""]
+    if report.transfer:
+        parts += [
+            "Each SAE is applied unchanged at the same site and layer of T5Gemma 2's encoder "
+            "(its weights were initialised from Gemma 3 270M). *carried* = explained variance on "
+            "T5Gemma 2 / on Gemma 3 (n/a where the latter is not positive).",
+            "",
+            _md_table(
+                [
+                    "SAE",
+                    "layer",
+                    "site",
+                    "EV T5Gemma 2",
+                    "EV Gemma 3",
+                    "carried",
+                    "CE score T5Gemma 2",
+                    "CE score Gemma 3",
+                    "L0 T5Gemma 2",
+                    "L0 Gemma 3",
+                    "native SAEs at this layer",
+                ],
+                [
+                    [
+                        t.sae,
+                        str(t.layer),
+                        t.site,
+                        _fmt(t.ev_target, ".3f"),
+                        _fmt(t.ev_home, ".3f"),
+                        _fmt(t.ev_carried, ".2f"),
+                        _fmt(t.ce_score_target, ".3f"),
+                        _fmt(t.ce_score_home, ".3f"),
+                        _fmt(t.l0_target, ".1f"),
+                        _fmt(t.l0_home, ".1f"),
+                        t.natives,
+                    ]
+                    for t in report.transfer
+                ],
+            ),  # fmt: skip
+            "",
+            "CE scores of the two columns measure different tasks (see the CE/KL caveat).",
+        ]
+    else:
+        parts.append("No transfer pairs in this run.")
+    parts += ["", "## Notes", ""]
+    parts += [f"- {n}" for n in report.notes] or ["- none"]
+    parts += ["", "## Plots", ""]
+    for key, path in report.files.items():
+        if path.suffix == ".png":
+            parts.append(f"![{key}]({path.name})")
+    parts += [
+        "",
+        "Tables: `results.csv`, `results.json`, `transfer.csv`. Column meanings: see the package README.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _plots(rows: list[Row], out: Path) -> dict[str, Path]:
+    # The object-oriented API with the Agg canvas: no pyplot state, no backend switch (safe in notebooks).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.label, []).append(r)
+    files = {}
+
+    fig = Figure(figsize=(7, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, group in groups.items():
+        ax.scatter([r.l0 for r in group], [r.explained_variance for r in group], label=label)
+        for r in group:
+            ax.annotate(str(r.layer), (r.l0, r.explained_variance), fontsize=7)
+    ax.set_xlabel("L0 (active features per token)")
+    ax.set_ylabel("explained variance")
+    ax.set_title("Per-layer L0 vs explained variance (numbers = layer)")
+    ax.legend(fontsize=7)
+    files["l0_vs_explained_variance"] = out / "l0_vs_explained_variance.png"
+    fig.savefig(files["l0_vs_explained_variance"], dpi=100, bbox_inches="tight")
+
+    fig = Figure(figsize=(7, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, group in groups.items():
+        group = sorted(group, key=lambda r: r.layer)
+        ax.plot([r.layer for r in group], [r.ce_loss_score for r in group], marker="o", label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("CE-loss score (1 = no loss increase)")
+    ax.set_title("CE-loss score by layer")
+    ax.legend(fontsize=7)
+    files["ce_loss_score_by_layer"] = out / "ce_loss_score_by_layer.png"
+    fig.savefig(files["ce_loss_score_by_layer"], dpi=100, bbox_inches="tight")
+
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    t5 = [r for r in rows if r.family == "T5Gemma 2" and r.role == "native"]
+    for ax, metric, name in (
+        (axes[0], "explained_variance", "explained variance"),
+        (axes[1], "ce_loss_score", "CE-loss score"),
+    ):
+        for (stack, key), style in _stack_styles(t5).items():
+            group = sorted((r for r in t5 if r.stack == stack and r.site == key), key=lambda r: r.layer)
+            ax.plot(
+                [r.layer for r in group], [getattr(r, metric) for r in group], style, label=f"{stack} {key}"
+            )
+        ax.set_xlabel("layer")
+        ax.set_ylabel(name)
+        if t5:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no native T5Gemma 2 rows", ha="center", transform=ax.transAxes)
+    fig.suptitle("T5Gemma 2: encoder vs decoder (native SAEs)")
+    files["encoder_vs_decoder"] = out / "encoder_vs_decoder.png"
+    fig.savefig(files["encoder_vs_decoder"], dpi=100, bbox_inches="tight")
+    return files
+
+
+def _stack_styles(rows: list[Row]) -> dict[tuple[str, str], str]:
+    keys = sorted({(r.stack, r.site) for r in rows})
+    return {k: ("o-" if k[0] == "encoder" else "s--") for k in keys}

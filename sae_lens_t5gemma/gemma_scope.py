@@ -1,0 +1,214 @@
+"""Gemma 3 270M and its Gemma Scope 2 SAEs, ready to be compared with T5Gemma 2.
+
+Gemma Scope 2 SAEs load through SAELens' own ``gemma_3`` loader and hook TransformerLens
+names (``blocks.L.attn.hook_z``, ``blocks.L.hook_resid_post``, ``blocks.L.hook_mlp_out``),
+so Gemma 3 is driven through a TransformerLens ``HookedTransformer``. Two things stand
+between that and an offline run, and each is handled in one place here:
+
+- **Model config.** TransformerLens 3.9 supports ``google/gemma-3-270m`` from a hard-coded
+  config with the real dimensions (d_model 640, 18 layers, 4 heads of 256, vocab 262144).
+  :func:`gemma3_tl_config` takes that recipe (every architectural flag: RMS norms before
+  and after each sublayer, QK norm, local/global attention, rotary bases) and fills the
+  dimensions from the transformers config of the weights actually in hand. For the real
+  checkpoint the result equals TransformerLens' own config (the tests check this); for a
+  tiny stand-in under the real name it has the stand-in's dimensions instead of 640.
+- **Tensor shapes.** SAELens' ``get_gemma_3_config_from_hf`` reads ``d_in``/``d_sae`` from
+  the ``params.safetensors`` header with two raw HTTP range requests, which ignore
+  ``HF_HUB_OFFLINE`` and fail without network even when the file is in the local cache.
+  :func:`install_local_safetensors_shapes` makes that one function read the header of the
+  locally cached file when there is one, and otherwise behave exactly as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The real ids live next to the stand-ins that imitate them.
+from sae_lens_t5gemma.synthetic import GEMMA3_MODEL, GEMMA_SCOPE_RELEASES, GEMMA_SCOPE_REPO
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GEMMA3_MODEL", "GEMMA_SCOPE_RELEASES", "GEMMA_SCOPE_REPO", "load_gemma3", "gemma3_tl_config"]
+
+# Gemma 3 hook names (TransformerLens) -> (site key, plain words). The site key is what
+# makes two rows comparable; see compare.SITE_WORDS for the T5Gemma 2 side.
+GEMMA3_HOOKS: dict[str, tuple[str, str]] = {
+    "hook_resid_pre": ("resid_pre", "resid_pre (residual stream entering the layer)"),
+    "attn.hook_z": ("attn_z", "o_proj input (hook_z: concatenated head outputs)"),
+    "hook_attn_out": ("attn_out_normed", "attention output after post_attention_layernorm"),
+    "hook_resid_mid": ("resid_mid", "resid_mid (residual stream after attention)"),
+    "hook_mlp_out": ("mlp_out_normed", "mlp_out (MLP output after post_feedforward_layernorm)"),
+    "hook_resid_post": ("resid_post", "resid_post (residual stream leaving the layer)"),
+}
+
+
+def gemma3_tl_config(
+    hf_config: Any,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    model_name: str = GEMMA3_MODEL,
+) -> Any:
+    """A ``HookedTransformerConfig`` for a Gemma 3 text model, dimensions from ``hf_config``.
+
+    Starts from TransformerLens' own Gemma 3 270M recipe and overwrites every dimension with
+    the value in the transformers config (``Gemma3TextConfig``), so weights of any size with
+    Gemma 3's architecture load without a mismatch.
+    """
+    from transformer_lens.config import HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+
+    if getattr(hf_config, "model_type", None) == "gemma3":  # multimodal wrapper: use its text part
+        hf_config = hf_config.text_config
+    if getattr(hf_config, "model_type", None) != "gemma3_text":
+        raise ValueError(
+            f"{model_name}: expected a Gemma 3 text config (model_type 'gemma3_text'), "
+            f"got {getattr(hf_config, 'model_type', None)!r}."
+        )
+    # Name-based branch in TransformerLens: builds the 270M recipe without any download.
+    cfg = convert_hf_model_config(GEMMA3_MODEL)
+    rope = hf_config.rope_parameters or {}
+    layer_types = list(hf_config.layer_types)
+    cfg.update(
+        d_model=hf_config.hidden_size,
+        d_head=hf_config.head_dim,
+        n_heads=hf_config.num_attention_heads,
+        n_key_value_heads=hf_config.num_key_value_heads,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=min(cfg["n_ctx"], hf_config.max_position_embeddings),
+        eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.hidden_activation,
+        rotary_base=rope.get("full_attention", {}).get("rope_theta", cfg["rotary_base"]),
+        rotary_base_local=rope.get("sliding_attention", {}).get("rope_theta", cfg["rotary_base_local"]),
+        window_size=hf_config.sliding_window,
+        attn_types=["global" if t == "full_attention" else "local" for t in layer_types],
+        # Gemma 3 scales attention by query_pre_attn_scalar**-0.5 (= d_head**-0.5 on 270M).
+        attn_scale=float(hf_config.query_pre_attn_scalar) ** 0.5,
+    )
+    for softcap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(hf_config, softcap, None):
+            raise ValueError(f"{model_name}: {softcap} is set; this Gemma 3 recipe has none.")
+    cfg.update(
+        model_name=model_name.split("/")[-1],
+        tokenizer_name=model_name,
+        init_weights=False,
+        device=device,
+        dtype=dtype,
+        n_devices=1,
+        default_prepend_bos=True,
+        from_checkpoint=False,
+    )
+    return HookedTransformerConfig.from_dict(cfg)
+
+
+def load_gemma3(
+    name_or_path: str | Path = GEMMA3_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hf_model: Any = None,
+    tokenizer: Any = None,
+) -> Any:
+    """Gemma 3 (text) as a TransformerLens ``HookedTransformer``, with no weight processing.
+
+    Equivalent to ``HookedTransformer.from_pretrained_no_processing(name, hf_model=...)``
+    (no LayerNorm folding or centring, so activations are the ones Gemma Scope 2 was
+    trained on), except that the config comes from :func:`gemma3_tl_config`.
+
+    Args:
+        name_or_path: hub id (default ``google/gemma-3-270m``) or local folder.
+        hf_model: an already built ``Gemma3ForCausalLM``; loaded from ``name_or_path`` if None.
+        tokenizer: its tokenizer; loaded from ``name_or_path`` if None.
+    """
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_pretrained_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if hf_model is None:
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    cfg = gemma3_tl_config(hf_model.config, device=device, dtype=dtype, model_name=name)
+    state_dict = get_pretrained_state_dict(name, cfg, hf_model.eval(), dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return model.to(device).eval()
+
+
+def describe_gemma3_hook(hook_name: str) -> tuple[int, str, str]:
+    """``blocks.5.attn.hook_z`` -> (5, "attn_z", "o_proj input (...)").
+
+    Raises:
+        ValueError: not a per-layer TransformerLens hook this comparison knows.
+    """
+    parts = hook_name.split(".")
+    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
+        suffix = ".".join(parts[2:])
+        if suffix in GEMMA3_HOOKS:
+            return int(parts[1]), *GEMMA3_HOOKS[suffix]
+    raise ValueError(
+        f"Hook {hook_name!r} is not a per-layer Gemma 3 site this comparison knows; "
+        f"expected blocks.<layer>.<one of {sorted(GEMMA3_HOOKS)}>."
+    )
+
+
+# ------------------------------------------------------------ SAELens: shapes from the cache
+
+
+def _local_safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors file's header (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+
+
+def install_local_safetensors_shapes() -> None:
+    """Make SAELens' ``get_safetensors_tensor_shapes`` read a locally cached file first.
+
+    SAELens' Gemma 3 config getter calls it to learn ``d_in``/``d_sae`` before it downloads
+    the same file. The original sends HTTP range requests with ``requests`` directly, so it
+    fails offline even with the file in the hub cache. SAELens has no hook for this, so the
+    module attribute is replaced (the getter looks it up at call time): a cached file is
+    read locally; otherwise, offline, a clear error says which file is missing; online, the
+    original runs unchanged. Idempotent.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    original = loaders.get_safetensors_tensor_shapes
+    if getattr(original, "_reads_local_cache", False):
+        return
+
+    @functools.wraps(original)
+    def shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
+        cached = try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            return _local_safetensors_shapes(cached)
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"{repo_id}/{filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                "and HF_HUB_OFFLINE is set, so its tensor shapes cannot be read."
+            )
+        return original(repo_id, filename)
+
+    shapes._reads_local_cache = True  # type: ignore[attr-defined]
+    loaders.get_safetensors_tensor_shapes = shapes
+
+
+install_local_safetensors_shapes()

@@ -1,0 +1,497 @@
+"""Registration of this package's releases and loaders with SAELens.
+
+SAELens 6 has no plugin mechanism: ``SAE.from_pretrained(release=...)`` looks releases up
+in the dict returned by the ``functools.cache``-d ``get_pretrained_saes_directory()``
+(read from SAELens' own YAML only) and loaders up in ``NAMED_PRETRAINED_SAE_LOADERS`` and
+``NAMED_PRETRAINED_SAE_CONFIG_GETTERS``. So registering means adding entries to those
+three tables, which :func:`_install` does, in one place. Entries are only ever added:
+a name that SAELens (or anyone else) already uses is a :class:`RegistrationError`.
+
+- :func:`register` (called by ``import sae_lens_t5gemma``, idempotent) adds the
+  ``mindchain_t5gemma2`` and ``sae_lens_t5gemma_local`` loaders and the package's
+  ``pretrained_saes.yaml`` (release ``t5gemma2-270m-attn_out``).
+- :func:`register_release_yaml` adds the releases of any YAML file in SAELens' schema,
+  from the hub or from a local folder (``local_root=``, e.g. SAEs trained or converted
+  here), so they load with ``SAE.from_pretrained`` too.
+- :func:`release_yaml` writes such a YAML block.
+
+Registration lives in the running process only; a fresh interpreter needs the import again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from sae_lens.loading import pretrained_sae_loaders as _loaders
+from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
+
+from sae_lens_t5gemma import mindchain
+
+LOCAL_LOADER = "sae_lens_t5gemma_local"
+"""Loader for releases whose files lie in a local folder (``repo_id`` is that folder)."""
+PACKAGE_RELEASE = "t5gemma2-270m-attn_out"
+
+Loader = Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]]
+ConfigGetter = Callable[..., dict[str, Any]]
+
+
+class RegistrationError(ValueError):
+    """A release or loader name is taken, or a release YAML is malformed."""
+
+
+# What this package added, so that repeating a registration is a no-op and only our own
+# entries may ever be replaced.
+_OUR_RELEASES: dict[str, PretrainedSAELookup] = {}
+_OUR_LOADERS: dict[str, tuple[Loader, ConfigGetter]] = {}
+
+
+# ----------------------------------------------------------------------- local releases
+
+
+def _local_path(repo_id: str, folder_name: str) -> Path:
+    path = Path(repo_id) / folder_name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such SAE file or folder in local release folder {repo_id}")
+    return path
+
+
+def get_local_config(
+    repo_id: str,
+    folder_name: str,
+    device: str | None = None,
+    force_download: bool = False,
+    cfg_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Config getter for local releases: a SAELens folder (``cfg.json``) or a mindchain ``.pt``."""
+    from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk
+
+    path = _local_path(repo_id, folder_name)
+    if path.is_file():
+        return mindchain.get_mindchain_config_from_disk(path, device, cfg_overrides)
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
+    return get_sae_lens_config_from_disk(path, device, cfg_overrides)
+
+
+def local_loader(
+    repo_id: str,
+    folder_name: str,
+    device: str = "cpu",
+    force_download: bool = False,
+    cfg_overrides: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
+    """Loader for local releases: ``repo_id`` is a folder, ``folder_name`` an SAE in it.
+
+    A ``.pt`` file goes through the mindchain converter; a folder with ``cfg.json`` and
+    ``sae_weights.safetensors`` (what ``SAE.save_model`` and SAELens' trainers write)
+    through SAELens' own disk loader, with its ``sparsity.safetensors`` if present.
+    """
+    from sae_lens.constants import SPARSITY_FILENAME
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+    from safetensors import safe_open
+
+    path = _local_path(repo_id, folder_name)
+    if path.is_file():
+        cfg, state = mindchain.mindchain_disk_loader(path, device, cfg_overrides)
+        return cfg, state, None
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
+    cfg, state = sae_lens_disk_loader(path, device, cfg_overrides)
+    log_sparsity = None
+    if (path / SPARSITY_FILENAME).is_file():
+        with safe_open(path / SPARSITY_FILENAME, framework="pt", device=device) as f:  # type: ignore[no-untyped-call]
+            log_sparsity = f.get_tensor("sparsity")
+    return cfg, state, log_sparsity
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    # A reloaded module makes new function objects for the same code; treat them as ours.
+    return a is b or (
+        getattr(a, "__module__", None) == getattr(b, "__module__", None)
+        and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
+    )
+
+
+def _install(
+    releases: dict[str, PretrainedSAELookup], loaders: dict[str, tuple[Loader, ConfigGetter]]
+) -> None:
+    """The one place that writes into SAELens' tables (SAELens has no plugin mechanism).
+
+    Callers have already checked every name, so this cannot fail halfway.
+    """
+    directory = get_pretrained_saes_directory()  # the cached dict SAE.from_pretrained reads
+    for name, (loader, getter) in loaders.items():
+        _loaders.NAMED_PRETRAINED_SAE_LOADERS[name] = loader  # type: ignore[assignment]
+        _loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS[name] = getter  # type: ignore[assignment]
+        _OUR_LOADERS[name] = (loader, getter)
+    for name, lookup in releases.items():
+        directory[name] = lookup
+        _OUR_RELEASES[name] = lookup
+
+
+def _check_loader(name: str, loader: Loader, getter: ConfigGetter, replace: bool) -> bool:
+    """True if the loader must be installed, False if it already is; error on a clash."""
+    have = _loaders.NAMED_PRETRAINED_SAE_LOADERS.get(name)
+    have_getter = _loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS.get(name)
+    if have is None and have_getter is None:
+        return True
+    if (
+        have is not None
+        and _same_function(have, loader)
+        and have_getter is not None
+        and _same_function(have_getter, getter)
+    ):
+        return False
+    if name not in _OUR_LOADERS:
+        raise RegistrationError(
+            f"Loader name {name!r} is already used by SAELens (or another package); "
+            "refusing to overwrite it. Register under another name."
+        )
+    if not replace:
+        raise RegistrationError(
+            f"Loader {name!r} was registered earlier with other functions; pass replace=True to replace it."
+        )
+    return True
+
+
+def register_loader(name: str, loader: Loader, config_getter: ConfigGetter, replace: bool = False) -> None:
+    """Add a loader and its config getter to SAELens' tables under ``name``.
+
+    Args:
+        name: the ``conversion_func`` that releases name.
+        loader: a ``PretrainedSaeHuggingfaceLoader``.
+        config_getter: a ``PretrainedSaeConfigHuggingfaceLoader``.
+        replace: allow replacing a loader this package registered before (never SAELens' own).
+
+    Raises:
+        RegistrationError: ``name`` is taken by SAELens or someone else, or by other
+            functions of ours without ``replace``.
+    """
+    if _check_loader(name, loader, config_getter, replace):
+        _install({}, {name: (loader, config_getter)})
+
+
+def _check_release(lookup: PretrainedSAELookup, replace: bool) -> bool:
+    have = get_pretrained_saes_directory().get(lookup.release)
+    if have is None:
+        return True
+    if have == lookup:
+        # Identical contents (e.g. after importlib.reload): nothing to do.
+        return False
+    if lookup.release not in _OUR_RELEASES:
+        raise RegistrationError(
+            f"Release {lookup.release!r} already exists in SAELens' pretrained SAE directory "
+            f"(repo_id {have.repo_id!r}); refusing to overwrite it. Use another release name."
+        )
+    if not replace:
+        raise RegistrationError(
+            f"Release {lookup.release!r} was registered earlier with other contents "
+            f"(repo_id {have.repo_id!r}); pass replace=True to replace it."
+        )
+    return True
+
+
+def register_release(lookup: PretrainedSAELookup, replace: bool = False) -> bool:
+    """Add one release to SAELens' directory.
+
+    Returns:
+        True if added, False if the identical release was already registered.
+
+    Raises:
+        RegistrationError: the name is one of SAELens' own (or someone else's) releases,
+            or ours with other contents and no ``replace``; or its loader is unknown.
+    """
+    _check_conversion_func(lookup.release, lookup.conversion_func, "<register_release>")
+    if not _check_release(lookup, replace):
+        return False
+    _install({lookup.release: lookup}, {})
+    return True
+
+
+def _check_conversion_func(release: str, conversion_func: str | None, where: str) -> None:
+    name = conversion_func or "sae_lens"
+    if name not in _loaders.NAMED_PRETRAINED_SAE_LOADERS:
+        known = sorted(_loaders.NAMED_PRETRAINED_SAE_LOADERS)
+        raise RegistrationError(
+            f"{where}: release {release!r} uses conversion_func {name!r}, which is no registered loader (known: {known})"
+        )
+
+
+# --------------------------------------------------------------------------- YAML files
+
+
+def lookup_from_yaml(release: str, value: Any, where: str = "<yaml>") -> PretrainedSAELookup:
+    """Parse one release entry of SAELens' ``pretrained_saes.yaml`` schema, as SAELens does.
+
+    Raises:
+        RegistrationError: a required field is missing or malformed; names ``where``.
+    """
+    if not isinstance(value, dict):
+        raise RegistrationError(
+            f"{where}: release {release!r} must be a mapping, found {type(value).__name__}"
+        )
+    for key in ("repo_id", "model", "saes"):
+        if key not in value:
+            raise RegistrationError(f"{where}: release {release!r} has no {key!r} field")
+    if not isinstance(value["saes"], list) or not value["saes"]:
+        raise RegistrationError(f"{where}: release {release!r}: 'saes' must be a non-empty list")
+    saes_map: dict[str, str] = {}
+    var_explained: dict[str, float] = {}
+    l0: dict[str, float] = {}
+    neuronpedia: dict[str, str] = {}
+    norm_scaling: dict[str, float] = {}
+    for i, info in enumerate(value["saes"]):
+        if not isinstance(info, dict) or "id" not in info or "path" not in info:
+            raise RegistrationError(
+                f"{where}: release {release!r}: saes[{i}] needs 'id' and 'path', found {info!r}"
+            )
+        sae_id = str(info["id"])
+        if sae_id in saes_map:
+            raise RegistrationError(f"{where}: release {release!r}: duplicate SAE id {sae_id!r}")
+        saes_map[sae_id] = str(info["path"])
+        var_explained[sae_id] = info.get("variance_explained", 1.00)
+        l0[sae_id] = info.get("l0", 0.00)
+        neuronpedia[sae_id] = info.get("neuronpedia")
+        if "norm_scaling_factor" in info:
+            norm_scaling[sae_id] = info["norm_scaling_factor"]
+    return PretrainedSAELookup(
+        release=release,
+        repo_id=str(value["repo_id"]),
+        model=str(value["model"]),
+        conversion_func=value.get("conversion_func"),
+        saes_map=saes_map,
+        expected_var_explained=var_explained,
+        expected_l0=l0,
+        neuronpedia_id=neuronpedia,
+        norm_scaling_factor=norm_scaling,
+        config_overrides=value.get("config_overrides"),
+    )
+
+
+def read_release_yaml(
+    path: str | Path | Traversable, loader: str | None = None, local_root: str | Path | None = None
+) -> list[PretrainedSAELookup]:
+    """Parse every release of a YAML file in SAELens' schema, registering nothing.
+
+    Args:
+        path: the YAML file.
+        loader: a registered loader name that replaces every release's ``conversion_func``.
+        local_root: the folder the releases' ``path``s are relative to. If given, the
+            releases load from there through ``sae_lens_t5gemma_local`` and their
+            ``repo_id`` becomes that folder.
+    """
+    where = str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(f"{where}: no such release YAML file") from e
+        raise RegistrationError(f"{where}: cannot read release YAML: {e}") from e
+    if not isinstance(data, dict) or not data:
+        raise RegistrationError(f"{where}: expected a mapping of release names to releases")
+    root: Path | None = None
+    if local_root is not None:
+        root = Path(local_root).resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"{where}: local_root {root} is not a folder")
+    lookups = []
+    for release, value in data.items():
+        lookup = lookup_from_yaml(str(release), value, where)
+        if root is not None:
+            lookup.repo_id, lookup.conversion_func = str(root), LOCAL_LOADER
+            for sae_id, rel in lookup.saes_map.items():
+                if not (root / rel).exists():
+                    raise FileNotFoundError(
+                        f"{where}: SAE {sae_id!r} of release {release!r}: {root / rel} does not exist"
+                    )
+        if loader is not None:
+            lookup.conversion_func = loader
+        _check_conversion_func(lookup.release, lookup.conversion_func, where)
+        lookups.append(lookup)
+    return lookups
+
+
+def register_release_yaml(
+    path: str | Path | Traversable,
+    loader: str | None = None,
+    local_root: str | Path | None = None,
+    replace: bool = False,
+) -> list[str]:
+    """Register every release of a YAML file in SAELens' schema (all or none).
+
+    For locally trained or converted SAEs: write a YAML (see :func:`release_yaml`) whose
+    ``path``s are folders with ``cfg.json`` (or mindchain ``.pt`` files) below a folder,
+    then ``register_release_yaml(yaml_path, local_root=folder)``; after that
+    ``SAE.from_pretrained(release=..., sae_id=...)`` loads them from that folder.
+
+    Args:
+        path: the YAML file.
+        loader: a registered loader name replacing every release's ``conversion_func``.
+        local_root: load the releases from this local folder (see :func:`read_release_yaml`).
+        replace: allow replacing releases this package registered before (never SAELens' own).
+
+    Returns:
+        The release names.
+
+    Raises:
+        RegistrationError: malformed YAML, an unknown loader, or a release name that is
+            taken (nothing is registered then).
+    """
+    lookups = read_release_yaml(path, loader, local_root)
+    todo = {lk.release: lk for lk in lookups if _check_release(lk, replace)}
+    _install(todo, {})
+    for lk in lookups:  # identical ones found in place (e.g. after a reload) are ours too
+        _OUR_RELEASES.setdefault(lk.release, lk)
+    return [lk.release for lk in lookups]
+
+
+def register() -> list[str]:
+    """Register the package's loaders and its release ``t5gemma2-270m-attn_out``. Idempotent.
+
+    Returns:
+        The package's release names.
+    """
+    wanted = {
+        mindchain.MINDCHAIN_LOADER: (
+            mindchain.mindchain_huggingface_loader,
+            mindchain.get_mindchain_config_from_hf,
+        ),
+        LOCAL_LOADER: (local_loader, get_local_config),
+    }
+    # Check everything before touching SAELens, so a clash leaves it as it was.
+    todo = {name: pair for name, pair in wanted.items() if _check_loader(name, *pair, replace=True)}
+    _install({}, todo)
+    for name, pair in wanted.items():
+        _OUR_LOADERS.setdefault(name, pair)
+    return register_release_yaml(files("sae_lens_t5gemma").joinpath("pretrained_saes.yaml"))
+
+
+def release_yaml(
+    release: str,
+    repo_id: str,
+    model: str,
+    saes: list[dict[str, Any]],
+    conversion_func: str | None = None,
+    links: dict[str, str] | None = None,
+    header: str | None = None,
+) -> str:
+    """A release block in SAELens' ``pretrained_saes.yaml`` schema.
+
+    Args:
+        saes: entries with ``id`` and ``path`` and optionally ``l0``,
+            ``variance_explained``, ``neuronpedia``.
+        conversion_func: omit for SAELens-native folders (SAELens' default loader).
+        header: comment lines put above the block.
+    """
+    body: dict[str, Any] = {}
+    if conversion_func:
+        body["conversion_func"] = conversion_func
+    if links:
+        body["links"] = links
+    body["model"] = model
+    body["repo_id"] = repo_id
+    body["saes"] = saes
+    text = yaml.safe_dump({release: body}, sort_keys=False, width=120)
+    lookup_from_yaml(release, yaml.safe_load(text)[release])  # what we write must parse back
+    if header:
+        text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text
+    return text
+
+
+# ------------------------------------------------------------------------------ queries
+
+
+def ours() -> list[str]:
+    """Names of the releases this package registered in this process."""
+    return list(_OUR_RELEASES)
+
+
+def valid_sae_ids(release: str) -> list[str]:
+    """Every SAE id of a registered release.
+
+    Raises:
+        ValueError: unknown release; the message lists close release names.
+    """
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        import difflib
+
+        close = difflib.get_close_matches(release, list(directory), n=5, cutoff=0.5)
+        raise ValueError(f"unknown SAE release {release!r}" + (f"; close matches: {close}" if close else ""))
+    return list(directory[release].saes_map)
+
+
+def check_sae_id(release: str, sae_id: str) -> None:
+    """Raise a ``ValueError`` listing all valid ids if ``sae_id`` is not in ``release``.
+
+    ``SAE.from_pretrained`` shows only the first five valid ids; this shows them all.
+    """
+    ids = valid_sae_ids(release)
+    if sae_id not in ids:
+        raise ValueError(
+            f"SAE id {sae_id!r} is not in release {release!r}. Valid ids ({len(ids)}): {', '.join(ids)}"
+        )
+
+
+def hook_names(release: str, sae_id: str) -> tuple[str | None, str | None]:
+    """``(hook_name, hf_hook_name)`` of an SAE of one of our releases, without downloading.
+
+    Known for mindchain releases (from the file name) and local releases (read from
+    ``cfg.json``); ``(None, None)`` where only a download would tell.
+    """
+    lookup = get_pretrained_saes_directory()[release]
+    path = lookup.saes_map[sae_id]
+    if lookup.conversion_func == mindchain.MINDCHAIN_LOADER:
+        s = mindchain.site_for_filename(path)
+        return (s.hook_name, s.hf_module) if s else (None, None)
+    if lookup.conversion_func == LOCAL_LOADER:
+        cfg_file = Path(lookup.repo_id) / path / "cfg.json"
+        if cfg_file.is_file():
+            meta = json.loads(cfg_file.read_text()).get("metadata", {})
+            return meta.get("hook_name"), meta.get("hf_hook_name")
+        s = mindchain.site_for_filename(path)
+        return (s.hook_name, s.hf_module) if s else (None, None)
+    return None, None
+
+
+def format_releases(include_all: bool = False) -> str:
+    """Text for ``sae-lens-t5gemma list``: our releases with ids and hook names.
+
+    Args:
+        include_all: also list SAELens' other releases (name, repo, model, loader, count).
+    """
+    directory = get_pretrained_saes_directory()
+    lines: list[str] = []
+    for name in ours():
+        lk = directory[name]
+        lines.append(
+            f"{name}  (repo {lk.repo_id}, model {lk.model}, loader {lk.conversion_func or 'sae_lens'}, {len(lk.saes_map)} SAEs)"
+        )
+        rows = [("id", "path", "hook_name", "hf_hook_name")]
+        for sae_id, path in lk.saes_map.items():
+            hook, hf = hook_names(name, sae_id)
+            rows.append((sae_id, path, hook or "?", hf or "?"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines += [
+            "  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
+            for r in rows
+        ]
+    if include_all:
+        others = [n for n in directory if n not in _OUR_RELEASES]
+        lines.append(f"\nSAELens' other releases ({len(others)}):")
+        for n in others:
+            lk = directory[n]
+            lines.append(
+                f"  {n}  repo {lk.repo_id}  model {lk.model}  loader {lk.conversion_func or 'sae_lens'}  {len(lk.saes_map)} SAEs"
+            )
+    return "\n".join(lines)

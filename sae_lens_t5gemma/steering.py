@@ -1,0 +1,361 @@
+"""SAE splicing, feature steering and top-feature reading for ``HookedT5Gemma2``.
+
+Splicing mirrors SAELens' ``HookedSAETransformer`` (same method names, same wrapper, so the
+same ``<hook>.hook_sae_acts_post``-style cache names): an SAE replaces the hook point at its
+``cfg.metadata.hook_name``, with or without the error term.
+
+Steering does not splice. It adds a hook at the SAE's site that encodes the activation,
+edits chosen features (scale, set, add, ablate) and adds to the activation only the change
+this makes to the decoded vector, ``delta = (f' - f) @ W_dec``. The SAE's reconstruction
+error is kept, so a no-op edit leaves the model exactly unchanged. Unlike the mindchain
+card's ``SteeringHook`` it never replaces the activation with the reconstruction and reads
+no globals. It works on encoder and decoder sites, in ``forward``/``run_with_cache`` and
+during ``generate()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sae_lens import SAE
+
+# SAELens' own wrapper (error term, hook points, token masks), reused so that spliced SAEs
+# behave and cache exactly as under HookedSAETransformer.
+from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper
+from transformer_lens.hook_points import HookPoint
+
+if TYPE_CHECKING:
+    from sae_lens_t5gemma.hooked import HookedT5Gemma2
+
+
+def _site_width(model: HookedT5Gemma2, hook_name: str) -> int:
+    s = model._sites[hook_name]
+    if s.kind.friendly == "attn_z":
+        n_heads, d_head = model._heads[s.stack]
+        return n_heads * d_head
+    return model.cfg.d_model
+
+
+def check_sae_fits(model: HookedT5Gemma2, sae: SAE[Any]) -> str:
+    """The canonical hook name of ``sae`` on ``model``; errors if it has none or ``d_in`` does not fit.
+
+    Raises:
+        ValueError: no ``hook_name``, unknown hook, a transcoder, or ``d_in`` != the site's width.
+    """
+    name = sae.cfg.metadata.hook_name
+    if not name:
+        raise ValueError("The SAE's cfg.metadata.hook_name is empty: it does not say where to attach it.")
+    out = sae.cfg.metadata.hook_name_out
+    if out and model.canonical_name(out) != model.canonical_name(name):
+        raise ValueError(f"SAE reads {name} and writes {out}: transcoders are not supported here.")
+    canonical = model.canonical_name(name)
+    width = _site_width(model, canonical)
+    if sae.cfg.d_in != width:
+        raise ValueError(
+            f"SAE d_in={sae.cfg.d_in} does not fit hook {canonical} (from {name!r}), "
+            f"whose activations are {width} wide."
+        )
+    return canonical
+
+
+class SAEMixin:
+    """``add_sae`` / ``reset_saes`` / ``saes`` / ``run_with_saes`` ... as on HookedSAETransformer."""
+
+    _acts_to_saes_store: dict[str, tuple[_SAEWrapper, HookPoint]]
+
+    @property
+    def acts_to_saes(self: Any) -> dict[str, SAE[Any]]:
+        """Canonical hook name -> attached SAE."""
+        store = self.__dict__.setdefault("_acts_to_saes_store", {})
+        return {name: wrapper.sae for name, (wrapper, _) in store.items()}
+
+    def add_sae(self: Any, sae: SAE[Any], use_error_term: bool | None = None) -> None:
+        """Splice ``sae`` in at its hook (replacing any SAE already there) until ``reset_saes``.
+
+        Args:
+            sae: a SAELens SAE whose ``cfg.metadata.hook_name`` names a site of this model.
+            use_error_term: add the SAE's reconstruction error back so the model's outputs are
+                unchanged (hooks on the SAE's internals then act as interventions). Defaults to
+                the SAE's own setting.
+
+        Raises:
+            ValueError: unknown hook name, or ``d_in`` does not fit the site.
+        """
+        name = check_sae_fits(self, sae)
+        store = self.__dict__.setdefault("_acts_to_saes_store", {})
+        if name in store:
+            self._reset_sae(name)
+        original = self.get_submodule(name)
+        if original.fwd_hooks or original.bwd_hooks:
+            raise ValueError(
+                f"Hook {name} has hooks attached (e.g. steering); remove them before splicing an SAE there."
+            )
+        wrapper = _SAEWrapperFlat(
+            sae, use_error_term=sae.use_error_term if use_error_term is None else use_error_term
+        )
+        _set_module(self, name, wrapper)
+        store[name] = (wrapper, original)
+        self.setup()
+
+    def _reset_sae(self: Any, name: str) -> None:
+        store = self.__dict__.setdefault("_acts_to_saes_store", {})
+        _wrapper, original = store.pop(name)
+        _set_module(self, name, original)
+
+    def reset_saes(self: Any, act_names: str | list[str] | None = None) -> None:
+        """Remove attached SAEs (all, or those at the given hook names in any spelling)."""
+        store = self.__dict__.setdefault("_acts_to_saes_store", {})
+        names = list(store) if act_names is None else [act_names] if isinstance(act_names, str) else act_names
+        for n in names:
+            canonical = self.canonical_name(n)
+            if canonical not in store:
+                raise ValueError(f"No SAE is attached at {canonical}; attached: {sorted(store)}")
+            self._reset_sae(canonical)
+        self.setup()
+
+    @contextmanager
+    def saes(
+        self: Any, saes: SAE[Any] | Sequence[SAE[Any]] = (), use_error_term: bool | None = None
+    ) -> Iterator[Any]:
+        """Context manager: attach ``saes`` and restore the previous state on exit."""
+        saes = [saes] if isinstance(saes, SAE) else list(saes)
+        store = self.__dict__.setdefault("_acts_to_saes_store", {})
+        before = {name: wrapper for name, (wrapper, _) in store.items()}
+        try:
+            for sae in saes:
+                self.add_sae(sae, use_error_term=use_error_term)
+            yield self
+        finally:
+            for name in list(store):
+                if store[name][0] is not before.get(name):
+                    self._reset_sae(name)
+            for name, wrapper in before.items():
+                if name not in store:
+                    self.add_sae(wrapper.sae, use_error_term=wrapper.use_error_term)
+            self.setup()
+
+    def run_with_saes(
+        self: Any,
+        *model_args: Any,
+        saes: SAE[Any] | Sequence[SAE[Any]] = (),
+        use_error_term: bool | None = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """Forward pass with ``saes`` attached for this call only."""
+        with self.saes(saes, use_error_term=use_error_term):
+            return self(*model_args, **model_kwargs)
+
+    def run_with_cache_with_saes(
+        self: Any,
+        *model_args: Any,
+        saes: SAE[Any] | Sequence[SAE[Any]] = (),
+        use_error_term: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``run_with_cache`` with ``saes`` attached; the SAE's own hooks (``<hook>.hook_sae_acts_post``) can be cached."""
+        with self.saes(saes, use_error_term=use_error_term):
+            return self.run_with_cache(*model_args, **kwargs)
+
+    def run_with_hooks_with_saes(
+        self: Any,
+        *model_args: Any,
+        saes: SAE[Any] | Sequence[SAE[Any]] = (),
+        fwd_hooks: list[tuple[Any, Callable]] = [],  # noqa: B006 (mirrors TransformerLens' signature)
+        **model_kwargs: Any,
+    ) -> Any:
+        """``run_with_hooks`` with ``saes`` attached."""
+        with self.saes(saes):
+            return self.run_with_hooks(*model_args, fwd_hooks=fwd_hooks, **model_kwargs)
+
+    @contextmanager
+    def steer(
+        self: Any,
+        sae: SAE[Any],
+        features: int | Sequence[int],
+        *,
+        scale: float | None = None,
+        value: float | None = None,
+        add: float | None = None,
+        ablate: bool = False,
+    ) -> Iterator[Any]:
+        """Context manager: edit SAE features at the SAE's hook for every run inside it.
+
+        Exactly one of ``scale`` (multiply), ``value`` (set), ``add`` (add a constant) or
+        ``ablate=True`` (set to 0). Works with ``forward``, ``run_with_cache`` and ``generate``.
+
+        Example:
+            >>> with model.steer(sae, [12, 40], scale=8.0):
+            ...     text = model.generate("The cat sat", max_new_tokens=10)
+        """
+        edit = FeatureEdit.make(features, scale=scale, value=value, add=add, ablate=ablate)
+        name = check_sae_fits(self, sae)
+        if name in self.__dict__.get("_acts_to_saes_store", {}):
+            raise ValueError(
+                f"An SAE is spliced in at {name}; steer with a model that has none attached there."
+            )
+        with self.hooks(fwd_hooks=[(name, steering_hook(sae, edit))]):
+            yield self
+
+
+def _set_module(model: Any, name: str, module: torch.nn.Module) -> None:
+    parent_path, _, leaf = name.rpartition(".")
+    model.get_submodule(parent_path).add_module(leaf, module)
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """A change to some SAE features: ``f'[i] = f[i] * scale``, ``= value`` or ``= f[i] + add``."""
+
+    features: tuple[int, ...]
+    scale: float | None = None
+    value: float | None = None
+    add: float | None = None
+
+    @classmethod
+    def make(
+        cls,
+        features: int | Sequence[int],
+        *,
+        scale: float | None = None,
+        value: float | None = None,
+        add: float | None = None,
+        ablate: bool = False,
+    ) -> FeatureEdit:
+        """Validate and build an edit; ``ablate=True`` means ``value=0``."""
+        if ablate:
+            if value is not None and value != 0:
+                raise ValueError("ablate=True sets features to 0; do not also pass value.")
+            value = 0.0
+        given = [k for k, v in (("scale", scale), ("value", value), ("add", add)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"Give exactly one of scale=, value=, add= or ablate=True (got {given or 'none'})."
+            )
+        feats = (int(features),) if isinstance(features, int) else tuple(int(f) for f in features)
+        if not feats:
+            raise ValueError("No features to steer.")
+        return cls(feats, scale, value, add)
+
+    def apply(self, acts: torch.Tensor) -> torch.Tensor:
+        """The edited activations of the chosen features (``acts`` is ``[..., len(features)]``)."""
+        if self.scale is not None:
+            return acts * self.scale
+        if self.value is not None:
+            return torch.full_like(acts, self.value)
+        return acts + self.add  # type: ignore[operator]
+
+
+def _sae_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the SAE wants it: attn_z activations (``[..., n_heads, d_head]``) are flattened
+    unless the SAE flattens them itself (SAELens' hook_z reshaping mode)."""
+    if x.ndim == 4 and not getattr(sae, "hook_z_reshaping_mode", False):
+        return x.flatten(-2)
+    return x
+
+
+class _SAEWrapperFlat(_SAEWrapper):
+    """SAELens' wrapper, flattening attn_z's head axis for SAEs that do not do it themselves."""
+
+    def forward(self, original_output: torch.Tensor) -> torch.Tensor:
+        flat = _sae_input(self.sae, original_output)
+        if flat is original_output:
+            return super().forward(original_output)
+        return super().forward(flat).reshape(original_output.shape)
+
+
+def steering_delta(sae: SAE[Any], x: torch.Tensor, edit: FeatureEdit) -> torch.Tensor:
+    """The change to add to activation ``x`` for ``edit``: ``(f' - f) @ W_dec`` in ``x``'s shape.
+
+    For SAEs with a run-time input normalisation (``constant_norm_rescale``, ``layer_norm``)
+    the change is the difference of the two decodes, which includes the output rescaling.
+    """
+    d_sae = sae.cfg.d_sae
+    bad = [f for f in edit.features if not 0 <= f < d_sae]
+    if bad:
+        raise ValueError(f"Feature index {bad} out of range: the SAE has {d_sae} features.")
+    flat = _sae_input(sae, x)
+    idx = torch.tensor(edit.features, device=sae.W_dec.device)
+    if sae.cfg.normalize_activations in ("none", "expected_average_only_in", None):
+        f = sae.encode(flat.to(sae.device))
+        sel = f[..., idx]
+        delta = (edit.apply(sel) - sel) @ sae.W_dec[idx]
+    else:
+        f = sae.encode(flat.to(sae.device))
+        before = sae.decode(f)
+        f = sae.encode(flat.to(sae.device))
+        edited = f.clone()
+        edited[..., idx] = edit.apply(f[..., idx])
+        delta = sae.decode(edited) - before
+    return delta.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+
+def steering_hook(sae: SAE[Any], edit: FeatureEdit) -> Callable[..., torch.Tensor]:
+    """A TransformerLens hook function that adds ``steering_delta`` to the activation."""
+
+    def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
+        return x + steering_delta(sae, x, edit)
+
+    return hook
+
+
+@dataclass(frozen=True)
+class FeatureHit:
+    """One (position, token, feature, activation) row of :func:`top_features`."""
+
+    position: int
+    token: str
+    feature: int
+    activation: float
+
+
+@torch.no_grad()
+def top_features(
+    model: HookedT5Gemma2, sae: SAE[Any], text: str, k: int = 10, per_token: bool = False
+) -> list[FeatureHit]:
+    """The strongest SAE features on ``text`` at the SAE's hook.
+
+    Args:
+        model: the hooked model.
+        sae: the SAE (its ``hook_name`` picks the site).
+        text: one text; the encoder reads it, the decoder reads it shifted right behind BOS.
+        k: how many rows (overall), or per position if ``per_token``.
+        per_token: the top ``k`` features of every position instead of the top ``k`` overall.
+
+    Returns:
+        Rows sorted by activation (descending; per position if ``per_token``). ``token`` is
+        the token the site reads at that position: for decoder sites the previous token
+        (the decoder's BOS at position 0).
+    """
+    name = check_sae_fits(model, sae)
+    tokens = model.to_tokens(text)
+    s = model._sites[name]
+    _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
+    x = cache[name][0]
+    feats = sae.encode(_sae_input(sae, x).to(sae.device))
+    if feats.ndim == 3:  # hook_z-reshaping SAEs keep no head axis in feature space; be safe
+        feats = feats.reshape(feats.shape[0], -1)
+    read = (
+        tokens[0] if s.stack == "encoder" else model.hf_model.prepare_decoder_input_ids_from_labels(tokens)[0]
+    )
+    strs = model.to_str_tokens(read)
+    rows: list[FeatureHit] = []
+    if per_token:
+        vals, idx = feats.topk(min(k, feats.shape[-1]), dim=-1)
+        for p in range(feats.shape[0]):
+            rows += [
+                FeatureHit(p, strs[p], int(i), float(v))
+                for v, i in zip(vals[p].tolist(), idx[p].tolist(), strict=True)
+                if v > 0
+            ]
+        return rows
+    vals, flat_idx = feats.flatten().topk(min(k, feats.numel()))
+    for v, fi in zip(vals.tolist(), flat_idx.tolist(), strict=True):
+        if v <= 0:
+            break
+        p, f = divmod(fi, feats.shape[-1])
+        rows.append(FeatureHit(p, strs[p], f, float(v)))
+    return rows

@@ -1,0 +1,171 @@
+"""CLI ``list``, ``inspect`` and ``convert`` through ``cli.main([...])``: output, numbers
+and return codes (0, and 2 with one ``error:`` line for bad input), plus the weight
+statistics behind ``inspect`` on an SAE with known dead latents."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+
+from sae_lens_t5gemma import cli, synthetic
+from sae_lens_t5gemma.inspection import sae_stats
+
+RELEASE = "t5gemma2-270m-attn_out"
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_list(capsys):
+    rc, out, err = _run(capsys, "list")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == (
+        "t5gemma2-270m-attn_out  (repo mindchain/t5gemma2-sae-all-layers, model google/t5gemma-2-270m-270m, "
+        "loader mindchain_t5gemma2, 36 SAEs)"
+    )
+    assert lines[1].split() == ["id", "path", "hook_name", "hf_hook_name"]
+    rows = [ln.split() for ln in lines[2:38]]
+    assert rows[5] == [
+        "encoder/layer_5",
+        "encoder/sae_encoder_05.pt",
+        "encoder_blocks.5.attn.hook_out",
+        "model.encoder.text_model.layers.5.self_attn.o_proj",
+    ]
+    assert rows[35] == [
+        "decoder/layer_17",
+        "decoder/sae_decoder_17.pt",
+        "decoder_blocks.17.self_attn.hook_out",
+        "model.decoder.layers.17.self_attn.o_proj",
+    ]
+    assert "SAELens' other releases" not in out
+
+
+def test_list_all(capsys):
+    rc, out, _ = _run(capsys, "list", "--all")
+    assert rc == 0
+    m = re.search(r"SAELens' other releases \((\d+)\):", out)
+    assert m and int(m.group(1)) > 100
+    assert re.search(
+        r"^  gemma-scope-2-270m-pt-att  repo google/gemma-scope-2-270m-pt  model google/gemma-3-270m  loader gemma_3  \d+ SAEs$",
+        out,
+        re.M,
+    )
+
+
+def test_inspect_release(hub_cache, capsys):
+    rc, out, err = _run(capsys, "inspect", RELEASE, "encoder/layer_5")
+    assert rc == 0, err
+    assert out.startswith("SAE t5gemma2-270m-attn_out / encoder/layer_5: StandardSAE\nconfig:\n")
+    assert '"hook_name": "encoder_blocks.5.attn.hook_out"' in out
+    assert '"apply_b_dec_to_input": false' in out
+    assert '"training_history": {\n' in out and '"l0": "3 values, last 1367.0"' in out
+    ck = synthetic.mindchain_checkpoint("encoder", 5, 64, 256, seed=0)
+    w = ck["W_enc"]
+    row = next(ln for ln in out.splitlines() if ln.strip().startswith("W_enc"))
+    expected = [w.mean().item(), w.std().item(), w.min().item(), w.max().item(), w.norm().item()]
+    assert row.split()[1:] == ["[64,", "256]", "float32", *[f"{v:.4g}" for v in expected]]
+    dec_norm = ck["W_dec"].norm(dim=1)
+    assert f"W_dec_row_norm: mean {dec_norm.mean().item():.4g}, min {dec_norm.min().item():.4g}" in out
+    assert "zero decoder rows: 0 / 256" in out
+    assert "can never fire (zero encoder column, b_enc <= 0): 0 / 256" in out
+
+
+def test_inspect_path_pt_and_folder(hub_cache, capsys, tmp_path):
+    snap = next((hub_cache / "models--mindchain--t5gemma2-sae-all-layers" / "snapshots").iterdir())
+    pt = snap / "decoder" / "sae_decoder_02.pt"
+    rc, out, _ = _run(capsys, "inspect", "--path", str(pt))
+    assert rc == 0 and f"SAE {pt}: StandardSAE" in out
+    assert '"hook_name": "decoder_blocks.2.self_attn.hook_out"' in out
+    # A SAELens folder, as `convert` writes it.
+    src = tmp_path / "src" / "decoder"
+    src.mkdir(parents=True)
+    shutil.copyfile(pt, src / pt.name)
+    rc, _, err = _run(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress")
+    assert rc == 0, err
+    rc, out2, _ = _run(capsys, "inspect", "--path", str(tmp_path / "out" / "decoder" / "layer_2"))
+    assert rc == 0
+    # Same weights, same statistics table.
+    assert out2.split("tensors:")[1] == out.split("tensors:")[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            (RELEASE, "encoder/layer_18"),
+            "error: SAE id 'encoder/layer_18' is not in release 't5gemma2-270m-attn_out'. Valid ids (36): encoder/layer_0, encoder/layer_1,",
+        ),
+        (
+            ("t5gemma2-270m-attn", "encoder/layer_1"),
+            "error: unknown SAE release 't5gemma2-270m-attn'; close matches: ['t5gemma2-270m-attn_out'",
+        ),
+        ((), "error: give either RELEASE and SAE_ID, or --path FOLDER_OR_PT"),
+        ((RELEASE,), "error: give either RELEASE and SAE_ID, or --path FOLDER_OR_PT"),
+        (
+            ("--path", "/nonexistent/folder"),
+            "error: /nonexistent/folder: neither a mindchain .pt file nor a SAELens folder with cfg.json",
+        ),
+    ],
+)
+def test_inspect_bad_input(capsys, argv, message):
+    rc, out, err = _run(capsys, "inspect", *argv)
+    assert rc == 2 and out == ""
+    assert err.startswith(message), err
+    assert err.count("\n") == 1
+    if "Valid ids" in message:
+        assert "decoder/layer_17" in err
+
+
+def test_inspect_bad_checkpoint(capsys, tmp_path):
+    ck = synthetic.mindchain_checkpoint("encoder", 0, 8, 16)
+    ck["b_dec"][0] = float("nan")
+    path = tmp_path / "sae_encoder_00.pt"
+    torch.save(ck, path)
+    rc, _, err = _run(capsys, "inspect", "--path", str(path))
+    assert rc == 2 and err == f"error: {path}: b_dec has 1 NaN and 0 Inf values (of 8)\n"
+
+
+def test_convert(hub_cache, capsys, tmp_path):
+    src = hub_cache / "models--mindchain--t5gemma2-sae-all-layers"
+    out = tmp_path / "out"
+    rc, stdout, err = _run(capsys, "convert", str(src), str(out), "--repo-id", "me/t5g-saes")
+    assert rc == 0
+    assert stdout == f"wrote {out / 'pretrained_saes.yaml'}\n"
+    assert "convert: 100%" in err and "36/36" in err  # the progress bar
+    assert "repo_id: me/t5g-saes" in (out / "pretrained_saes.yaml").read_text()
+    assert len(list(out.rglob("sae_weights.safetensors"))) == 36
+    rc, _, err = _run(capsys, "convert", str(src), str(out), "--no-progress")
+    assert rc == 2 and err.startswith(
+        f"error: {out}: output folder is not empty (3 entries: decoder, encoder, pretrained_saes.yaml)"
+    )
+    rc, _, err = _run(capsys, "convert", str(src), str(out), "--force", "--no-progress")
+    assert rc == 0 and err == ""
+    rc, _, err = _run(capsys, "convert", str(tmp_path / "missing"), str(tmp_path / "o2"))
+    assert rc == 2 and err == f"error: {tmp_path / 'missing'}: no such snapshot folder\n"
+
+
+def test_stats_count_dead_latents():
+    cfg = StandardSAEConfig(d_in=4, d_sae=6, apply_b_dec_to_input=False)
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.arange(24, dtype=torch.float32).reshape(4, 6) + 1)
+        sae.b_enc.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0, -3.0, 1.0]))
+        sae.W_dec.copy_(torch.ones(6, 4))
+        sae.W_enc[:, 1] = 0  # zero column, b_enc < 0: can never fire
+        sae.W_enc[:, 2] = 0  # zero column, b_enc = 0: can never fire
+        sae.W_enc[:, 3] = 0  # zero column, b_enc > 0: always fires (constant)
+        sae.W_dec[4] = 0
+    st = sae_stats(sae)["latents"]
+    assert st["zero_encoder_columns"] == 3
+    assert st["never_fire"] == 2
+    assert st["zero_decoder_rows"] == 1
+    assert st["b_enc_negative_fraction"] == pytest.approx(2 / 6)
+    assert st["W_dec_row_norm"] == {"mean": pytest.approx(5 * 2 / 6), "min": 0.0, "max": 2.0}

@@ -1,0 +1,443 @@
+"""compare.py and the Gemma 3 / Gemma Scope 2 side, offline on the synthetic stand-ins.
+
+Covers: the Gemma Scope 2 fake hub cache (layout from SAELens' own YAML, loaded through
+SAELens' real ``gemma_3`` loader, tensor shapes read from the local cache offline); Gemma 3
+through TransformerLens (config equal to TransformerLens' own for the real dimensions,
+logits and hook_z equal to transformers'); ``compare``'s report, CSV, JSON and PNGs, with
+every row naming its site, the transfer rows, a perfect SAE scoring 1, metrics equal to a
+direct computation on Gemma 3 and on T5Gemma 2's hook_z; the CLI and its errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+
+import sae_lens_t5gemma  # noqa: F401  (registers the mindchain release)
+from sae_lens_t5gemma import compare as C
+from sae_lens_t5gemma import gemma_scope, synthetic
+from sae_lens_t5gemma.cli import main
+
+LAYER = 1
+T5 = synthetic.T5GEMMA2_MODEL
+GS_RES = f"gemma-scope-2-270m-pt-res-all:layer_{LAYER}_width_16k_l0_small"
+GS_ATT = f"gemma-scope-2-270m-pt-att-all:layer_{LAYER}_width_16k_l0_small"
+GS_MLP = f"gemma-scope-2-270m-pt-mlp-all:layer_{LAYER}_width_16k_l0_small"
+MC_ENC = f"t5gemma2-270m-attn_out:encoder/layer_{LAYER}"
+MC_DEC = f"t5gemma2-270m-attn_out:decoder/layer_{LAYER}"
+CTX, BATCH, N_BATCHES = 32, 4, 2
+
+
+@pytest.fixture(scope="module")
+def gemma_hub(hub_cache: Path) -> Path:
+    """The session hub cache plus the Gemma 3 and Gemma Scope 2 stand-ins."""
+    synthetic.write_gemma3_stand_in_hub(hub_cache)
+    return hub_cache
+
+
+def _perfect_sae(folder: Path, hook_name: str, d_in: int = 64) -> Path:
+    """A SAELens folder whose SAE reconstructs exactly: relu(x) - relu(-x) = x."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    cfg = StandardSAEConfig(
+        d_in=d_in,
+        d_sae=2 * d_in,
+        apply_b_dec_to_input=False,
+        metadata=SAEMetadata(hook_name=hook_name, model_name=T5, prepend_bos=True, context_size=CTX),
+    )
+    sae = StandardSAE(cfg)
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.save_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def perfect(gemma_hub: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("perfect")
+    return {
+        "resid_post": _perfect_sae(root / "resid", f"encoder_blocks.{LAYER}.hook_resid_post"),
+        "attn_z": _perfect_sae(root / "z", f"encoder_blocks.{LAYER}.attn.hook_z"),
+    }
+
+
+@pytest.fixture(scope="module")
+def report(gemma_hub: Path, perfect: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> C.Report:
+    pairs = C.standard_pairs([LAYER], local_saes=[perfect["resid_post"], perfect["attn_z"]])
+    out = tmp_path_factory.mktemp("compare")
+    return C.compare(
+        pairs, out_dir=out, context_size=CTX, batch_size=BATCH, n_batches=N_BATCHES, banner="SYNTHETIC"
+    )
+
+
+# ----------------------------------------------------------------------- Gemma Scope 2 stand-in
+
+
+def test_stand_in_layout_is_the_one_saelens_asks_for(gemma_hub: Path) -> None:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    snapshot = next((gemma_hub / "models--google--gemma-scope-2-270m-pt" / "snapshots").iterdir())
+    written = {str(p.parent.relative_to(snapshot)) for p in snapshot.rglob("params.safetensors")}
+    directory = get_pretrained_saes_directory()
+    expected = {
+        path
+        for release in synthetic.GEMMA_SCOPE_RELEASES.values()
+        for sae_id, path in directory[release].saes_map.items()
+        if "_width_16k_" in sae_id
+    }
+    assert written == expected
+    assert len(written) == 3 * 18 * 2
+    config = json.loads((snapshot / "attn_out_all/layer_7_width_16k_l0_big/config.json").read_text())
+    assert config == {
+        "width": 128,
+        "model_name": "google/gemma-3-270m-pt",
+        "architecture": "jump_relu",
+        "l0": directory["gemma-scope-2-270m-pt-att-all"].expected_l0["layer_7_width_16k_l0_big"],
+        "affine_connection": False,
+        "hf_hook_point_in": "model.layers.7.self_attn.o_proj.input",
+        "hf_hook_point_out": "model.layers.7.self_attn.o_proj.input",
+        "type": "sae",
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "hook", "hf_hook"),
+    [
+        (GS_ATT, f"blocks.{LAYER}.attn.hook_z", f"model.layers.{LAYER}.self_attn.o_proj.input"),
+        (GS_RES, f"blocks.{LAYER}.hook_resid_post", f"model.layers.{LAYER}.output"),
+        (GS_MLP, f"blocks.{LAYER}.hook_mlp_out", f"model.layers.{LAYER}.post_feedforward_layernorm.output"),
+    ],
+)
+def test_gemma_scope_loads_through_saelens_own_loader(
+    gemma_hub: Path, spec: str, hook: str, hf_hook: str
+) -> None:
+    from sae_lens import SAE
+
+    release, sae_id = spec.split(":")
+    sae = SAE.from_pretrained(release=release, sae_id=sae_id)
+    assert type(sae).__name__ == "JumpReLUSAE"
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (64, 128)
+    assert sae.cfg.metadata.hook_name == hook
+    assert sae.cfg.metadata.hf_hook_name == hf_hook
+    assert sae.cfg.metadata.model_name == "google/gemma-3-270m"  # the loader maps "-270m-pt"
+    assert sae.cfg.reshape_activations == "none"
+    folder = synthetic.gemma_scope_ids(
+        next(k for k, v in synthetic.GEMMA_SCOPE_RELEASES.items() if v == release)
+    )[sae_id][0]
+    raw = load_file(hf_hub_download(synthetic.GEMMA_SCOPE_REPO, f"{folder}/params.safetensors"))
+    for ours, theirs in (
+        ("W_enc", "w_enc"),
+        ("W_dec", "w_dec"),
+        ("b_enc", "b_enc"),
+        ("threshold", "threshold"),
+    ):
+        torch.testing.assert_close(getattr(sae, ours).detach(), raw[theirs], rtol=0, atol=0)
+
+
+def test_tensor_shapes_come_from_the_local_cache_offline(gemma_hub: Path) -> None:
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    shapes = loaders.get_safetensors_tensor_shapes(
+        synthetic.GEMMA_SCOPE_REPO, "attn_out_all/layer_0_width_16k_l0_small/params.safetensors"
+    )
+    assert shapes == {
+        "w_enc": [64, 128],
+        "w_dec": [128, 64],
+        "b_enc": [128],
+        "b_dec": [64],
+        "threshold": [128],
+    }
+    missing = "attn_out_all/layer_0_width_262k_l0_small/params.safetensors"
+    with pytest.raises(
+        FileNotFoundError, match=r"layer_0_width_262k_l0_small/params\.safetensors is not in the"
+    ):
+        loaders.get_safetensors_tensor_shapes(synthetic.GEMMA_SCOPE_REPO, missing)
+    gemma_scope.install_local_safetensors_shapes()  # idempotent: still one wrapper
+    assert loaders.get_safetensors_tensor_shapes.__wrapped__.__module__ == loaders.__name__
+
+
+# ---------------------------------------------------------------------- Gemma 3 through TL
+
+
+def test_gemma3_tl_config_equals_transformer_lens_own_for_real_dims() -> None:
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+    from transformers import Gemma3TextConfig
+
+    real = Gemma3TextConfig(
+        hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
+        max_position_embeddings=32768, query_pre_attn_scalar=256,
+    )  # fmt: skip
+    ours = gemma_scope.gemma3_tl_config(real).to_dict()
+    theirs = get_pretrained_model_config("google/gemma-3-270m", device="cpu").to_dict()
+    assert ours == theirs
+    with pytest.raises(ValueError, match="expected a Gemma 3 text config"):
+        gemma_scope.gemma3_tl_config(synthetic.t5gemma2_config())
+
+
+def test_gemma3_through_transformer_lens_equals_transformers(gemma_hub: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sae_lens_t5gemma.hooked import load_t5gemma2
+
+    tl = gemma_scope.load_gemma3()
+    hf = AutoModelForCausalLM.from_pretrained(synthetic.GEMMA3_MODEL).eval()
+    assert (tl.cfg.d_model, tl.cfg.n_layers, tl.cfg.d_head, tl.cfg.window_size) == (64, 18, 16, 8)
+    tokens = tl.to_tokens(synthetic.stand_in_texts()[:3])
+    got: dict[str, torch.Tensor] = {}
+    handle = hf.model.layers[LAYER].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: got.update(z=a[0])
+    )
+    with torch.no_grad():
+        hf_out = hf(tokens, output_hidden_states=True)
+        logits, cache = tl.run_with_cache(tokens)
+    handle.remove()
+    torch.testing.assert_close(logits, hf_out.logits, atol=1e-4, rtol=1e-4)
+    z = cache[f"blocks.{LAYER}.attn.hook_z"]
+    assert z.shape == (*tokens.shape, 4, 16)
+    # SAELens flattens hook_z head-major, which is exactly transformers' o_proj input.
+    torch.testing.assert_close(z.flatten(-2), got["z"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache[f"blocks.{LAYER}.hook_resid_post"], hf_out.hidden_states[LAYER + 1])
+
+    # The T5Gemma 2 side of a transfer: its hook_z has the same [batch, pos, heads, d_head] layout.
+    t5 = load_t5gemma2(T5)
+    enc_layer = t5.hf_model.model.encoder.text_model.layers[LAYER]
+    handle = enc_layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.update(z5=a[0]))
+    _, cache5 = t5.run_with_cache(tokens, names_filter=[f"encoder_blocks.{LAYER}.attn.hook_z"])
+    t5.hf_model.get_encoder()(input_ids=tokens)
+    handle.remove()
+    z5 = cache5[f"encoder_blocks.{LAYER}.attn.hook_z"]
+    assert z5.shape == z.shape
+    torch.testing.assert_close(z5.flatten(-2), got["z5"])
+    # The stand-in Gemma 3 carries the stand-in T5Gemma 2 encoder's weights.
+    torch.testing.assert_close(
+        hf.model.layers[3].mlp.up_proj.weight,
+        t5.hf_model.model.encoder.text_model.layers[3].mlp.up_proj.weight,
+    )
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def test_report_writes_every_file(report: C.Report) -> None:
+    names = {p.name for p in report.files.values()}
+    assert names == {
+        "report.md", "results.csv", "results.json", "transfer.csv",
+        "l0_vs_explained_variance.png", "ce_loss_score_by_layer.png", "encoder_vs_decoder.png",
+    }  # fmt: skip
+    for path in report.files.values():
+        assert path.is_file() and path.stat().st_size > 0
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(report.files["csv"]) as f:
+        csv_rows = list(csv.DictReader(f))
+    data = json.loads(report.files["json"].read_text())
+    assert len(csv_rows) == len(data["rows"]) == len(report.rows) == 9
+    for row, csv_row, json_row in zip(report.rows, csv_rows, data["rows"], strict=True):
+        assert csv_row["hook_name"] == json_row["hook_name"] == row.hook_name
+        assert float(csv_row["explained_variance"]) == pytest.approx(row.explained_variance, rel=1e-12)
+    assert data["setup"]["same_tokens_for_all_models"] is True
+    assert set(data["setup"]["sequences"].values()) == {BATCH * N_BATCHES}
+    with open(report.files["transfer_csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_expected_rows_each_naming_its_site(report: C.Report, perfect: dict[str, Path]) -> None:
+    got = {(r.sae, r.model, r.role, r.stack, r.hook_name, r.site) for r in report.rows}
+    g3 = synthetic.GEMMA3_MODEL
+    assert got == {
+        (MC_ENC, T5, "native", "encoder", f"encoder_blocks.{LAYER}.attn.hook_out", "attn_out"),
+        (MC_DEC, T5, "native", "decoder", f"decoder_blocks.{LAYER}.self_attn.hook_out", "attn_out"),
+        (GS_ATT, g3, "native", "decoder-only", f"blocks.{LAYER}.attn.hook_z", "attn_z"),
+        (GS_ATT, T5, "transfer", "encoder", f"encoder_blocks.{LAYER}.attn.hook_z", "attn_z"),
+        (GS_RES, g3, "native", "decoder-only", f"blocks.{LAYER}.hook_resid_post", "resid_post"),
+        (GS_RES, T5, "transfer", "encoder", f"encoder_blocks.{LAYER}.hook_resid_post", "resid_post"),
+        (GS_MLP, g3, "native", "decoder-only", f"blocks.{LAYER}.hook_mlp_out", "mlp_out_normed"),
+        (
+            str(perfect["resid_post"]),
+            T5,
+            "native",
+            "encoder",
+            f"encoder_blocks.{LAYER}.hook_resid_post",
+            "resid_post",
+        ),
+        (str(perfect["attn_z"]), T5, "native", "encoder", f"encoder_blocks.{LAYER}.attn.hook_z", "attn_z"),
+    }
+    md = report.markdown
+    for r in report.rows:
+        assert r.layer == LAYER
+        assert r.site_words == C.SITE_WORDS[r.site]
+        assert (r.d_in, r.d_sae) == (64, 256 if r.sae_source == "mindchain" else 128)
+        assert f"`{r.hook_name}`" in md and r.site_words in md
+        assert r.n_tokens > 0 and r.eval_s > 0
+    assert "o_proj input" in C.SITE_WORDS["attn_z"] and "o_proj output" in C.SITE_WORDS["attn_out"]
+    assert C.HONEST_SITES_NOTE in md and C.CE_KL_CAVEAT in md
+    assert "> **SYNTHETIC**" in md
+
+
+def test_transfer_rows_set_each_sae_beside_its_home_and_the_natives(report: C.Report) -> None:
+    by_site = {t.site: t for t in report.transfer}
+    assert set(by_site) == {"attn_z", "resid_post"}  # no T5Gemma 2 site equals Gemma 3's normed mlp_out
+    for key, spec in (("attn_z", GS_ATT), ("resid_post", GS_RES)):
+        t = by_site[key]
+        home = report.find(spec, synthetic.GEMMA3_MODEL, "native")
+        there = report.find(spec, T5, "transfer")
+        assert (t.sae, t.layer, t.target_hook, t.home_hook) == (spec, LAYER, there.hook_name, home.hook_name)
+        assert (t.ev_home, t.ev_target) == (home.explained_variance, there.explained_variance)
+        assert (t.ce_score_home, t.l0_target) == (home.ce_loss_score, there.l0)
+        expected = there.explained_variance / home.explained_variance if home.explained_variance > 0 else None
+        assert t.ev_carried == expected
+        assert f"{MC_ENC} (attn_out, different site" in t.natives
+        assert f"(attn_out, different site" in t.natives and "same site" in t.natives
+        assert MC_DEC not in t.natives  # the decoder is another stack
+
+
+def test_perfect_sae_scores_one(report: C.Report, perfect: dict[str, Path]) -> None:
+    for key in ("resid_post", "attn_z"):
+        r = report.find(str(perfect[key]))
+        assert (r.sae_source, r.role) == ("local", "native")
+        assert r.explained_variance == pytest.approx(1.0, abs=1e-6)
+        assert r.cossim == pytest.approx(1.0, abs=1e-5)
+        assert r.mse == pytest.approx(0.0, abs=1e-9)
+        assert abs(r.ce_increase) < 1e-5
+        assert r.ce_loss_score == pytest.approx(1.0, abs=1e-3)
+        assert r.kl_div_score == pytest.approx(1.0, abs=1e-3)
+        assert r.ce_loss_with_ablation != pytest.approx(r.ce_loss_without_sae, abs=1e-3)
+
+
+def _direct(acts: torch.Tensor, keep: torch.Tensor, sae) -> dict[str, float]:
+    x = acts.flatten(-2) if acts.ndim == 4 else acts
+    x = x[keep]
+    feats = sae.encode(x)
+    recon = sae.decode(feats)
+    resid = (x - recon).pow(2).sum(-1)
+    total = x.pow(2).sum(-1).mean() - x.mean(0).pow(2).sum()
+    return {
+        "explained_variance": float(1 - resid.mean() / total),
+        "mse": float(resid.mean()),
+        "l0": float((feats != 0).sum(-1).float().mean()),
+        "dead_frac": float(((feats != 0).sum(0) == 0).float().mean()),
+    }
+
+
+@torch.no_grad()
+def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
+    from sae_lens import SAE
+
+    from sae_lens_t5gemma.hooked import load_t5gemma2
+
+    g3 = gemma_scope.load_gemma3()
+    t5 = load_t5gemma2(T5)
+    tokens = C.token_batches(g3.tokenizer, synthetic.stand_in_texts(), CTX)[: BATCH * N_BATCHES]
+    keep = ~torch.isin(tokens, torch.tensor([0, 1, 2]))  # pad, eos, bos
+    for spec, model, hook in (
+        (GS_RES, g3, f"blocks.{LAYER}.hook_resid_post"),
+        (GS_ATT, g3, f"blocks.{LAYER}.attn.hook_z"),
+        (GS_ATT, t5, f"encoder_blocks.{LAYER}.attn.hook_z"),
+    ):
+        release, sae_id = spec.split(":")
+        sae = SAE.from_pretrained(release=release, sae_id=sae_id)
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+        want = _direct(cache[hook], keep, sae)
+        row = next(r for r in report.rows if r.sae == spec and r.hook_name == hook)
+        assert row.n_tokens == int(keep.sum())
+        for name, value in want.items():
+            assert getattr(row, name) == pytest.approx(value, rel=1e-4, abs=1e-6), (spec, hook, name)
+    # Gemma 3's clean loss: next-token CE, scored at non-special input positions.
+    loss = g3(tokens, return_type="loss", loss_per_token=True)
+    row = report.find(GS_RES, synthetic.GEMMA3_MODEL)
+    assert row.ce_loss_without_sae == pytest.approx(float(loss[keep[:, :-1]].mean()), rel=1e-5)
+
+
+# -------------------------------------------------------------------------- pairs, CLI
+
+
+def test_pair_specs_and_standard_pairs() -> None:
+    assert C.Pair.parse("gemma-scope-2-270m-pt-res-all:layer_1_width_16k_l0_small") == C.Pair(GS_RES)
+    assert C.Pair.parse(f"sae={GS_RES}, model={T5}, hook=encoder_blocks.1.hook_resid_post") == C.Pair(
+        GS_RES, T5, "encoder_blocks.1.hook_resid_post"
+    )
+    with pytest.raises(ValueError, match="expected 'sae=...,model=...,hook=...', got 'layer=3'"):
+        C.Pair.parse(f"sae={GS_RES},layer=3")
+    with pytest.raises(ValueError, match="names no SAE"):
+        C.Pair.parse(f"model={T5}")
+    pairs = C.standard_pairs([4], decoder=False, gemma_scope_sites=("attn_out", "mlp_out"))
+    assert pairs == [
+        C.Pair("t5gemma2-270m-attn_out:encoder/layer_4", T5),
+        C.Pair("gemma-scope-2-270m-pt-att-all:layer_4_width_16k_l0_small"),
+        C.Pair(
+            "gemma-scope-2-270m-pt-att-all:layer_4_width_16k_l0_small", T5, "encoder_blocks.4.attn.hook_z"
+        ),
+        C.Pair("gemma-scope-2-270m-pt-mlp-all:layer_4_width_16k_l0_small"),
+    ]
+    with pytest.raises(ValueError, match="Unknown Gemma Scope 2 site 'resid'"):
+        C.standard_pairs([4], gemma_scope_sites=("resid",))
+
+
+def test_cli_compare_transfer_pair(
+    gemma_hub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = f"sae={GS_RES},model={T5},hook=encoder_blocks.{LAYER}.hook_resid_post"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(synthetic.stand_in_texts()[:12]) + "\n\n")
+    rc = main(["compare", "--pair", spec, "--texts", str(texts), "--context-size", "16", "--n-batches", "1",
+               "--out", str(tmp_path / "out")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    # The home evaluation (Gemma 3) is added before the transfer row.
+    assert [(r["model"], r["role"]) for r in data["rows"]] == [
+        (synthetic.GEMMA3_MODEL, "native"),
+        (T5, "transfer"),
+    ]
+    assert data["setup"]["n_texts"] == 12 and data["setup"]["context_size"] == 16
+    assert "transfer T5Gemma 2 encoder" in out and "report.md" in out
+    assert (tmp_path / "out" / "encoder_vs_decoder.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "error: nothing to compare: give --layers, --pair or --local-sae"),
+        (["--pair", "no-such-release:x"], "error: 'unknown SAE release 'no-such-release'"),
+        (
+            ["--pair", f"{MC_ENC}x"],
+            "error: SAE id 'encoder/layer_1x' is not in release 't5gemma2-270m-attn_out'",
+        ),
+        (
+            ["--pair", "sae=/no/such/folder"],
+            "error: SAE '/no/such/folder': expected RELEASE:SAE_ID or an existing",
+        ),
+        (
+            ["--layers", "1", "--texts", "/no/such/texts.txt"],
+            "error: Texts file /no/such/texts.txt does not exist.",
+        ),
+    ],
+)
+def test_cli_compare_errors(gemma_hub: Path, argv: list[str], message: str, capsys, tmp_path: Path) -> None:
+    assert main(["compare", *argv, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_compare_refuses_a_site_the_sae_does_not_fit(gemma_hub: Path, tmp_path: Path) -> None:
+    narrow = _perfect_sae(tmp_path / "narrow", f"encoder_blocks.{LAYER}.hook_resid_post", d_in=32)
+    with pytest.raises(
+        ValueError, match=r"\(d_in=32\) does not fit encoder_blocks.1.hook_resid_post on .* 64 wide"
+    ):
+        C.compare([str(narrow)], out_dir=tmp_path / "out", context_size=CTX, n_batches=1, progress=False)
+    with pytest.raises(ValueError, match="Unknown T5Gemma 2 hook name 'encoder_blocks.1.hook_resid_postt'"):
+        C.compare([C.Pair(GS_RES, T5, f"encoder_blocks.{LAYER}.hook_resid_postt")], out_dir=tmp_path / "out",
+                  context_size=CTX, n_batches=1, progress=False)  # fmt: skip
+    assert not (tmp_path / "out" / "report.md").exists()
