@@ -216,6 +216,12 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded synthetic stand-in (offline)")
     p.add_argument("--out", default="out/demo", help="folder for the demo's files")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="hook-and-steer on this model and the real mindchain SAE, from the hub (online), e.g. "
+        "google/t5gemma-2-270m-270m; default: the offline stand-in under that id",
+    )
 
     def run(a: argparse.Namespace) -> None:
         from sae_lens_t5gemma.demo import run_demo

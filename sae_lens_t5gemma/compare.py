@@ -77,6 +77,8 @@ _TL_SUFFIXES = {
 }
 # T5Gemma 2 encoder site kinds that are the same activation as a Gemma 3 site key.
 TRANSFERABLE = ("resid_pre", "attn_z", "resid_mid", "resid_post")
+# The TransformerLens hook each Gemma Scope 2 site's SAEs read (SAELens' gemma_3 loader).
+_GEMMA_SCOPE_HOOKS = {"attn_out": "attn.hook_z", "resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
 
 CE_KL_CAVEAT = (
     "CE/KL caveat for T5Gemma 2 rows: the encoder reads the tokens and the decoder is scored on "
@@ -135,6 +137,20 @@ class Pair:
         return cls(sae=parts["sae"], model=parts.get("model") or None, hook_name=parts.get("hook") or None)
 
 
+def transfer_hook(gemma3_hook: str) -> str | None:
+    """The T5Gemma 2 encoder hook reading the same activation as a Gemma 3 (TransformerLens) hook.
+
+    ``blocks.5.attn.hook_z`` -> ``encoder_blocks.5.attn.hook_z``; ``blocks.5.hook_resid_post``
+    -> ``encoder_blocks.5.hook_resid_post``. None where T5Gemma 2 has no such site: Gemma 3's
+    ``hook_attn_out``/``hook_mlp_out`` are taken after the post-sublayer norm, T5Gemma 2's before it.
+    """
+    parts = gemma3_hook.split(".")
+    key = _TL_SUFFIXES.get(".".join(parts[2:]))
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or key not in TRANSFERABLE:
+        return None
+    return sites_mod.site("encoder", int(parts[1]), key).hook_name
+
+
 def standard_pairs(
     layers: Iterable[int],
     mindchain: bool = True,
@@ -164,9 +180,9 @@ def standard_pairs(
                 )
             spec = f"{GEMMA_SCOPE_RELEASES[gs_site]}:layer_{layer}_{gemma_scope_variant}"
             pairs.append(Pair(spec))
-            kind = "attn_z" if gs_site == "attn_out" else gs_site
-            if transfer and kind in TRANSFERABLE:
-                pairs.append(Pair(spec, t5gemma2_model, sites_mod.site("encoder", layer, kind).hook_name))
+            target = transfer_hook(f"blocks.{layer}.{_GEMMA_SCOPE_HOOKS[gs_site]}")
+            if transfer and target is not None:
+                pairs.append(Pair(spec, t5gemma2_model, target))
     pairs += [Pair(str(p)) for p in local_saes]
     return pairs
 
@@ -315,7 +331,7 @@ def _load_model(name: str, device: str, dtype: torch.dtype) -> tuple[Any, str]:
         from sae_lens_t5gemma.hooked import load_t5gemma2
 
         return load_t5gemma2(name, device=device, dtype=dtype), "T5Gemma 2"
-    if model_type in ("gemma3_text", "gemma3"):
+    if model_type == "gemma3_text":
         from sae_lens_t5gemma.gemma_scope import load_gemma3
 
         return load_gemma3(name, device=device, dtype=dtype), "Gemma 3"
@@ -603,7 +619,12 @@ def compare(
             tokens[model_name] = seqs[:keep]
         model, family = models[model_name]
         hook = pair.hook_name or home_hook
-        stack, layer, key, words = describe_site(model, hook)
+        try:
+            stack, layer, key, words = describe_site(model, hook)
+        except ValueError as e:
+            target = transfer_hook(hook) if family == "T5Gemma 2" else None
+            hint = f" To apply it at the same activation of T5Gemma 2, give hook={target}." if target else ""
+            raise ValueError(f"SAE {pair.sae} on {model_name}: {e}{hint}") from e
         width = _site_width(model, key)
         if sae.cfg.d_in != width:
             raise ValueError(
@@ -948,6 +969,9 @@ def _plots(rows: list[Row], out: Path) -> dict[str, Path]:
         ax.scatter([r.l0 for r in group], [r.explained_variance for r in group], label=label)
         for r in group:
             ax.annotate(str(r.layer), (r.l0, r.explained_variance), fontsize=7)
+    l0s = [r.l0 for r in rows if r.l0 > 0]
+    if l0s and max(l0s) / min(l0s) > 20:  # e.g. mindchain's L0 ~1400 beside Gemma Scope's 10-150
+        ax.set_xscale("log")
     ax.set_xlabel("L0 (active features per token)")
     ax.set_ylabel("explained variance")
     ax.set_title("Per-layer L0 vs explained variance (numbers = layer)")

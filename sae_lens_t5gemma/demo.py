@@ -9,7 +9,11 @@ Each issue's part of the job is one section function below.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sae_lens_t5gemma import synthetic
@@ -41,12 +45,174 @@ def section_load(cache: Path, out: Path) -> None:
     print(f"loaded {len(ids)} SAEs in {time.perf_counter() - t0:.1f} s (SYNTHETIC stand-in weights)")
 
 
-def section_hook_and_steer(cache: Path, out: Path) -> None:
-    """Issue 3: load the model, attach an SAE, top features on a sentence, steer one."""
+def section_hook_and_steer(cache: Path, out: Path, model_name: str | None = None) -> None:
+    """Issue 3: load the model, attach an SAE, top features on a sentence, steer one.
+
+    Without ``model_name`` it runs on the stand-in (offline, from ``cache``); with one
+    (``demo --model google/t5gemma-2-270m-270m``) it loads that model and the real mindchain
+    SAE from the hub, online.
+    """
+    import json
+    import time
+
+    import torch
+    from sae_lens import SAE
+
+    import sae_lens_t5gemma  # noqa: F401 (registers the t5gemma2-270m-attn_out release)
+    from sae_lens_t5gemma.hooked import load_t5gemma2
+    from sae_lens_t5gemma.steering import top_features
+
+    t0 = time.perf_counter()
+    online = model_name is not None
+    label = "real weights, online" if online else "SYNTHETIC"
+    with _online_hub() if online else contextlib.nullcontext():
+        model = load_t5gemma2(model_name or synthetic.T5GEMMA2_MODEL)
+        sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5")
+    hook = sae.cfg.metadata.hook_name
+    print(f"\n== hook and steer: {model.cfg.model_name} ({label}), SAE encoder/layer_5 at {hook} ==")
+    text = "The cat sat on the mat."
+    tokens = model.to_tokens(text)
+    with torch.no_grad():
+        clean_logits = model(tokens)
+        spliced = model.run_with_saes(tokens, saes=[sae], use_error_term=True)
+    print(
+        f"spliced with the error term: logits differ by at most {(spliced - clean_logits).abs().max().item():.2e} "
+        "(unchanged, as it should be)"
+    )
+
+    rows = top_features(model, sae, text, k=8)
+    print(f"top features on {text!r} (position, token, feature, activation):")
+    for r in rows:
+        print(f"  {r.position:>3}  {r.token!r:<12}{r.feature:>7}{r.activation:>10.4f}")
+    if not rows:
+        print("  (no feature fires)")
+        return
+    feature = rows[0].feature
+    # Steer the strongest feature hard: add 20x its peak activation wherever the encoder runs.
+    strength = 20.0 * rows[0].activation
+
+    def next_token_top(logits: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+        probs = logits[0, 0].softmax(-1)  # decoder position 0: the first output token
+        p, i = probs.topk(k)
+        return [(model.tokenizer.decode([t]), float(q)) for t, q in zip(i.tolist(), p.tolist(), strict=True)]
+
+    prompt = model.to_tokens(text)
+    bos = torch.tensor([[model.hf_model.config.decoder.bos_token_id]])
+    with torch.no_grad():
+        before = next_token_top(model(prompt, decoder_input_ids=bos, return_type="logits"))
+        gen_before = model.generate(text, max_new_tokens=8)
+        with model.steer(sae, feature, add=strength):
+            after = next_token_top(model(prompt, decoder_input_ids=bos, return_type="logits"))
+            gen_after = model.generate(text, max_new_tokens=8)
+    print(
+        f"steering feature {feature} at {hook} by +{strength:.3f} (delta = (f' - f) @ W_dec, error term kept):"
+    )
+    print(f"  first output token, top 5 before: {', '.join(f'{t!r} {p:.3f}' for t, p in before)}")
+    print(f"  first output token, top 5 after:  {', '.join(f'{t!r} {p:.3f}' for t, p in after)}")
+    print(f"  generated before: {gen_before!r}")
+    print(f"  generated after:  {gen_after!r}")
+    record = {
+        "label": label,
+        "model": model.cfg.model_name,
+        "hook": hook,
+        "text": text,
+        "top_features": [r.__dict__ for r in rows],
+        "steered_feature": feature,
+        "added_activation": strength,
+        "next_token_before": before,
+        "next_token_after": after,
+        "generated_before": gen_before,
+        "generated_after": gen_after,
+    }
+    (out / "hook_and_steer.json").write_text(json.dumps(record, indent=2))
+    print(
+        f"hook and steer done in {time.perf_counter() - t0:.1f} s ({label}); wrote {out / 'hook_and_steer.json'}"
+    )
+
+
+@contextlib.contextmanager
+def _online_hub() -> Iterator[None]:
+    """Undo ``synthetic.offline_hub`` for a block: the default hub cache, network allowed."""
+    from huggingface_hub import constants
+
+    saved = (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = os.path.join(constants.HF_HOME, "hub"), False
+    os.environ.pop("HF_HUB_CACHE", None)
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def section_train(cache: Path, out: Path) -> None:
-    """Issue 4: a short offline training run."""
+    """Issue 4: a short offline training run with SAELens' runner, saved and loaded back by name.
+
+    A BatchTopK SAE (the recommended preset's architecture, at demo size) at encoder layer
+    5's o_proj output of the stand-in model, trained on 20 of the embedded sentences and
+    measured on the 5 held out.
+    """
+    import random
+    import time
+    import warnings
+
+    import torch
+    from sae_lens import SAE
+
+    from sae_lens_t5gemma import training
+    from sae_lens_t5gemma.hooked import load_t5gemma2
+
+    print("\n== train: a BatchTopK SAE at encoder.5.attn_out with SAELens' runner (SYNTHETIC) ==")
+    t0 = time.perf_counter()
+    texts = synthetic.stand_in_texts()
+    train_texts, held_out = texts[:20], texts[20:]
+    rng, lines = random.Random(0), []
+    for _ in range(15):
+        rng.shuffle(train_texts)
+        lines += train_texts
+    dataset = training.write_text_dataset(lines, out / "train_texts.jsonl")
+    cfg = training.TrainConfig(
+        model=synthetic.T5GEMMA2_MODEL, hooks=["encoder.5.attn_out"], dataset=str(dataset), out=str(out / "trained_saes"),
+        architecture="batchtopk", k=8, d_sae=256, training_tokens=100 * 256, train_batch_size_tokens=256,
+        context_size=32, store_batch_size_prompts=8, lr=3e-3, eval_every_n_steps=50, n_eval_batches=1,
+        n_batches_for_norm_estimate=10, release_name="t5gemma2-demo-trained", overwrite=True, preset="recommended (demo size)",
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest
+    try:
+        model = load_t5gemma2(cfg.model)
+        hook = "encoder_blocks.5.attn.hook_out"
+        acts = training.collect_activations(model, held_out, [hook])[hook]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*exhausted.*")  # 20 sentences: many epochs, by design
+            result = training.train(cfg, model=model, keep_initial=True)
+    finally:
+        torch.set_num_threads(threads)
+    before = training.reconstruction_mse(result.initial_saes["encoder.5.attn_out"], acts)
+    after = training.reconstruction_mse(result.saes["encoder.5.attn_out"], acts)
+    variance = float(acts.var(0).mean())
+    print(
+        f"held-out reconstruction MSE: initial SAE {before:.3e} -> trained {after:.3e} ({before / after:.1f}x)"
+    )
+    print(f"held-out activation variance {variance:.3e}: explained variance {1 - after / variance:.2f}")
+    print(f"{len(result.eval_history)} in-training evals (SAELens run_evals, CE loss and KL on); final eval:")
+    print(training.format_report(result))
+    by_name = SAE.from_pretrained(release=result.release, sae_id="encoder.5.attn_out")
+    meta = by_name.cfg.metadata
+    print(
+        f"loaded back by name: SAE.from_pretrained(release={result.release!r}, sae_id='encoder.5.attn_out')"
+    )
+    print(
+        f"  {type(by_name).__name__} d_in={by_name.cfg.d_in} d_sae={by_name.cfg.d_sae} hook {meta.hook_name}"
+    )
+    print(f"  hf_hook_name={meta.hf_hook_name}; {meta.t5gemma2_input_convention}")
+    print(f"train done in {time.perf_counter() - t0:.1f} s (SYNTHETIC); saved in {result.out}")
 
 
 def section_compare(cache: Path, out: Path) -> None:
@@ -82,6 +248,9 @@ def run_demo(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="sae_lens_t5gemma_demo_hub_") as tmp:
         cache = synthetic.write_stand_in_hub(tmp)
         with synthetic.offline_hub(cache):
-            for section in (section_load, section_hook_and_steer, section_train, section_compare):
+            hook_and_steer = functools.partial(
+                section_hook_and_steer, model_name=getattr(args, "model", None)
+            )
+            for section in (section_load, hook_and_steer, section_train, section_compare):
                 section(cache, out)
     print(BANNER)

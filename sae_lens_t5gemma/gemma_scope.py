@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import struct
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,14 @@ import torch
 # The real ids live next to the stand-ins that imitate them.
 from sae_lens_t5gemma.synthetic import GEMMA3_MODEL, GEMMA_SCOPE_RELEASES, GEMMA_SCOPE_REPO
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["GEMMA3_MODEL", "GEMMA_SCOPE_RELEASES", "GEMMA_SCOPE_REPO", "load_gemma3", "gemma3_tl_config"]
-
-# Gemma 3 hook names (TransformerLens) -> (site key, plain words). The site key is what
-# makes two rows comparable; see compare.SITE_WORDS for the T5Gemma 2 side.
-GEMMA3_HOOKS: dict[str, tuple[str, str]] = {
-    "hook_resid_pre": ("resid_pre", "resid_pre (residual stream entering the layer)"),
-    "attn.hook_z": ("attn_z", "o_proj input (hook_z: concatenated head outputs)"),
-    "hook_attn_out": ("attn_out_normed", "attention output after post_attention_layernorm"),
-    "hook_resid_mid": ("resid_mid", "resid_mid (residual stream after attention)"),
-    "hook_mlp_out": ("mlp_out_normed", "mlp_out (MLP output after post_feedforward_layernorm)"),
-    "hook_resid_post": ("resid_post", "resid_post (residual stream leaving the layer)"),
-}
+__all__ = [
+    "GEMMA3_MODEL",
+    "GEMMA_SCOPE_RELEASES",
+    "GEMMA_SCOPE_REPO",
+    "gemma3_tl_config",
+    "install_local_safetensors_shapes",
+    "load_gemma3",
+]
 
 
 def gemma3_tl_config(
@@ -64,8 +57,6 @@ def gemma3_tl_config(
     from transformer_lens.config import HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
 
-    if getattr(hf_config, "model_type", None) == "gemma3":  # multimodal wrapper: use its text part
-        hf_config = hf_config.text_config
     if getattr(hf_config, "model_type", None) != "gemma3_text":
         raise ValueError(
             f"{model_name}: expected a Gemma 3 text config (model_type 'gemma3_text'), "
@@ -150,23 +141,6 @@ def load_gemma3(
     return model.to(device).eval()
 
 
-def describe_gemma3_hook(hook_name: str) -> tuple[int, str, str]:
-    """``blocks.5.attn.hook_z`` -> (5, "attn_z", "o_proj input (...)").
-
-    Raises:
-        ValueError: not a per-layer TransformerLens hook this comparison knows.
-    """
-    parts = hook_name.split(".")
-    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
-        suffix = ".".join(parts[2:])
-        if suffix in GEMMA3_HOOKS:
-            return int(parts[1]), *GEMMA3_HOOKS[suffix]
-    raise ValueError(
-        f"Hook {hook_name!r} is not a per-layer Gemma 3 site this comparison knows; "
-        f"expected blocks.<layer>.<one of {sorted(GEMMA3_HOOKS)}>."
-    )
-
-
 # ------------------------------------------------------------ SAELens: shapes from the cache
 
 
@@ -210,5 +184,3 @@ def install_local_safetensors_shapes() -> None:
     shapes._reads_local_cache = True  # type: ignore[attr-defined]
     loaders.get_safetensors_tensor_shapes = shapes
 
-
-install_local_safetensors_shapes()

@@ -121,9 +121,13 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
 
     def __init__(self, hf_model: nn.Module, tokenizer: Any = None, model_name: str | None = None):
         super().__init__()
+        config = getattr(hf_model, "config", None)
+        if not hasattr(getattr(config, "encoder", None), "text_config") or not hasattr(hf_model, "lm_head"):
+            raise ValueError(
+                f"HookedT5Gemma2 wraps a transformers T5Gemma2ForConditionalGeneration, not {type(hf_model).__name__}."
+            )
         self.hf_model = hf_model.eval()
         self.tokenizer = tokenizer
-        config = hf_model.config
         enc_text = config.encoder.text_config
         dec = config.decoder
         self._n_layers = {"encoder": enc_text.num_hidden_layers, "decoder": dec.num_hidden_layers}

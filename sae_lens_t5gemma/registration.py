@@ -358,6 +358,9 @@ def register_release_yaml(
 def register() -> list[str]:
     """Register the package's loaders and its release ``t5gemma2-270m-attn_out``. Idempotent.
 
+    Also lets SAELens' Gemma Scope 2 loader read tensor shapes from the local hub cache
+    (see :func:`sae_lens_t5gemma.gemma_scope.install_local_safetensors_shapes`).
+
     Returns:
         The package's release names.
     """
@@ -373,6 +376,10 @@ def register() -> list[str]:
     _install({}, todo)
     for name, pair in wanted.items():
         _OUR_LOADERS.setdefault(name, pair)
+    # Gemma Scope 2 (the comparison suite) must load from the local cache offline too.
+    from sae_lens_t5gemma.gemma_scope import install_local_safetensors_shapes
+
+    install_local_safetensors_shapes()
     return register_release_yaml(files("sae_lens_t5gemma").joinpath("pretrained_saes.yaml"))
 
 

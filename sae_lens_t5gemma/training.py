@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -61,7 +62,7 @@ ARCHITECTURES: dict[str, str] = {
     "matryoshka": "matryoshka_batchtopk",
 }
 _K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
-_LOCAL_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json"}
+_LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json"}
 _RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # The multi-hook runner keeps its norm-estimation batches for every hook in memory at once.
 _NORM_ESTIMATE_BYTES = 2 * 1024**3
@@ -113,7 +114,7 @@ class TrainConfig:
     """Sequences per model forward pass while harvesting activations."""
     n_batches_in_buffer: int | None = None
     """Activation buffer, in sequences (SAELens: n_batches_in_buffer x context_size tokens);
-    None picks enough for two SAE batches. Must hold at least one SAE batch."""
+    None picks enough for four SAE batches (at least 16). Must hold at least one SAE batch."""
     normalize_activations: str = "expected_average_only_in"
     """SAELens input normalisation. The default rescales inputs to norm sqrt(d_in) during
     training and folds the factor into the saved weights: attention outputs are small, and
@@ -198,8 +199,8 @@ def preset_mindchain() -> dict[str, Any]:
     - 1,500 texts x 5 epochs of at most 128 tokens -> about 1M training tokens;
     - SAELens' trainer uses Adam without weight decay; the card's AdamW with torch's default
       decay (0.01) at lr 1e-4 shrinks weights by 1e-6 per step, a negligible difference;
-    - SAELens' L1 term is weighted by decoder norms and its MSE is summed over d_in, so the
-      same coefficient does not give the same balance as the card's own loop. With inputs
+    - SAELens' L1 term is weighted by decoder norms and its MSE is summed over d_in (not
+      averaged), so the same coefficient does not give the same balance as the card's loop. With inputs
       normalised to norm sqrt(d_in), L1 0.01 is weak, which reproduces the card's
       character: a dense SAE (the card reports L0 about 1,367 of 4,096).
     """
@@ -222,9 +223,10 @@ def preset_recommended() -> dict[str, Any]:
       ``architecture="jumprelu"`` with ``k`` as the target of the quadratic L0 loss.)
     - **Width 16k** (16,384): Gemma Scope 2's smallest width, 25x the 640-wide o_proj output;
       wider SAEs (64k, 256k) split features further but cost proportionally more.
-    - **Normalised inputs** (``expected_average_only_in``, folded into the weights at save):
-      SAELens' recommended setting for hyperparameters that transfer across sites, and
-      needed here because attention outputs are small.
+    - **Normalised inputs** (``expected_average_only_in``, Anthropic's April 2024 recipe,
+      as in SAELens' training tutorial; folded into the weights at save): coefficients and
+      learning rates then transfer across sites, and attention outputs, which are small,
+      train at all.
     - **lr 3e-4** (SAELens' default) with the last 20% of steps decaying linearly (the
       SAELens tutorial's schedule); 4,096-token batches; 512-token contexts (T5Gemma 2's
       sliding window), bos/eos/pad positions excluded as outliers.
@@ -289,7 +291,8 @@ class TrainingPlan:
         cfg = self.config
         if cfg.n_batches_in_buffer is not None:
             return cfg.n_batches_in_buffer
-        return max(8, math.ceil(2 * cfg.train_batch_size_tokens / cfg.context_size))
+        # Four SAE batches: the mixing buffer shuffles tokens across sequences within it.
+        return max(16, math.ceil(4 * cfg.train_batch_size_tokens / cfg.context_size))
 
 
 def read_model_dims(model: str) -> ModelDims:
@@ -380,10 +383,15 @@ def resolve_dataset_files(dataset: str | Sequence[str] | Path) -> tuple[Path, ..
                     f"Dataset file {str(p)!r}: unsupported suffix {p.suffix!r} (use .txt or .jsonl)"
                 )
             files.append(p)
-        elif p.suffix in _LOCAL_SUFFIXES or str(item).startswith((".", "/", "~")) or len(items) > 1:
-            raise FileNotFoundError(f"Dataset file {str(p)!r} does not exist")
-        elif isinstance(dataset, str) and len(items) == 1:
+        elif (
+            isinstance(item, str)
+            and len(items) == 1
+            and p.suffix not in _LOCAL_SUFFIXES
+            and not item.startswith((".", "/", "~"))
+        ):
             return ()  # a Hugging Face dataset name
+        else:
+            raise FileNotFoundError(f"Dataset file {str(p)!r} does not exist")
     kinds = {_LOCAL_SUFFIXES[f.suffix] for f in files}
     if len(kinds) > 1:
         raise ValueError(f"Dataset mixes text and JSON files ({[str(f) for f in files]}); pass one kind")
@@ -447,7 +455,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ValueError("architecture 'jumprelu' needs k (target L0, quadratic loss) or l1 (L0 coefficient)")
     if cfg.k is not None and not 0 < cfg.k <= cfg.d_sae:
         raise ValueError(f"k must be in (0, d_sae={cfg.d_sae}], got {cfg.k}")
-    if cfg.architecture == "topk" and float(cfg.k).is_integer() is False:  # type: ignore[arg-type]
+    if cfg.architecture == "topk" and not float(cfg.k).is_integer():  # type: ignore[arg-type]
         raise ValueError(f"topk needs a whole number k, got {cfg.k}")
     if cfg.l1 is not None and cfg.l1 < 0:
         raise ValueError(f"l1 must be >= 0, got {cfg.l1}")
@@ -632,7 +640,10 @@ def build_sae_config(cfg: TrainConfig, d_in: int, site: Site, model_name: str) -
 def _logger_config(cfg: TrainConfig, run_name: str):
     from sae_lens import LoggingConfig
 
-    log_every = min(10, cfg.eval_every_n_steps)
+    # SAELens evals every wandb_log_frequency x eval_every_n_wandb_logs steps: pick a log
+    # frequency (at most 10) that divides the eval period, so evals land exactly on it.
+    n = cfg.eval_every_n_steps
+    log_every = next(d for d in range(min(10, n), 0, -1) if n % d == 0)
     return LoggingConfig(
         # SAELens runs its in-training evals only inside its wandb branch. With wandb off we
         # keep that branch on against a disabled wandb run (see _wandb_mode), so the evals
@@ -641,7 +652,7 @@ def _logger_config(cfg: TrainConfig, run_name: str):
         wandb_project=cfg.wandb_project,
         run_name=run_name,
         wandb_log_frequency=log_every,
-        eval_every_n_wandb_logs=max(1, cfg.eval_every_n_steps // log_every),
+        eval_every_n_wandb_logs=n // log_every,
         log_weights_to_wandb=cfg.wandb,
     )
 
@@ -792,7 +803,11 @@ class EvalRecorder:
 
 
 class MultiEvalRecorder(EvalRecorder):
-    """:class:`EvalRecorder` for ``MultiSAETrainingRunner``: keys prefixed by SAE name, as SAELens' own."""
+    """:class:`EvalRecorder` for ``MultiSAETrainingRunner``'s evaluator signature.
+
+    Returns keys prefixed by SAE name, as SAELens' ``MultiSAEEvaluator`` does (for wandb);
+    ``history`` entries are ``{sae name: metrics}``.
+    """
 
     def __call__(  # type: ignore[override]
         self,
@@ -801,13 +816,10 @@ class MultiEvalRecorder(EvalRecorder):
         activation_scalers: dict[str, Any],
         hook_names: Any = None,
     ) -> dict[str, Any]:
-        out: dict[str, Any] = {}
         with _paused(data_provider):
-            for name, sae in saes.items():
-                for k, v in self.evaluate(sae, activation_scalers[name]).items():
-                    out[f"{name}/{k}"] = v
-        self.history.append(copy.deepcopy(out))
-        return out
+            per_sae = {name: self.evaluate(sae, activation_scalers[name]) for name, sae in saes.items()}
+        self.history.append(copy.deepcopy(per_sae))
+        return {f"{name}/{k}": v for name, metrics in per_sae.items() for k, v in metrics.items()}
 
 
 def _paused(data_provider: Any) -> AbstractContextManager[None]:
@@ -846,6 +858,33 @@ def _wandb_mode(enabled: bool) -> Iterator[None]:
             os.environ["WANDB_MODE"] = saved
 
 
+class _DropOverrideNotices(logging.Filter):
+    """SAELens warns that ``override_model``/``override_dataset`` make a run irreproducible
+    from its config alone; here overriding is the design (the config records both), so the
+    notices are noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not msg.startswith(
+            ("You just passed in a", "override_dataset overrides", "override_model overrides")
+        )
+
+
+@contextlib.contextmanager
+def _quiet_runner_setup() -> Iterator[None]:
+    sae_lens_logger = logging.getLogger("sae_lens")
+    notice_filter = _DropOverrideNotices()
+    sae_lens_logger.addFilter(notice_filter)
+    try:
+        with warnings.catch_warnings():
+            # Text is tokenised on the fly by design; and SAELens compares a dataset's rows
+            # with the token budget, which says nothing when rows are sentences.
+            warnings.filterwarnings("ignore", message=".*(not tokenized|fewer samples).*")
+            yield
+    finally:
+        sae_lens_logger.removeFilter(notice_filter)
+
+
 # ------------------------------------------------------------------------------ train
 
 
@@ -862,7 +901,7 @@ class TrainingResult:
     eval_metrics: dict[str, dict[str, Any]]
     """SAE id -> the final eval (CE-loss and KL scores, L0, explained variance...) of the saved SAE."""
     eval_history: list[dict[str, Any]]
-    """Every in-training eval, in order (multi-hook runs: keys prefixed by SAE id)."""
+    """Every in-training eval, in order, each ``{sae id: metrics}``."""
     initial_saes: dict[str, TrainingSAE[Any]] = field(default_factory=dict)
     """Copies of the SAEs as initialised (only with ``keep_initial=True``)."""
     release: str | None = None
@@ -878,10 +917,13 @@ def _load_model(plan: TrainingPlan):
 
 
 def _check_model(model: Any, plan: TrainingPlan) -> None:
-    n = getattr(getattr(model, "cfg", None), "n_layers", None)
-    if n is not None and n != max(plan.dims.n_layers.values()):
+    cfg = getattr(model, "cfg", None)
+    n, d = getattr(cfg, "n_layers", None), getattr(cfg, "d_model", None)
+    want_n, want_d = max(plan.dims.n_layers.values()), plan.dims.d_model["decoder"]
+    if (n, d) != (want_n, want_d) and None not in (n, d):
         raise ValueError(
-            f"The model passed has {n} layers per stack; the config of {plan.dims.name} says {plan.dims.n_layers}"
+            f"The model passed has {n} layers per stack and width {d}; the config of {plan.dims.name} "
+            f"says {want_n} and {want_d}"
         )
 
 
@@ -927,8 +969,7 @@ def _train_single_sites(
     paths, evals, history, initial = {}, {}, [], {}
     for site in plan.sites:
         runner_cfg = build_runner_config(plan, site, **extra)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(not tokenized|fewer samples).*")
+        with _quiet_runner_setup():
             runner = LanguageModelSAETrainingRunner(
                 runner_cfg, override_dataset=dataset, override_model=model
             )
@@ -938,8 +979,7 @@ def _train_single_sites(
         runner.evaluator = recorder  # type: ignore[assignment]
         if keep_initial:
             initial[site.friendly] = copy.deepcopy(runner.sae).cpu()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(not tokenized|exhausted).*")
+        with _quiet_runner_setup():
             runner.run()
         paths[site.friendly] = Path(runner_cfg.output_path)  # type: ignore[arg-type]
         evals[site.friendly] = _final_eval(recorder, paths[site.friendly], plan)
@@ -951,16 +991,14 @@ def _train_multi(plan: TrainingPlan, model: Any, dataset: Any, keep_initial: boo
     from sae_lens import MultiSAETrainingRunner
 
     runner_cfg = build_multi_runner_config(plan)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(not tokenized|fewer samples).*")
+    with _quiet_runner_setup():
         runner = MultiSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=model)
     recorder = MultiEvalRecorder(
         model, runner.activations_store, plan.config.n_eval_batches, plan.config.eval_batch_size_prompts
     )
     runner.evaluator = recorder  # type: ignore[assignment]
     initial = {k: copy.deepcopy(v).cpu() for k, v in runner.saes.items()} if keep_initial else {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(not tokenized|exhausted).*")
+    with _quiet_runner_setup():
         runner.run()
     paths = {s.friendly: plan.out / s.friendly for s in plan.sites}
     evals = {k: _final_eval(recorder, p, plan) for k, p in paths.items()}
@@ -1092,8 +1130,7 @@ def cache_activations(
     out: dict[str, Path] = {}
     for site in plan.sites:
         cache_cfg = build_cache_config(plan, site, cache_dir / site.friendly)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(not tokenized|fewer samples).*")
+        with _quiet_runner_setup():
             runner_cls(cache_cfg, model, override_dataset=dataset).run()
         out[site.friendly] = cache_dir / site.friendly
     return out
@@ -1194,12 +1231,11 @@ def format_report(result: TrainingResult) -> str:
     )
     first = next(iter(result.paths), None)
     if result.release and first:
-        rows.append(
-            f"Load by name: import sae_lens_t5gemma.training as t; t.register_release({str(result.release_yaml)!r}); "
-            f"SAE.from_pretrained(release={result.release!r}, sae_id={first!r})"
-        )
+        rows.append(f"release {result.release!r} registered; in a new process register it again first:")
+        rows.append(f"  sae_lens_t5gemma.training.register_release({str(result.release_yaml)!r})")
+        rows.append(f"  SAE.from_pretrained(release={result.release!r}, sae_id={first!r})")
     elif first:
-        rows.append(f"Load: SAE.load_from_disk({str(result.paths[first])!r})")
+        rows.append(f"load: SAE.load_from_disk({str(result.paths[first])!r})")
     return "\n".join(rows)
 
 

@@ -34,6 +34,15 @@ MC_DEC = f"t5gemma2-270m-attn_out:decoder/layer_{LAYER}"
 CTX, BATCH, N_BATCHES = 32, 4, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def gemma_hub(hub_cache: Path) -> Path:
     """The session hub cache plus the Gemma 3 and Gemma Scope 2 stand-ins."""
@@ -299,7 +308,7 @@ def test_transfer_rows_set_each_sae_beside_its_home_and_the_natives(report: C.Re
         expected = there.explained_variance / home.explained_variance if home.explained_variance > 0 else None
         assert t.ev_carried == expected
         assert f"{MC_ENC} (attn_out, different site" in t.natives
-        assert f"(attn_out, different site" in t.natives and "same site" in t.natives
+        assert "(attn_out, different site" in t.natives and "same site" in t.natives
         assert MC_DEC not in t.natives  # the decoder is another stack
 
 
@@ -383,6 +392,10 @@ def test_pair_specs_and_standard_pairs() -> None:
     ]
     with pytest.raises(ValueError, match="Unknown Gemma Scope 2 site 'resid'"):
         C.standard_pairs([4], gemma_scope_sites=("resid",))
+    assert C.transfer_hook("blocks.7.attn.hook_z") == "encoder_blocks.7.attn.hook_z"
+    assert C.transfer_hook("blocks.7.hook_resid_post") == "encoder_blocks.7.hook_resid_post"
+    assert C.transfer_hook("blocks.7.hook_mlp_out") is None  # post-norm in Gemma 3, pre-norm in T5Gemma 2
+    assert C.transfer_hook("blocks.7.hook_attn_out") is None
 
 
 def test_cli_compare_transfer_pair(
@@ -410,7 +423,7 @@ def test_cli_compare_transfer_pair(
     ("argv", "message"),
     [
         ([], "error: nothing to compare: give --layers, --pair or --local-sae"),
-        (["--pair", "no-such-release:x"], "error: 'unknown SAE release 'no-such-release'"),
+        (["--pair", "no-such-release:x"], "error: unknown SAE release 'no-such-release'"),
         (
             ["--pair", f"{MC_ENC}x"],
             "error: SAE id 'encoder/layer_1x' is not in release 't5gemma2-270m-attn_out'",
@@ -440,4 +453,42 @@ def test_compare_refuses_a_site_the_sae_does_not_fit(gemma_hub: Path, tmp_path: 
     with pytest.raises(ValueError, match="Unknown T5Gemma 2 hook name 'encoder_blocks.1.hook_resid_postt'"):
         C.compare([C.Pair(GS_RES, T5, f"encoder_blocks.{LAYER}.hook_resid_postt")], out_dir=tmp_path / "out",
                   context_size=CTX, n_batches=1, progress=False)  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"To apply it at the same activation of T5Gemma 2, give hook=encoder_blocks\.1\.hook_resid_post\.",
+    ):
+        C.compare(
+            [C.Pair(GS_RES, T5)], out_dir=tmp_path / "out", context_size=CTX, n_batches=1, progress=False
+        )
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_hook_z_width_differs_from_d_model_as_on_the_real_model(tmp_path: Path) -> None:
+    """Heads x head_dim != d_model (4 x 32 = 128 vs 64), as 4 x 256 = 1024 vs 640 on the real pair."""
+    from transformers import AutoModelForCausalLM
+
+    cache = tmp_path / "hub"
+    t5 = synthetic.build_t5gemma2(num_hidden_layers=2, head_dim=32)
+    for repo, model in ((T5, t5), (synthetic.GEMMA3_MODEL, synthetic.gemma3_from_t5gemma2_encoder(t5))):
+        folder = tmp_path / repo.replace("/", "--")
+        model.save_pretrained(folder)
+        synthetic.build_tokenizer(folder)
+        synthetic.write_hub_folder(cache, repo, folder)
+    synthetic.write_mindchain_repo(cache, n_layers=2, d_in=64, d_sae=32)
+    synthetic.write_gemma_scope_repo(cache, n_layers=2, d_in={"attn_out": 128}, d_sae=32, sites=("attn_out",))
+    with synthetic.offline_hub(cache):
+        # query_pre_attn_scalar (16) != head_dim (32): TransformerLens must scale by 16**-0.5 too.
+        tl = gemma_scope.load_gemma3()
+        hf = AutoModelForCausalLM.from_pretrained(synthetic.GEMMA3_MODEL).eval()
+        tokens = tl.to_tokens(synthetic.stand_in_texts()[:2])
+        with torch.no_grad():
+            torch.testing.assert_close(tl(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
+        pairs = C.standard_pairs([1], decoder=False, gemma_scope_sites=("attn_out",))
+        rep = C.compare(pairs, out_dir=tmp_path / "out", context_size=CTX, n_batches=1, progress=False)
+    widths = {(r.sae.split(":")[0], r.model, r.site): r.d_in for r in rep.rows}
+    assert widths == {
+        ("t5gemma2-270m-attn_out", T5, "attn_out"): 64,
+        ("gemma-scope-2-270m-pt-att-all", synthetic.GEMMA3_MODEL, "attn_z"): 128,
+        ("gemma-scope-2-270m-pt-att-all", T5, "attn_z"): 128,
+    }
+    assert "| 128 | 32 |" in rep.markdown and "| 64 | 32 |" in rep.markdown

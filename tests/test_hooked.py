@@ -335,7 +335,46 @@ def test_generate_matches_transformers_and_sees_hooks(model, tokens):
 
 
 def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="wraps a transformers T5Gemma2ForConditionalGeneration, not Linear"):
+        HookedT5Gemma2(torch.nn.Linear(2, 2))
     with pytest.raises(FileNotFoundError, match="Model folder .*missing does not exist"):
         load_t5gemma2(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="Could not load T5Gemma 2 model 'nobody/no-such-model'"):
         load_t5gemma2("nobody/no-such-model")
+
+
+def test_backward_hooks_cache_gradients(model, tokens):
+    name = "encoder_blocks.1.attn.hook_out"
+    loss, cache = model.run_with_cache(tokens, names_filter=[name], return_type="loss", incl_bwd=True)
+    grad = cache[f"{name}_grad"]
+    assert grad.shape == (2, 12, 64) and grad.abs().sum() > 0
+    # d loss / d attn_out by hand: the same forward with the o_proj output as a leaf.
+    leaf = {}
+
+    def make_leaf(m, a, o):
+        leaf["x"] = o.detach().requires_grad_(True)
+        return leaf["x"]
+
+    h = model.hf_model.get_submodule(
+        "model.encoder.text_model.layers.1.self_attn.o_proj"
+    ).register_forward_hook(make_leaf)
+    try:
+        model.hf_model(input_ids=tokens, labels=tokens).loss.backward()
+    finally:
+        h.remove()
+        model.hf_model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grad, leaf["x"].grad)
+
+
+def test_wrap_and_move_updates_cfg(model):
+    from sae_lens_t5gemma import synthetic
+
+    wrapped = HookedT5Gemma2(synthetic.build_t5gemma2(seed=3), model.tokenizer, model_name="tiny")
+    assert wrapped.cfg.model_name == "tiny" and wrapped.cfg.dtype == torch.float32
+    wrapped.to(torch.bfloat16)
+    assert wrapped.cfg.dtype == torch.bfloat16 and wrapped.W_E.dtype == torch.bfloat16
+    with torch.no_grad():
+        _, cache = wrapped.run_with_cache(
+            torch.tensor([[2, 5, 6]]), names_filter=["decoder_blocks.1.mlp.hook_out"]
+        )
+    assert cache["decoder_blocks.1.mlp.hook_out"].dtype == torch.bfloat16
