@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from sae_lens_t5gemma import synthetic
@@ -130,25 +128,11 @@ def section_hook_and_steer(cache: Path, out: Path, model_name: str | None = None
     )
 
 
-@contextlib.contextmanager
-def _online_hub() -> Iterator[None]:
+def _online_hub() -> contextlib.AbstractContextManager[Path]:
     """Undo ``synthetic.offline_hub`` for a block: the default hub cache, network allowed."""
     from huggingface_hub import constants
 
-    saved = (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
-    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
-    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = os.path.join(constants.HF_HOME, "hub"), False
-    os.environ.pop("HF_HUB_CACHE", None)
-    os.environ["HF_HUB_OFFLINE"] = "0"
-    try:
-        yield
-    finally:
-        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return synthetic.hub_settings(Path(constants.HF_HOME) / "hub", offline=False)
 
 
 def section_train(cache: Path, out: Path) -> None:

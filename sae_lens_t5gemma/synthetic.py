@@ -176,8 +176,8 @@ def write_hub_folder(cache_dir: str | Path, repo_id: str, folder: str | Path) ->
 
 
 @contextlib.contextmanager
-def offline_hub(cache_dir: str | Path) -> Iterator[Path]:
-    """Point huggingface_hub at ``cache_dir`` and switch it offline, then restore.
+def hub_settings(cache_dir: str | Path, offline: bool) -> Iterator[Path]:
+    """Point huggingface_hub at ``cache_dir``, online or offline, for a block; then restore.
 
     huggingface_hub reads ``HF_HUB_CACHE``/``HF_HUB_OFFLINE`` once at import, so the
     environment variables alone are not enough inside a running process; this sets both
@@ -189,8 +189,8 @@ def offline_hub(cache_dir: str | Path) -> Iterator[Path]:
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
     saved = (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
     os.environ["HF_HUB_CACHE"] = str(cache_dir)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache_dir), True
+    os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache_dir), offline
     try:
         yield cache_dir
     finally:
@@ -200,6 +200,11 @@ def offline_hub(cache_dir: str | Path) -> Iterator[Path]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def offline_hub(cache_dir: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """Serve the hub from ``cache_dir`` only, as ``HF_HUB_OFFLINE=1`` does, for a block."""
+    return hub_settings(cache_dir, offline=True)
 
 
 # ------------------------------------------------------------------ mindchain checkpoints

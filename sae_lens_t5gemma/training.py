@@ -657,9 +657,28 @@ def _logger_config(cfg: TrainConfig, run_name: str):
     )
 
 
-def _schedule(cfg: TrainConfig) -> dict[str, Any]:
+def _runner_common(plan: TrainingPlan, run_name: str) -> dict[str, Any]:
+    """The runner-config fields that single- and multi-hook runs share."""
+    cfg = plan.config
     steps = cfg.training_tokens // cfg.train_batch_size_tokens
     return dict(
+        model_name=plan.dims.name,
+        model_class_name="HookedT5Gemma2",
+        dataset_path=plan.dataset_label,
+        streaming=cfg.streaming,
+        context_size=cfg.context_size,
+        n_batches_in_buffer=plan.n_batches_in_buffer,
+        training_tokens=cfg.training_tokens,
+        store_batch_size_prompts=cfg.store_batch_size_prompts,
+        device=cfg.device,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        prepend_bos=True,
+        exclude_special_tokens=cfg.exclude_special_tokens,
+        n_eval_batches=cfg.n_eval_batches,
+        eval_batch_size_prompts=cfg.eval_batch_size_prompts,
+        logger=_logger_config(cfg, run_name),
+        checkpoint_path=str(plan.out / "checkpoints"),
         lr=cfg.lr,
         lr_warm_up_steps=cfg.lr_warm_up_steps,
         lr_decay_steps=int(steps * cfg.lr_decay_fraction),
@@ -678,29 +697,12 @@ def build_runner_config(plan: TrainingPlan, site: Site, output_path: str | Path 
     out = Path(output_path) if output_path is not None else plan.out / site.friendly
     return LanguageModelSAERunnerConfig(
         sae=build_sae_config(cfg, plan.dims.d_in(site), site, plan.dims.name),
-        model_name=plan.dims.name,
-        model_class_name="HookedT5Gemma2",
         hook_name=site.hook_name,
-        dataset_path=plan.dataset_label,
-        streaming=cfg.streaming,
         is_dataset_tokenized=False,
-        context_size=cfg.context_size,
-        n_batches_in_buffer=plan.n_batches_in_buffer,
-        training_tokens=cfg.training_tokens,
-        store_batch_size_prompts=cfg.store_batch_size_prompts,
-        device=cfg.device,
-        seed=cfg.seed,
-        dtype=cfg.dtype,
-        prepend_bos=True,
-        exclude_special_tokens=cfg.exclude_special_tokens,
-        n_eval_batches=cfg.n_eval_batches,
-        eval_batch_size_prompts=cfg.eval_batch_size_prompts,
         n_batches_for_norm_estimate=min(cfg.n_batches_for_norm_estimate, max(1, plan.total_steps)),
-        logger=_logger_config(cfg, f"{site.friendly}-{cfg.architecture}-{cfg.d_sae}"),
-        checkpoint_path=str(plan.out / "checkpoints"),
         output_path=str(out),
         verbose=False,
-        **_schedule(cfg),
+        **_runner_common(plan, f"{site.friendly}-{cfg.architecture}-{cfg.d_sae}"),
         **extra,
     )
 
@@ -719,26 +721,9 @@ def build_multi_runner_config(plan: TrainingPlan):
     return MultiSAETrainingRunnerConfig(
         saes=saes,
         hook_names={s.friendly: s.hook_name for s in plan.sites},
-        model_name=plan.dims.name,
-        model_class_name="HookedT5Gemma2",
-        dataset_path=plan.dataset_label,
-        streaming=cfg.streaming,
-        context_size=cfg.context_size,
-        n_batches_in_buffer=plan.n_batches_in_buffer,
-        training_tokens=cfg.training_tokens,
-        store_batch_size_prompts=cfg.store_batch_size_prompts,
-        device=cfg.device,
-        seed=cfg.seed,
-        dtype=cfg.dtype,
-        prepend_bos=True,
-        exclude_special_tokens=cfg.exclude_special_tokens,
-        n_eval_batches=cfg.n_eval_batches,
-        eval_batch_size_prompts=cfg.eval_batch_size_prompts,
         n_batches_for_norm_estimate=n_norm,
-        logger=_logger_config(cfg, f"multi-{len(saes)}-{cfg.architecture}-{cfg.d_sae}"),
-        checkpoint_path=str(plan.out / "checkpoints"),
         output_path=str(plan.out),
-        **_schedule(cfg),
+        **_runner_common(plan, f"multi-{len(saes)}-{cfg.architecture}-{cfg.d_sae}"),
     )
 
 
