@@ -9,11 +9,11 @@ setup: $(VENV)/.installed
 
 # torch==2.13.0 must be installed first: on CPU machines it is the CPU build that lies on
 # disk, while any other torch request (or torch pulled in by sae-lens) downloads CUDA wheels.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev]" -c constraints.txt
 	touch $@
 
 demo: setup

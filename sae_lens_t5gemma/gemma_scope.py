@@ -183,4 +183,3 @@ def install_local_safetensors_shapes() -> None:
 
     shapes._reads_local_cache = True  # type: ignore[attr-defined]
     loaders.get_safetensors_tensor_shapes = shapes
-
