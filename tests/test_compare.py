@@ -34,15 +34,6 @@ MC_DEC = f"t5gemma2-270m-attn_out:decoder/layer_{LAYER}"
 CTX, BATCH, N_BATCHES = 32, 4, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def gemma_hub(hub_cache: Path) -> Path:
     """The session hub cache plus the Gemma 3 and Gemma Scope 2 stand-ins."""

@@ -45,16 +45,6 @@ HOOK_NAME = "encoder_blocks.1.attn.hook_out"
 CONTEXT, STORE_BATCH, BATCH_TOKENS = 32, 8, 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model gains nothing from a second thread, and on a shared machine two
-    # threads per process spin against each other (measured: 10x slower under load).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path | list[str]]:
     """train.txt / train.jsonl (20 sentences shuffled 15 times) and 5 held-out sentences."""
