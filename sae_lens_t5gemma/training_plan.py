@@ -1,0 +1,559 @@
+"""What to train: the training config, its presets, and every check made before a model loads.
+
+``TrainConfig`` says what a run trains (model, hooks by friendly name with wildcards,
+dataset, architecture, width, sparsity, token budget). ``plan_training`` turns it into a
+``TrainingPlan`` reading only the model's ``config.json``: hooks expanded through
+``sites.py``, widths per site, dataset files found, and every number checked, so bad input
+fails before any weights load. ``training.py`` runs the plan with SAELens' runners.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.sites import Site
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+
+# Written into every trained SAE's metadata: how the hooked model feeds T5Gemma 2, so a
+# reader of the SAE knows which activations it was trained on.
+INPUT_CONVENTION = "encoder=tokens; decoder=shift_right(tokens); labels=tokens"
+INPUT_CONVENTION_KEY = "t5gemma2_input_convention"
+
+# Friendly architecture names -> SAELens training-registry names.
+ARCHITECTURES: dict[str, str] = {
+    "standard": "standard",
+    "topk": "topk",
+    "batchtopk": "batchtopk",
+    "jumprelu": "jumprelu",
+    "matryoshka": "matryoshka_batchtopk",
+}
+_K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
+_LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json"}
+_RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The multi-hook runner keeps its norm-estimation batches for every hook in memory at once.
+_NORM_ESTIMATE_BYTES = 2 * 1024**3
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; checked by :func:`plan_training` before any model loads."""
+
+    model: str
+    """Hub id (``google/t5gemma-2-270m-270m``) or a local folder saved with ``save_pretrained``."""
+    hooks: list[str]
+    """Sites by friendly name, wildcards allowed (``encoder.5.attn_out``, ``decoder.*.attn_out``);
+    any spelling ``sites.resolve`` accepts works too."""
+    dataset: str | list[str]
+    """A Hugging Face dataset name, or local ``.txt`` (one text per line) / ``.jsonl`` (a ``text``
+    field per line) files, or a folder of them."""
+    out: str = "out/saes"
+    """Folder for the trained SAEs: one SAELens folder per SAE, named by its SAE id."""
+    architecture: str = "batchtopk"
+    """One of standard, topk, batchtopk, jumprelu, matryoshka."""
+    d_sae: int = 16384
+    """SAE width (number of latents)."""
+    k: float | None = None
+    """Target L0: k for topk/batchtopk/matryoshka; for jumprelu, the target of Gemma Scope 2's
+    quadratic L0 loss."""
+    l1: float | None = None
+    """Sparsity coefficient: the L1 coefficient for standard, the L0 coefficient for jumprelu."""
+    matryoshka_widths: list[int] | None = None
+    """Nested widths for matryoshka (default: d_sae/16, d_sae/4, d_sae)."""
+    training_tokens: int = 100_000_000
+    """Token budget per SAE (all SAEs of a multi-hook run see the same tokens)."""
+    lr: float = 3e-4
+    """Adam learning rate."""
+    lr_warm_up_steps: int = 0
+    """Linear warm-up steps."""
+    lr_decay_fraction: float = 0.2
+    """Fraction of the steps, at the end, over which the learning rate decays linearly."""
+    sparsity_warm_up_fraction: float = 0.0
+    """Fraction of the steps over which the L1/L0 coefficient ramps up (standard, jumprelu)."""
+    context_size: int = 512
+    """Tokens per sequence fed to the model."""
+    train_batch_size_tokens: int = 4096
+    """SAE batch size, in tokens."""
+    store_batch_size_prompts: int = 16
+    """Sequences per model forward pass while harvesting activations."""
+    n_batches_in_buffer: int | None = None
+    """Activation buffer, in sequences (SAELens: n_batches_in_buffer x context_size tokens);
+    None picks enough for four SAE batches (at least 16). Must hold at least one SAE batch."""
+    normalize_activations: str = "expected_average_only_in"
+    """SAELens input normalisation. The default rescales inputs to norm sqrt(d_in) during
+    training and folds the factor into the saved weights: attention outputs are small, and
+    without it the sparsity penalty swamps the reconstruction loss."""
+    apply_b_dec_to_input: bool = False
+    """Subtract b_dec before encoding (False, like the mindchain and Gemma Scope SAEs)."""
+    exclude_special_tokens: bool = True
+    """Leave bos/eos/pad positions out of training and evals."""
+    eval_every_n_steps: int = 1000
+    """In-training evals (CE-loss and KL scores, L0, explained variance) every this many steps."""
+    n_eval_batches: int = 10
+    """Batches per eval."""
+    eval_batch_size_prompts: int | None = 4
+    """Sequences per eval batch (the evals run the LM head over the 262k vocabulary)."""
+    n_batches_for_norm_estimate: int = 100
+    """Batches used to estimate the normalisation factor (multi-hook runs cap it by memory)."""
+    multi_hook: bool = True
+    """Several hooks: train them all from one forward pass (MultiSAETrainingRunner)."""
+    release_name: str | None = None
+    """If set, write ``<out>/release.yaml`` and register the release with SAELens."""
+    wandb: bool = False
+    """Log to Weights & Biases (off by default)."""
+    wandb_project: str = "sae_lens_t5gemma"
+    """W&B project when ``wandb`` is on."""
+    device: str = "cpu"
+    """Device for the model and the SAEs."""
+    dtype: str = "float32"
+    """SAE and activation dtype."""
+    model_dtype: str = "float32"
+    """Model weights dtype (float32 or bfloat16)."""
+    dataset_split: str = "train"
+    """Split of a Hugging Face dataset."""
+    streaming: bool = True
+    """Stream the dataset rather than materialising it."""
+    seed: int = 42
+    """Seeds SAE initialisation."""
+    overwrite: bool = False
+    """Replace SAE folders that already exist in ``out``."""
+    preset: str | None = None
+    """The preset these values came from, recorded with the run."""
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> TrainConfig:
+        """A config from a named preset (``mindchain`` or ``recommended``), then ``overrides``.
+
+        ``None`` overrides are ignored, so command-line defaults do not mask the preset.
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
+        values = PRESETS[preset]()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        values["preset"] = preset
+        # A preset's sparsity knob that the chosen architecture does not take is dropped;
+        # the check then asks for the right one if it is missing.
+        if values.get("architecture") == "standard" and "k" not in given:
+            values["k"] = None
+        if values.get("architecture") in _K_ARCHITECTURES and "l1" not in given:
+            values["l1"] = None
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig field(s) {unknown}")
+        missing = [n for n in ("model", "hooks", "dataset") if not values.get(n)]
+        if missing:
+            raise ValueError(
+                f"Missing {', '.join(missing)}: preset {preset!r} does not set them (e.g. --hook encoder.5.attn_out)"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def preset_mindchain() -> dict[str, Any]:
+    """The recipe of the mindchain SAE card (``mindchain/t5gemma2-sae-all-layers``).
+
+    Standard ReLU SAE, d_sae 4096, L1 coefficient 0.01, learning rate 1e-4, Adam(W), batch
+    size 2 texts, 5 epochs of 1,500 texts, at the o_proj output. Mapped onto SAELens:
+
+    - batch size 2 texts -> ``train_batch_size_tokens = 2 * context_size`` (256 tokens);
+    - 1,500 texts x 5 epochs of at most 128 tokens -> about 1M training tokens;
+    - SAELens' trainer uses Adam without weight decay; the card's AdamW with torch's default
+      decay (0.01) at lr 1e-4 shrinks weights by 1e-6 per step, a negligible difference;
+    - SAELens' L1 term is weighted by decoder norms and its MSE is summed over d_in (not
+      averaged), so the same coefficient does not give the same balance as the card's loop. With inputs
+      normalised to norm sqrt(d_in), L1 0.01 is weak, which reproduces the card's
+      character: a dense SAE (the card reports L0 about 1,367 of 4,096).
+    """
+    return dict(
+        architecture="standard", d_sae=4096, l1=0.01, lr=1e-4, context_size=128,
+        train_batch_size_tokens=256, store_batch_size_prompts=8, training_tokens=1_000_000,
+        lr_decay_fraction=0.0, exclude_special_tokens=False, hooks=["encoder.*.attn_out", "decoder.*.attn_out"],
+    )  # fmt: skip
+
+
+def preset_recommended() -> dict[str, Any]:
+    """A modern default, argued from SAELens' documentation and Gemma Scope 2's choices.
+
+    - **BatchTopK, k = 40.** BatchTopK fixes the mean L0 directly (k), so no sparsity
+      coefficient has to be searched and every run lands at the intended sparsity even on
+      short budgets; SAELens saves it as a JumpReLU SAE (a threshold per latent), the same
+      inference architecture as Gemma Scope 2, so the result loads and compares like Gemma
+      Scope 2's SAEs. k = 40 sits in Gemma Scope 2's "medium" L0 band (30-60), the band its
+      card recommends for most tasks. (For Gemma Scope 2's own training objective use
+      ``architecture="jumprelu"`` with ``k`` as the target of the quadratic L0 loss.)
+    - **Width 16k** (16,384): Gemma Scope 2's smallest width, 25x the 640-wide o_proj output;
+      wider SAEs (64k, 256k) split features further but cost proportionally more.
+    - **Normalised inputs** (``expected_average_only_in``, Anthropic's April 2024 recipe,
+      as in SAELens' training tutorial; folded into the weights at save): coefficients and
+      learning rates then transfer across sites, and attention outputs, which are small,
+      train at all.
+    - **lr 3e-4** (SAELens' default) with the last 20% of steps decaying linearly (the
+      SAELens tutorial's schedule); 4,096-token batches; 512-token contexts (T5Gemma 2's
+      sliding window), bos/eos/pad positions excluded as outliers.
+    - **100M tokens** per SAE: a single-GPU budget for a 270M model; raise it for quality.
+    """
+    return dict(
+        architecture="batchtopk", d_sae=16384, k=40, lr=3e-4, context_size=512,
+        train_batch_size_tokens=4096, store_batch_size_prompts=16, training_tokens=100_000_000,
+        lr_decay_fraction=0.2, exclude_special_tokens=True,
+    )  # fmt: skip
+
+
+PRESETS = {"mindchain": preset_mindchain, "recommended": preset_recommended}
+
+
+# ------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What training needs to know about the model, read from its config alone."""
+
+    name: str
+    n_layers: dict[str, int]
+    d_model: dict[str, int]
+    d_attn: dict[str, int]
+
+    def d_in(self, site: Site) -> int:
+        return self.d_attn[site.stack] if site.kind.friendly == "attn_z" else self.d_model[site.stack]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The validated run: which SAEs at which hooks, with which widths. No model loaded."""
+
+    config: TrainConfig
+    dims: ModelDims
+    sites: tuple[Site, ...]
+    dataset_files: tuple[Path, ...]
+    """Local dataset files (empty for a Hugging Face dataset)."""
+
+    @property
+    def sae_ids(self) -> list[str]:
+        return [s.friendly for s in self.sites]
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def dataset_label(self) -> str:
+        if self.dataset_files:
+            return ",".join(str(p) for p in self.dataset_files)
+        return str(self.config.dataset)
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.training_tokens // self.config.train_batch_size_tokens
+
+    @property
+    def n_batches_in_buffer(self) -> int:
+        cfg = self.config
+        if cfg.n_batches_in_buffer is not None:
+            return cfg.n_batches_in_buffer
+        # Four SAE batches: the mixing buffer shuffles tokens across sequences within it.
+        return max(16, math.ceil(4 * cfg.train_batch_size_tokens / cfg.context_size))
+
+
+def read_model_dims(model: str) -> ModelDims:
+    """Read layer counts and widths from the model's config only (no weights are loaded).
+
+    Raises:
+        FileNotFoundError: a local folder without ``config.json``, or a hub id that cannot be
+            resolved (offline and not cached, or misspelled).
+        ValueError: the config is not a T5Gemma 2 config.
+    """
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"Model folder {str(path)!r} has no config.json (expected a save_pretrained folder)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(path) if looks_local else model)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"Cannot read the config of model {model!r}: {e}. Pass a hub id that is cached or reachable, "
+            "or a local folder saved with save_pretrained."
+        ) from e
+    if getattr(config, "model_type", None) != "t5gemma2":
+        raise ValueError(
+            f"Model {model!r} is a {getattr(config, 'model_type', '?')!r} model, not a T5Gemma 2 model"
+        )
+    enc, dec = config.encoder.text_config, config.decoder
+    return ModelDims(
+        name=str(path.resolve()) if looks_local else model,
+        n_layers={"encoder": enc.num_hidden_layers, "decoder": dec.num_hidden_layers},
+        d_model={"encoder": enc.hidden_size, "decoder": dec.hidden_size},
+        d_attn={
+            "encoder": enc.num_attention_heads * enc.head_dim,
+            "decoder": dec.num_attention_heads * dec.head_dim,
+        },
+    )
+
+
+def expand_hooks(patterns: Sequence[str], dims: ModelDims) -> list[Site]:
+    """Expand friendly hook patterns into sites, in order, without duplicates.
+
+    Raises:
+        ValueError: a pattern matches nothing, or names a layer the model does not have.
+    """
+    if not patterns:
+        raise ValueError(
+            "No hooks given: pass at least one, e.g. 'encoder.5.attn_out' or 'decoder.*.attn_out'"
+        )
+    n_max = max(dims.n_layers.values())
+    out: list[Site] = []
+    for pattern in patterns:
+        for s in sites_mod.expand(pattern, n_max):
+            if s.layer >= dims.n_layers[s.stack]:
+                raise ValueError(
+                    f"Hook {pattern!r}: the {s.stack} of {dims.name} has {dims.n_layers[s.stack]} layers "
+                    f"(0-{dims.n_layers[s.stack] - 1}), no layer {s.layer}"
+                )
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def resolve_dataset_files(dataset: str | Sequence[str] | Path) -> tuple[Path, ...]:
+    """Local dataset files named by ``dataset``; an empty tuple means a Hugging Face dataset name.
+
+    Raises:
+        FileNotFoundError: a path that looks local (a file suffix or a path separator) is missing.
+        ValueError: an unsupported suffix, an empty folder, a mix of text and JSON files, or a
+            JSONL file whose first record has no ``text``/``tokens``/``input_ids`` field.
+    """
+    items = [dataset] if isinstance(dataset, (str, Path)) else list(dataset)
+    if not items:
+        raise ValueError("No dataset given")
+    files: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix in _LOCAL_SUFFIXES and q.is_file())
+            if not found:
+                raise ValueError(f"Dataset folder {str(p)!r} holds no .txt or .jsonl files")
+            files.extend(found)
+        elif p.is_file():
+            if p.suffix not in _LOCAL_SUFFIXES:
+                raise ValueError(
+                    f"Dataset file {str(p)!r}: unsupported suffix {p.suffix!r} (use .txt or .jsonl)"
+                )
+            files.append(p)
+        elif (
+            isinstance(item, str)
+            and len(items) == 1
+            and p.suffix not in _LOCAL_SUFFIXES
+            and not item.startswith((".", "/", "~"))
+        ):
+            return ()  # a Hugging Face dataset name
+        else:
+            raise FileNotFoundError(f"Dataset file {str(p)!r} does not exist")
+    kinds = {_LOCAL_SUFFIXES[f.suffix] for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"Dataset mixes text and JSON files ({[str(f) for f in files]}); pass one kind")
+    for f in files:
+        _check_local_file(f)
+    return tuple(f.resolve() for f in files)
+
+
+def _check_local_file(path: Path) -> None:
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if _LOCAL_SUFFIXES[path.suffix] == "text":
+                return
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"Dataset file {str(path)!r} line {n} is not valid JSON: {e}") from e
+            if not isinstance(record, dict) or not {"text", "tokens", "input_ids"} & set(record):
+                raise ValueError(
+                    f"Dataset file {str(path)!r} line {n}: expected a JSON object with a 'text' field "
+                    f"(or 'tokens'/'input_ids'), got {line.strip()[:80]!r}"
+                )
+            return
+    raise ValueError(f"Dataset file {str(path)!r} is empty")
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {cfg.architecture!r}: expected one of {list(ARCHITECTURES)}")
+    positive = {
+        "d_sae": cfg.d_sae, "training_tokens": cfg.training_tokens, "context_size": cfg.context_size,
+        "train_batch_size_tokens": cfg.train_batch_size_tokens, "store_batch_size_prompts": cfg.store_batch_size_prompts,
+        "eval_every_n_steps": cfg.eval_every_n_steps, "n_eval_batches": cfg.n_eval_batches,
+        "n_batches_for_norm_estimate": cfg.n_batches_for_norm_estimate,
+    }  # fmt: skip
+    for name, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr must be positive, got {cfg.lr!r}")
+    if cfg.training_tokens < cfg.train_batch_size_tokens:
+        raise ValueError(
+            f"training_tokens ({cfg.training_tokens}) is smaller than one SAE batch "
+            f"(train_batch_size_tokens={cfg.train_batch_size_tokens})"
+        )
+    if cfg.architecture in _K_ARCHITECTURES:
+        if cfg.k is None:
+            raise ValueError(f"architecture {cfg.architecture!r} needs k (the number of active latents)")
+        if cfg.l1 is not None:
+            raise ValueError(
+                f"architecture {cfg.architecture!r} takes k, not an L1 coefficient (got l1={cfg.l1})"
+            )
+    if cfg.architecture == "standard":
+        if cfg.l1 is None:
+            raise ValueError("architecture 'standard' needs l1 (the L1 coefficient)")
+        if cfg.k is not None:
+            raise ValueError(f"architecture 'standard' takes an L1 coefficient, not k (got k={cfg.k})")
+    if cfg.architecture == "jumprelu" and cfg.k is None and cfg.l1 is None:
+        raise ValueError("architecture 'jumprelu' needs k (target L0, quadratic loss) or l1 (L0 coefficient)")
+    if cfg.k is not None and not 0 < cfg.k <= cfg.d_sae:
+        raise ValueError(f"k must be in (0, d_sae={cfg.d_sae}], got {cfg.k}")
+    if cfg.architecture == "topk" and not float(cfg.k).is_integer():  # type: ignore[arg-type]
+        raise ValueError(f"topk needs a whole number k, got {cfg.k}")
+    if cfg.l1 is not None and cfg.l1 < 0:
+        raise ValueError(f"l1 must be >= 0, got {cfg.l1}")
+    if cfg.architecture == "matryoshka":
+        widths = _matryoshka_widths(cfg)
+        if (
+            any(b <= a for a, b in zip(widths, widths[1:], strict=False))
+            or widths[0] <= 0
+            or widths[-1] != cfg.d_sae
+        ):
+            raise ValueError(
+                f"matryoshka_widths must increase strictly and end at d_sae={cfg.d_sae}, got {widths}"
+            )
+    for name in ("lr_decay_fraction", "sparsity_warm_up_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if (
+        cfg.n_batches_in_buffer is not None
+        and cfg.n_batches_in_buffer * cfg.context_size < cfg.train_batch_size_tokens
+    ):
+        raise ValueError(
+            f"n_batches_in_buffer x context_size = {cfg.n_batches_in_buffer} x {cfg.context_size} tokens is smaller "
+            f"than one SAE batch ({cfg.train_batch_size_tokens} tokens); raise n_batches_in_buffer to at least "
+            f"{math.ceil(cfg.train_batch_size_tokens / cfg.context_size)}"
+        )
+    if cfg.normalize_activations not in (
+        "none",
+        "expected_average_only_in",
+        "layer_norm",
+        "constant_norm_rescale",
+    ):
+        raise ValueError(f"Unknown normalize_activations {cfg.normalize_activations!r}")
+    for name in ("dtype", "model_dtype"):
+        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(cfg, name)!r}")
+    if cfg.release_name is not None:
+        _check_release_name(cfg.release_name)
+
+
+def _check_release_name(name: str) -> None:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from sae_lens_t5gemma import registration
+
+    if not _RELEASE_NAME.match(name):
+        raise ValueError(f"Release name {name!r}: use letters, digits, '.', '_' and '-' only")
+    existing = get_pretrained_saes_directory().get(name)
+    if existing is not None and (name not in registration.ours() or name == registration.PACKAGE_RELEASE):
+        raise ValueError(
+            f"Release name {name!r} is taken (an existing release, repo {existing.repo_id}); choose another"
+        )
+
+
+def _matryoshka_widths(cfg: TrainConfig) -> list[int]:
+    if cfg.matryoshka_widths:
+        return list(cfg.matryoshka_widths)
+    return sorted({w for w in (cfg.d_sae // 16, cfg.d_sae // 4, cfg.d_sae) if w > 0})
+
+
+def plan_training(cfg: TrainConfig) -> TrainingPlan:
+    """Check a config completely, without loading the model or the dataset.
+
+    Reads the model's ``config.json`` (for layer counts and widths), expands the hooks,
+    checks the numbers, the local dataset files and the output folder.
+
+    Raises:
+        ValueError, FileNotFoundError, FileExistsError: with a message naming the bad field.
+    """
+    _check_numbers(cfg)
+    files = resolve_dataset_files(cfg.dataset)
+    dims = read_model_dims(cfg.model)
+    sites = expand_hooks(cfg.hooks, dims)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"Output path {str(out)!r} exists and is not a folder")
+    if not cfg.overwrite:
+        taken = [s.friendly for s in sites if (out / s.friendly / "cfg.json").exists()]
+        if taken:
+            raise FileExistsError(
+                f"Output folder {str(out)!r} already holds SAE(s) {taken}; choose another --out or pass overwrite"
+            )
+    return TrainingPlan(cfg, dims, tuple(sites), files)
+
+
+# ---------------------------------------------------------------------------- dataset
+
+
+def load_training_dataset(plan_or_cfg: TrainingPlan | TrainConfig) -> Dataset | IterableDataset:
+    """Load the run's dataset with ``datasets`` (local files via the text/json builders).
+
+    Raises:
+        ValueError: a Hugging Face dataset that cannot be loaded (unknown, offline, no split).
+    """
+    from datasets import load_dataset
+
+    plan = plan_or_cfg if isinstance(plan_or_cfg, TrainingPlan) else None
+    cfg = plan.config if plan else plan_or_cfg  # type: ignore[union-attr]
+    files = plan.dataset_files if plan else resolve_dataset_files(cfg.dataset)
+    if files:
+        builder = _LOCAL_SUFFIXES[files[0].suffix]
+        # Streaming reads the files lazily and writes no arrow cache.
+        ds = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
+        if builder == "text":
+            ds = ds.filter(lambda row: bool(row["text"].strip()))
+        return ds
+    name = str(cfg.dataset)
+    try:
+        return load_dataset(name, split=cfg.dataset_split, streaming=cfg.streaming)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError...)
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        hint = " The hub is offline (HF_HUB_OFFLINE set)." if offline else ""
+        raise ValueError(
+            f"Cannot load the Hugging Face dataset {name!r} (split {cfg.dataset_split!r}): "
+            f"{type(e).__name__}: {e}.{hint} For local data pass .txt or .jsonl files."
+        ) from e
+
+
+def write_text_dataset(texts: Sequence[str], path: str | Path) -> Path:
+    """Write texts as a JSONL dataset (one ``{"text": ...}`` per line); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for t in texts:
+            fh.write(json.dumps({"text": t}) + "\n")
+    return path
