@@ -232,7 +232,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-lens-t5gemma", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-t5gemma",
+        description="T5Gemma 2 for SAELens: list, inspect and convert the mindchain SAEs; train, compare, demo.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_list, _add_inspect, _add_convert, _add_train, _add_compare, _add_demo):
         add(sub)
