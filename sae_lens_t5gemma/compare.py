@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.registration import PACKAGE_RELEASE
 from sae_lens_t5gemma.report import (  # noqa: F401 (re-exported: the comparison API in one import)
     CE_KL_CAVEAT,
     HONEST_SITES_NOTE,
@@ -56,7 +57,7 @@ from sae_lens_t5gemma.report import (  # noqa: F401 (re-exported: the comparison
 )
 from sae_lens_t5gemma.synthetic import GEMMA_SCOPE_RELEASES, T5GEMMA2_MODEL
 
-MINDCHAIN_RELEASE = "t5gemma2-270m-attn_out"
+MINDCHAIN_RELEASE = PACKAGE_RELEASE
 DEFAULT_GEMMA_SCOPE_VARIANT = "width_16k_l0_small"
 
 

@@ -38,7 +38,7 @@ from sae_lens_t5gemma.sites import STACKS, Site, site
 MINDCHAIN_LOADER = "mindchain_t5gemma2"
 """Name of this converter in SAELens' loader tables and in ``conversion_func``."""
 MINDCHAIN_REPO = "mindchain/t5gemma2-sae-all-layers"
-DEFAULT_MODEL_NAME = "google/t5gemma-2-270m-270m"
+T5GEMMA2_MODEL = "google/t5gemma-2-270m-270m"
 
 # The card gives no sequence length. 128 tokens is what the card's training recipe
 # (1,500 short text samples, batch size 2) suggests; override it with cfg_overrides.
@@ -77,6 +77,11 @@ class MindchainCheckpoint:
     def site(self) -> Site:
         """The hook site: the o_proj output of this layer."""
         return site(self.layer_type, self.layer_idx, "attn_out")
+
+
+def mindchain_filename(stack: str, layer: int) -> str:
+    """Repo path of one mindchain checkpoint, e.g. ``encoder/sae_encoder_05.pt``."""
+    return f"{stack}/sae_{stack}_{layer:02d}.pt"
 
 
 def site_for_filename(path: str | Path) -> Site | None:
@@ -210,7 +215,7 @@ def read_checkpoint(path: str | Path) -> MindchainCheckpoint:
         if not _is_int(value) or value < low:
             raise _fail(path, f"{name} is {value!r}, expected an integer >= {low}")
     layer_idx, d_in, d_sae = int(layer_idx), int(d_in), int(d_sae)
-    model_name = data.get("model_name", DEFAULT_MODEL_NAME)
+    model_name = data.get("model_name", T5GEMMA2_MODEL)
     if not isinstance(model_name, str):
         raise _fail(path, f"model_name is {model_name!r}, expected a string")
 

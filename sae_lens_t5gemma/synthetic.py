@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-MINDCHAIN_REPO = "mindchain/t5gemma2-sae-all-layers"
-T5GEMMA2_MODEL = "google/t5gemma-2-270m-270m"
-
+# The stand-ins sit under the real ids, which live with the converter.
+from sae_lens_t5gemma.mindchain import MINDCHAIN_REPO, T5GEMMA2_MODEL, mindchain_filename  # noqa: F401 (re-exported)
 
 # Real 270m-270m text dimensions (see shared FACTS): used for benchmarks only.
 REAL_TEXT_DIMS: dict[str, Any] = dict(
@@ -233,11 +232,6 @@ def mindchain_checkpoint(
         "b_dec": torch.randn(d_in, generator=g) * 0.01,
         "history": {"loss": [0.01, 0.002, 0.0014], "l0": [2000.0, 1500.0, 1367.0]},
     }
-
-
-def mindchain_filename(stack: str, layer: int) -> str:
-    """Repo path of one mindchain checkpoint, e.g. ``encoder/sae_encoder_05.pt``."""
-    return f"{stack}/sae_{stack}_{layer:02d}.pt"
 
 
 def write_mindchain_repo(
