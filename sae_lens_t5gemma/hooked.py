@@ -15,20 +15,30 @@ a ``T5Gemma2ForConditionalGeneration`` (text path only) so that they can:
   from the hook), and a run with decoder hooks runs the encoder fully, the decoder up to
   its deepest hooked site, and never the 262k-vocab LM head.
 
-Input convention (the one transformers' own T5Gemma 2 classification heads use): for a
-token batch ``[batch, pos]`` the encoder sees the tokens as given, the decoder sees
-``prepare_decoder_input_ids_from_labels(tokens)`` (shifted right behind the decoder's BOS)
-and the loss is the seq2seq cross-entropy on ``labels=tokens``. Decoder position ``t``
-therefore predicts token ``t`` having read tokens ``< t``, while the encoder has already
-seen every token: CE/KL numbers measure how well the model reproduces its input, not free
-language modelling. Encoder and decoder activations have the batch's length, which
-SAELens' token masks assume. Token tensors get no attention mask unless one is passed
-(exactly ``model(input_ids=tokens, labels=tokens)``); text input is tokenised with padding
-and its padding is masked (labels ``-100`` there).
+Input conventions (``model.convention``), for a token batch ``[batch, n]``:
+
+- ``prefix_lm`` (default): the row is split at ``p`` (``model.prefix_len``, default ``n // 2``).
+  The encoder reads ``tokens[:, :p]``; the decoder reads its BOS, then ``tokens[:, p:]``; loss
+  and logits score only the continuation. This is the task T5Gemma 2 was adapted for (UL2:
+  the decoder writes text the encoder did not see).
+- ``reconstruct``: the encoder reads the row and the decoder reads the same row as is, so
+  decoder position ``t`` predicts token ``t + 1`` with token ``t + 1`` already in the encoder: a
+  copy task the model was never trained on, kept as an explicit opt-in.
+- Explicit ``decoder_input_ids=`` / ``labels=`` (real source/target pairs) bypass both.
+
+Position contract (both conventions, as HookedTransformer's): hooked activations are
+``[batch, n, ...]``; decoder position ``t`` holds the state after reading token ``t`` of the
+batch, so SAELens' token-id masks, its ``mask[:, :-1]`` trim and ``seqpos_slice`` apply as
+they are. Under ``prefix_lm`` the decoder state that has read only its BOS sits at ``p - 1``;
+positions a stack does not compute hold zeros (encoder ``>= p``, decoder ``< p - 1``), and
+:meth:`HookedT5Gemma2.covered_mask` says which positions are real. Logits are ``[batch, n,
+d_vocab]`` (position ``t`` predicts token ``t + 1``; zeros where nothing is predicted) and
+``loss_per_token=True`` gives ``[batch, n - 1]``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,12 +60,75 @@ from sae_lens_t5gemma.steering import SAEMixin
 logger = logging.getLogger(__name__)
 
 ReturnType = Literal["logits", "loss", "both"] | None
+Convention = Literal["prefix_lm", "reconstruct"]
+CONVENTIONS: dict[str, str] = {
+    "prefix_lm": "encoder reads tokens[:, :p]; decoder reads [BOS] + tokens[:, p:]; "
+    "loss and KL on the continuation tokens[:, p:] (p = prefix_len, default n // 2)",
+    "reconstruct": "encoder reads the row; decoder reads the same row; position t predicts token t+1, "
+    "which the encoder has already read (a copy task)",
+}
+"""Each convention, described as it is recorded in SAE metadata and report rows."""
+DEFAULT_CONVENTION: Convention = "prefix_lm"
 _KIND_ORDER = {k.friendly: i for i, k in enumerate(sites_mod.SITE_KINDS)}
 _STACK_ORDER = {s: i for i, s in enumerate(sites_mod.STACKS)}
 
 
 class _StopForward(Exception):
     """Raised from a hook once the deepest needed site has fired; caught in ``forward``."""
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Where one stack's positions sit in the ``[batch, n]`` token batch."""
+
+    offset: int
+    n: int
+
+
+@dataclass
+class _Feed:
+    """One forward's inputs under a convention, and where each stack's positions land."""
+
+    tokens: torch.Tensor
+    enc_ids: torch.Tensor
+    enc_mask: torch.Tensor | None
+    dec_ids: torch.Tensor | None
+    labels: torch.Tensor | None
+    """Targets aligned with ``dec_ids`` (transformers' layout: no further shift), -100 = none."""
+    spans: dict[str, _Span] | None
+    """Per stack; None for explicit decoder inputs (activations keep transformers' shapes)."""
+
+
+def _pad(x: torch.Tensor, dim: int, span: _Span) -> torch.Tensor:
+    if span.offset == 0 and x.shape[dim] == span.n:
+        return x
+    shape = list(x.shape)
+    shape[dim] = span.n
+    full = x.new_zeros(shape)
+    full.narrow(dim, span.offset, x.shape[dim]).copy_(x)
+    return full
+
+
+# The decoder's merged attention keeps z = softmax([q k_dec | q k_enc]) @ [v_dec | v_enc] inside
+# one transformers call. To hook its self and cross parts (and the patterns), a routed
+# attention module gets a private config copy naming this attention function, which
+# computes the same softmax eagerly and sends each part through its hook point.
+_SPLIT_ATTENTION = "sae_lens_t5gemma_split"
+
+
+def _split_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None,
+                     softcap: float | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return module.__dict__["_sae_lens_t5gemma_route"](query, key, value, attention_mask, scaling, softcap)
+
+
+def _register_split_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_SPLIT_ATTENTION, _split_attention)
+
+
+_register_split_attention()
 
 
 @dataclass
@@ -117,9 +190,20 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         hf_model: a ``T5Gemma2ForConditionalGeneration`` (any dtype/device; it is put in eval mode).
         tokenizer: its tokenizer (Gemma's: pad 0, eos 1, bos 2, prepends ``<bos>``).
         model_name: name shown in ``cfg.model_name``; defaults to the model's ``name_or_path``.
+        convention: ``"prefix_lm"`` (default) or ``"reconstruct"``; see the module docstring.
+            Settable later: ``model.convention = "reconstruct"``.
+        prefix_len: under ``prefix_lm``, the split ``p``: an int, None (``n // 2`` of each batch)
+            or ``"random"`` (a fresh split in ``[1, n - 1]`` per forward; see ``last_prefix_len``).
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, model_name: str | None = None):
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any = None,
+        model_name: str | None = None,
+        convention: Convention = DEFAULT_CONVENTION,
+        prefix_len: int | Literal["random"] | None = None,
+    ):
         super().__init__()
         config = getattr(hf_model, "config", None)
         if not hasattr(getattr(config, "encoder", None), "text_config") or not hasattr(hf_model, "lm_head"):
@@ -128,6 +212,13 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             )
         self.hf_model = hf_model.eval()
         self.tokenizer = tokenizer
+        self.convention = convention
+        self.prefix_len = prefix_len
+        self.last_prefix_len: int | None = None
+        """The split the last forward used under ``prefix_lm`` (None otherwise)."""
+        self._split_rng = torch.Generator().manual_seed(0)
+        self._spans: dict[str, _Span] | None = None
+        self._enc_len = 0
         enc_text = config.encoder.text_config
         dec = config.decoder
         self._n_layers = {"encoder": enc_text.num_hidden_layers, "decoder": dec.num_hidden_layers}
@@ -224,6 +315,71 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
     def W_U(self) -> torch.Tensor:
         """The unembedding ``[d_model, d_vocab]`` (tied to ``W_E``)."""
         return self.hf_model.get_output_embeddings().weight.T
+
+    # ------------------------------------------------------------------ convention
+
+    @property
+    def convention(self) -> Convention:
+        """How a token batch is fed: ``"prefix_lm"`` or ``"reconstruct"`` (see :data:`CONVENTIONS`)."""
+        return self._convention
+
+    @convention.setter
+    def convention(self, value: str) -> None:
+        if value not in CONVENTIONS:
+            raise ValueError(f"Unknown convention {value!r}: expected one of {sorted(CONVENTIONS)}")
+        self._convention: Convention = value  # type: ignore[assignment]
+
+    @property
+    def prefix_len(self) -> int | Literal["random"] | None:
+        """The ``prefix_lm`` split: an int, None (``n // 2``) or ``"random"``."""
+        return self._prefix_len
+
+    @prefix_len.setter
+    def prefix_len(self, value: int | str | None) -> None:
+        ok = value is None or value == "random" or (isinstance(value, int) and not isinstance(value, bool))
+        if not ok or (isinstance(value, int) and value < 1):
+            raise ValueError(f"prefix_len must be a positive int, None (n // 2) or 'random', not {value!r}")
+        self._prefix_len = value
+
+    def split_point(self, n: int) -> int:
+        """The ``prefix_lm`` split ``p`` for a batch of length ``n`` (a fixed prefix_len, or ``n // 2``).
+
+        Raises:
+            ValueError: ``prefix_len`` is larger than ``n``, or ``"random"`` (no fixed split).
+        """
+        if self.prefix_len == "random":
+            raise ValueError("prefix_len='random' has no fixed split point; see model.last_prefix_len")
+        p = max(1, n // 2) if self.prefix_len is None else self.prefix_len
+        if p > n:
+            raise ValueError(f"prefix_len={p} is longer than the token batch ({n} positions)")
+        return p
+
+    def covered_mask(self, tokens: torch.Tensor, stack: str) -> torch.Tensor:
+        """``[batch, n]`` bool: the positions whose state ``stack`` computes from a token of the batch.
+
+        Under ``prefix_lm``: encoder ``t < p``; decoder ``t >= p`` (the BOS-only state at ``p - 1``
+        is left out: it has read no token of the batch). Under ``reconstruct``: every position.
+        A ``"random"`` split uses the last forward's (``last_prefix_len``).
+        """
+        if stack not in sites_mod.STACKS:
+            raise ValueError(f"Unknown stack {stack!r}: expected one of {sites_mod.STACKS}")
+        tokens = tokens if tokens.ndim == 2 else tokens.unsqueeze(0)
+        mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+        if self.convention == "reconstruct":
+            return mask
+        n = tokens.shape[1]
+        p = self.last_prefix_len if self.prefix_len == "random" else self.split_point(n)
+        if p is None:
+            raise ValueError("prefix_len='random': run a forward first, covered_mask uses its split")
+        pos = torch.arange(n, device=tokens.device)
+        return mask & ((pos < p) if stack == "encoder" else (pos >= p))
+
+    def describe_convention(self) -> str:
+        """One line for metadata and report rows: the convention, its split and what it means."""
+        if self.convention == "reconstruct":
+            return f"reconstruct: {CONVENTIONS['reconstruct']}"
+        split = {None: "n // 2", "random": "random per batch"}.get(self.prefix_len, str(self.prefix_len))  # type: ignore[arg-type]
+        return f"prefix_lm (p = {split}): {CONVENTIONS['prefix_lm']}"
 
     # ------------------------------------------------------------------ names
 
@@ -356,21 +512,46 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         attention_mask: torch.Tensor | None,
         decoder_input_ids: torch.Tensor | None,
         labels: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    ) -> _Feed:
         if isinstance(input, torch.Tensor):
-            tokens = input if input.ndim == 2 else input.unsqueeze(0)
-            tokens = tokens.to(self.cfg.device)
+            tokens = (input if input.ndim == 2 else input.unsqueeze(0)).to(self.cfg.device)
         else:
             tokens, text_mask = self._tokenize(input, prepend_bos, padding_side)
             if attention_mask is None and not bool(text_mask.all()):
                 attention_mask = text_mask
-                if labels is None and decoder_input_ids is None:
-                    labels = tokens.masked_fill(text_mask == 0, -100)
-        if labels is None and decoder_input_ids is None:
-            labels = tokens
-        if decoder_input_ids is None and labels is not None:
-            decoder_input_ids = self.hf_model.prepare_decoder_input_ids_from_labels(labels.to(tokens.device))
-        return tokens, attention_mask, decoder_input_ids, labels
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(tokens.device)
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens {tuple(tokens.shape)}"
+                )
+        self.last_prefix_len = None
+        if decoder_input_ids is not None or labels is not None:
+            # Real source/target pairs: transformers' own semantics, no position contract.
+            if decoder_input_ids is None:
+                decoder_input_ids = self.hf_model.prepare_decoder_input_ids_from_labels(labels.to(tokens.device))
+            return _Feed(tokens, tokens, attention_mask, decoder_input_ids.to(tokens.device), labels, None)
+
+        n = tokens.shape[1]
+        targets = tokens if attention_mask is None else tokens.masked_fill(attention_mask == 0, -100)
+        no_target = torch.full_like(tokens[:, :1], -100)
+        if self.convention == "reconstruct":
+            spans = {"encoder": _Span(0, n), "decoder": _Span(0, n)}
+            dec_labels = torch.cat([targets[:, 1:], no_target], dim=1)
+            return _Feed(tokens, tokens, attention_mask, tokens, dec_labels, spans)
+        if self.prefix_len == "random":
+            if n < 2:
+                raise ValueError("prefix_len='random' needs rows of at least 2 tokens")
+            p = int(torch.randint(1, n, (1,), generator=self._split_rng))
+        else:
+            p = self.split_point(n)
+        self.last_prefix_len = p
+        bos = torch.full_like(tokens[:, :1], self.hf_model.config.decoder.bos_token_id)
+        spans = {"encoder": _Span(0, n), "decoder": _Span(p - 1, n)}
+        enc_mask = None if attention_mask is None else attention_mask[:, :p]
+        dec_ids = torch.cat([bos, tokens[:, p:]], dim=1)
+        dec_labels = torch.cat([targets[:, p:], no_target], dim=1)
+        return _Feed(tokens, tokens[:, :p], enc_mask, dec_ids, dec_labels, spans)
 
     # ------------------------------------------------------------------ forward
 
@@ -390,8 +571,10 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         order = sorted(active, key=lambda n: self._site_key(self._sites[n]))
         try:
             for name in order:
-                handles += self._route(name, active[name], stop=name == stop_after)
-            yield
+                if self._sites[name].kind.route != "attention":
+                    handles += self._route(name, active[name], stop=name == stop_after)
+            with self._attention_routing(active, stop_after):
+                yield
         finally:
             for h in handles:
                 h.remove()
@@ -400,47 +583,68 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
     def _site_key(s: Site) -> tuple[int, int, int]:
         return _STACK_ORDER[s.stack], s.layer, _KIND_ORDER[s.kind.friendly]
 
+    def _through(self, hook_module: nn.Module, x: torch.Tensor, dims: tuple[tuple[int, str], ...]) -> torch.Tensor:
+        """Send ``x`` through its hook point in the position contract's shape, and back.
+
+        ``dims`` pairs each position dimension of ``x`` with the stack it indexes. Under a
+        convention the tensor is zero-padded to the batch's ``n`` positions for the hook, and the
+        stack's own positions are taken back out, so an in-place edit by the hook flows on.
+        """
+        spans = self._spans
+        full = x
+        if spans is not None:
+            for dim, stack in dims:
+                full = _pad(full, dim, spans[stack])
+        new = hook_module(full)
+        if full is x:
+            return new
+        for dim, stack in dims:
+            new = new.narrow(dim, spans[stack].offset, x.shape[dim])  # type: ignore[index]
+        return new
+
     def _route(self, name: str, hook_module: nn.Module, stop: bool) -> list[Any]:
         s = self._sites[name]
-        kind = s.kind.friendly
+        kind, stack = s.kind.friendly, s.stack
         target = self._hf_modules[name]
+        pos = ((1, stack),)
 
         def finish(value: Any) -> Any:
             if stop:
                 raise _StopForward
             return value
 
-        if kind in ("attn_out", "mlp_out", "resid_post"):
+        route = s.kind.route
+        if route == "out":
 
             def out_hook(_mod: nn.Module, _args: Any, output: torch.Tensor) -> Any:
-                new = hook_module(output)
+                new = self._through(hook_module, output, pos)
                 return finish(None if new is output else new)
 
             return [target.register_forward_hook(out_hook)]
 
-        if kind == "attn_z":
-            n_heads, d_head = self._heads[s.stack]
+        if route in ("in", "heads"):
+            n_heads, d_head = self._heads[stack]
 
-            def z_hook(_mod: nn.Module, args: tuple) -> Any:
+            def in_hook(_mod: nn.Module, args: tuple) -> Any:
                 x = args[0]
-                z = x.view(*x.shape[:-1], n_heads, d_head)
-                new = hook_module(z)
-                return finish(None if new is z else (new.reshape(x.shape), *args[1:]))
+                view = x.view(*x.shape[:-1], n_heads, d_head) if route == "heads" else x
+                new = self._through(hook_module, view, pos)
+                return finish(None if new is view else (new.reshape(x.shape), *args[1:]))
 
-            return [target.register_forward_pre_hook(z_hook)]
+            return [target.register_forward_pre_hook(in_hook)]
 
-        if kind == "resid_pre":
+        if route == "layer_in":
 
             def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> Any:
                 x, args, kwargs = _hidden_states(args, kwargs)
-                new = hook_module(x)
+                new = self._through(hook_module, x, pos)
                 if new is x:
                     return finish(None)
                 return finish(_with_hidden_states(args, kwargs, new))
 
             return [self._hf_layers[name].register_forward_pre_hook(pre_hook, with_kwargs=True)]
 
-        if kind == "resid_mid":
+        if route == "resid_mid":
             # The layer adds post_self_attn_layernorm's output to its input (the residual) and
             # hands the sum to the MLP block. Rebuilding that sum here, and returning the hook's
             # change of it as the norm's output, makes a modification reach both the MLP and
@@ -455,14 +659,76 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             def mid_hook(_mod: nn.Module, _args: Any, output: torch.Tensor) -> Any:
                 res = residual.pop("x")
                 mid = res + output
-                new = hook_module(mid)
-                return finish(None if new is mid else new - res)
+                new = self._through(hook_module, mid, pos)
+                return finish(None if new is mid or torch.equal(new, mid) else new - res)
 
             return [
                 layer.register_forward_pre_hook(capture, with_kwargs=True),
                 post_norm.register_forward_hook(mid_hook),
             ]
         raise AssertionError(f"unhandled site kind {kind}")
+
+    @contextmanager
+    def _attention_routing(self, active: dict[str, nn.Module], stop_after: str | None) -> Iterator[None]:
+        """Route the attention-internal sites (patterns, z_self, z_cross) of each hooked layer."""
+        layers: dict[tuple[str, int], dict[str, nn.Module]] = {}
+        attns: dict[tuple[str, int], nn.Module] = {}
+        for name, module in active.items():
+            s = self._sites[name]
+            if s.kind.route == "attention":
+                layers.setdefault((s.stack, s.layer), {})[s.kind.friendly] = module
+                attns[(s.stack, s.layer)] = self._hf_modules[name]
+        patched = []
+        try:
+            for (stack, layer), hooks in layers.items():
+                attn = attns[(stack, layer)]
+                stop = stop_after is not None and self._sites[stop_after].kind.route == "attention"
+                stop = stop and (self._sites[stop_after].stack, self._sites[stop_after].layer) == (stack, layer)
+                attn.__dict__["_sae_lens_t5gemma_route"] = self._attention_fn(stack, attn, hooks, stop)
+                config = copy.copy(attn.config)
+                config._attn_implementation = _SPLIT_ATTENTION
+                patched.append((attn, attn.config))
+                attn.config = config
+            yield
+        finally:
+            for attn, config in patched:
+                attn.config = config
+                attn.__dict__.pop("_sae_lens_t5gemma_route", None)
+
+    def _attention_fn(self, stack: str, attn: nn.Module, hooks: dict[str, nn.Module], stop: bool) -> Callable:
+        """The eager attention of one layer with its pattern and z parts sent through hook points."""
+        from transformers.models.t5gemma2.modeling_t5gemma2 import repeat_kv
+
+        cross = stack == "decoder"
+
+        def run(q, k, v, mask, scaling, softcap):  # noqa: ANN001, ANN202
+            k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+            scores = torch.matmul(q, k.transpose(2, 3)) * (scaling if scaling is not None else attn.head_dim**-0.5)
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            n_self = k.shape[2] - (self._enc_len if cross else 0)
+            parts = {"pattern": probs[..., :n_self], "cross_pattern": probs[..., n_self:]}
+            keys = {"pattern": stack, "cross_pattern": "encoder"}
+            for part in ("pattern", "cross_pattern"):
+                if part in hooks:
+                    parts[part] = self._through(hooks[part], parts[part], ((2, stack), (3, keys[part])))
+            z_self = torch.matmul(parts["pattern"], v[:, :, :n_self]).transpose(1, 2)
+            z = z_self
+            if cross:
+                z_cross = torch.matmul(parts["cross_pattern"], v[:, :, n_self:]).transpose(1, 2)
+                if "z_self" in hooks:
+                    z_self = self._through(hooks["z_self"], z_self, ((1, stack),))
+                if "z_cross" in hooks:
+                    z_cross = self._through(hooks["z_cross"], z_cross, ((1, stack),))
+                z = z_self + z_cross
+            if stop:
+                raise _StopForward
+            return z.contiguous(), probs
+
+        return run
 
     def _plan(self, active: dict[str, nn.Module], stop_at_layer: int | None) -> tuple[str | None, str | None]:
         """Decide (last stack to run, deepest site to stop after) for a run without logits."""
@@ -487,94 +753,100 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         decoder_input_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         stop_at_layer: int | None = None,
-        **hf_kwargs: Any,
+        hf_kwargs: dict[str, Any] | None = None,
+        **unexpected: Any,
     ) -> Any:
-        """Run the model on ``input`` (text or ``[batch, pos]`` ids) under the input convention.
+        """Run the model on ``input`` (text or ``[batch, n]`` ids) under ``self.convention``.
 
         Args:
             input: text, list of texts, or token ids.
-            return_type: ``"logits"`` (``[batch, dec_pos, d_vocab]``, after the final soft-cap),
-                ``"loss"``, ``"both"`` (``(logits, loss)``) or ``None`` (hooks only).
-            loss_per_token: return the loss as ``[batch, pos]`` (0 where labels are -100)
-                instead of its mean over labelled tokens. Position ``t`` is the loss of
-                predicting token ``t`` (decoder input: tokens ``< t`` behind BOS), so the
-                shape equals the token batch's and SAELens' ``[batch, pos]`` masks apply as is.
+            return_type: ``"logits"`` (``[batch, n, d_vocab]`` after the final soft-cap; position
+                ``t`` predicts token ``t + 1``), ``"loss"``, ``"both"`` (``(logits, loss)``) or
+                ``None`` (hooks only).
+            loss_per_token: the loss as ``[batch, n - 1]`` (position ``t``: predicting token
+                ``t + 1``; 0 where nothing is predicted) instead of its mean over predicted tokens.
             prepend_bos: for text input only.
             padding_side: for text input only.
-            attention_mask: encoder attention mask ``[batch, pos]`` (1 = attend); default none.
-            decoder_input_ids: override the decoder input (default: ``tokens`` shifted right).
-            labels: override the targets (default: ``tokens``); ``-100`` is ignored.
+            attention_mask: ``[batch, n]`` (1 = real token). The encoder reads its part; targets
+                where it is 0 are not scored. Text input is masked by default.
+            decoder_input_ids: explicit decoder input (real source/target pairs): the encoder
+                reads ``input``, the conventions and the position contract do not apply.
+            labels: explicit targets aligned with the decoder input (transformers' layout,
+                ``-100`` ignored); alone, the decoder reads them shifted right.
             stop_at_layer: as SAELens passes it (hook layer + 1): run no decoder layer at or past
                 it, and no encoder layer past it unless decoder hooks need the whole encoder.
                 The output is then ``None``.
-            **hf_kwargs: passed to the transformers forward.
+            hf_kwargs: extra keywords for transformers' forward (documented there).
 
         Returns:
             Logits, loss, both, or ``None``. Without logits/loss (``return_type=None`` or
             ``stop_at_layer`` given) only the layers the attached hooks need are run.
+
+        Raises:
+            TypeError: an unknown keyword (transformers' own go in ``hf_kwargs``).
         """
-        tokens, attention_mask, decoder_input_ids, labels = self._prepare_inputs(
-            input, prepend_bos, padding_side, attention_mask, decoder_input_ids, labels
-        )
-        active = self._active_sites()
-        if return_type is not None and stop_at_layer is None:
-            with self._routing(active):
-                out = self.hf_model(
-                    input_ids=tokens,
-                    attention_mask=attention_mask,
-                    decoder_input_ids=decoder_input_ids,
-                    use_cache=False,
-                    **hf_kwargs,
-                )
-            return self._outputs(out.logits, labels, return_type, loss_per_token)
+        _refuse_unexpected("forward", unexpected)
         if return_type not in (None, "logits", "loss", "both"):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r}")
-
-        stack, stop_after = self._plan(active, stop_at_layer)
-        if stack is None:
-            return None
+        feed = self._prepare_inputs(input, prepend_bos, padding_side, attention_mask, decoder_input_ids, labels)
+        hf_kwargs = dict(hf_kwargs or {})
+        active = self._active_sites()
+        self._spans, self._enc_len = feed.spans, feed.enc_ids.shape[1]
         try:
-            with self._routing(active, stop_after=stop_after):
-                if stack == "encoder":
-                    self.hf_model.get_encoder()(input_ids=tokens, attention_mask=attention_mask, **hf_kwargs)
-                else:
-                    self.hf_model.model(
-                        input_ids=tokens,
-                        attention_mask=attention_mask,
-                        decoder_input_ids=decoder_input_ids,
+            if return_type is not None and stop_at_layer is None:
+                with self._routing(active):
+                    out = self.hf_model(
+                        input_ids=feed.enc_ids,
+                        attention_mask=feed.enc_mask,
+                        decoder_input_ids=feed.dec_ids,
                         use_cache=False,
                         **hf_kwargs,
                     )
-        except _StopForward:
-            pass
-        return None
+                return self._outputs(out.logits, feed, return_type, loss_per_token)
+            stack, stop_after = self._plan(active, stop_at_layer)
+            if stack is None:
+                return None
+            try:
+                with self._routing(active, stop_after=stop_after):
+                    if stack == "encoder":
+                        self.hf_model.get_encoder()(input_ids=feed.enc_ids, attention_mask=feed.enc_mask, **hf_kwargs)
+                    else:
+                        self.hf_model.model(
+                            input_ids=feed.enc_ids,
+                            attention_mask=feed.enc_mask,
+                            decoder_input_ids=feed.dec_ids,
+                            use_cache=False,
+                            **hf_kwargs,
+                        )
+            except _StopForward:
+                pass
+            return None
+        finally:
+            self._spans = None
 
-    def _outputs(
-        self, logits: torch.Tensor, labels: torch.Tensor | None, return_type: str, loss_per_token: bool
-    ) -> Any:
+    def _outputs(self, logits: torch.Tensor, feed: _Feed, return_type: str, loss_per_token: bool) -> Any:
+        span = None if feed.spans is None else feed.spans["decoder"]
+        out_logits = logits if span is None else _pad(logits, 1, span)
         if return_type == "logits":
-            return logits
-        if labels is None:
+            return out_logits
+        if feed.labels is None:
+            raise ValueError("A loss needs labels: pass labels= with decoder_input_ids= (or neither).")
+        labels = feed.labels.to(logits.device)
+        if not bool((labels != -100).any()):
             raise ValueError(
-                "A loss needs labels: pass labels= together with decoder_input_ids= (or neither, "
-                "to use labels=tokens)."
+                "Nothing to predict: every target is masked or the prefix covers the whole row "
+                f"(prefix_len={self.last_prefix_len}, n={feed.tokens.shape[1]})."
             )
-        labels = labels.to(logits.device)
         if loss_per_token:
             loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="none",
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
             ).view(labels.shape)
+            if span is not None:
+                loss = _pad(loss, 1, span)[:, :-1]
         else:
             # transformers' own loss (ForMaskedLM: no further shift) so the numbers match it exactly.
             loss = self.hf_model.loss_function(logits, labels, self.hf_model.vocab_size)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r}")
+        return loss if return_type == "loss" else (out_logits, loss)
 
     @torch.no_grad()
     def generate(
@@ -582,39 +854,66 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         input: str | Sequence[str] | torch.Tensor,
         max_new_tokens: int = 20,
         do_sample: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         attention_mask: torch.Tensor | None = None,
         prepend_bos: bool | None = None,
         return_type: Literal["input", "str", "tokens"] = "input",
-        **generate_kwargs: Any,
+        hf_kwargs: dict[str, Any] | None = None,
+        **unexpected: Any,
     ) -> str | list[str] | torch.Tensor:
         """transformers' ``generate`` with this model's hooks, spliced SAEs and steering active.
 
-        The encoder reads ``input``; the decoder starts from its BOS and writes the output.
-        Hooks on decoder sites see one position per step after the first (KV cache).
+        The encoder reads ``input`` (the whole prompt); the decoder starts from its BOS and
+        writes the output, as in T5Gemma 2's real use. Hooks see transformers' shapes here (no
+        position contract): encoder ``[batch, prompt]``, decoder one position per step after the
+        first (KV cache).
+
+        Args:
+            hf_kwargs: further keywords for transformers' ``generate`` (e.g. ``num_beams``).
 
         Returns:
             The generated text (for text input, or ``return_type="str"``), else the
             decoder's output ids ``[batch, out_pos]`` (starting with the decoder BOS).
         """
+        _refuse_unexpected("generate", unexpected)
         if isinstance(input, torch.Tensor):
             tokens = (input if input.ndim == 2 else input.unsqueeze(0)).to(self.cfg.device)
         else:
             tokens, mask = self._tokenize(input, prepend_bos)
             attention_mask = mask if attention_mask is None else attention_mask
-        generate_kwargs.setdefault("pad_token_id", self.hf_model.config.decoder.pad_token_id)
+        kwargs = dict(hf_kwargs or {})
+        kwargs.setdefault("pad_token_id", self.hf_model.config.decoder.pad_token_id)
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        kwargs.update({k: v for k, v in sampling.items() if v is not None})
+        self._spans, self._enc_len = None, tokens.shape[1]
         with self._routing(self._active_sites()):
             out = self.hf_model.generate(
                 input_ids=tokens,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
-                **generate_kwargs,
+                **kwargs,
             )
         as_text = return_type == "str" or (return_type == "input" and not isinstance(input, torch.Tensor))
         if not as_text:
             return out
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return texts[0] if isinstance(input, str) else texts
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        convention: Convention = DEFAULT_CONVENTION,
+        prefix_len: int | Literal["random"] | None = None,
+        **from_pretrained_kwargs: Any,
+    ) -> HookedT5Gemma2:
+        """Same as :func:`load_t5gemma2`."""
+        return load_t5gemma2(name_or_path, device, dtype, convention, prefix_len, **from_pretrained_kwargs)
 
 
 _SAE_SUFFIXES = (
@@ -625,6 +924,19 @@ _SAE_SUFFIXES = (
     "hook_sae_recons",
     "hook_sae_error",
 )
+
+
+def _refuse_unexpected(where: str, unexpected: dict[str, Any], accepted: tuple[str, ...] = ()) -> None:
+    if unexpected:
+        import inspect
+
+        params = [
+            p for p in inspect.signature(getattr(HookedT5Gemma2, where)).parameters if p not in ("self", "unexpected")
+        ]
+        raise TypeError(
+            f"HookedT5Gemma2.{where}() got unexpected keyword(s) {sorted(unexpected)}. Accepted: "
+            f"{[*params, *accepted]}; transformers' own keywords go in hf_kwargs={{...}}."
+        )
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
@@ -649,7 +961,9 @@ def _tokenizer_prepends_bos(tokenizer: Any) -> bool:
 def load_t5gemma2(
     name_or_path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
+    convention: Convention = DEFAULT_CONVENTION,
+    prefix_len: int | Literal["random"] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> HookedT5Gemma2:
     """Load a T5Gemma 2 checkpoint (hub id or local folder) with its tokenizer, hooked.
@@ -657,11 +971,16 @@ def load_t5gemma2(
     Args:
         name_or_path: e.g. ``google/t5gemma-2-270m-270m`` or a folder saved by ``save_pretrained``.
         device: where to put the model.
-        dtype: weight dtype.
+        dtype: weight dtype (``torch.float32``, ``"bfloat16"``, ...); default float32.
+        convention: ``"prefix_lm"`` (default) or ``"reconstruct"``; see :class:`HookedT5Gemma2`.
+        prefix_len: the ``prefix_lm`` split (None: half of each row).
         **from_pretrained_kwargs: passed to ``T5Gemma2ForConditionalGeneration.from_pretrained``.
     """
     from transformers import AutoTokenizer, T5Gemma2ForConditionalGeneration
 
+    if convention not in CONVENTIONS:
+        raise ValueError(f"Unknown convention {convention!r}: expected one of {sorted(CONVENTIONS)}")
+    dtype = _as_dtype(dtype)
     name = str(name_or_path)
     looks_local = isinstance(name_or_path, Path) or name.startswith(("/", ".", "~"))
     if looks_local and not Path(name).expanduser().exists():
@@ -674,4 +993,15 @@ def load_t5gemma2(
     except OSError as e:
         # transformers raises a bare OSError for a missing repo/file or no network.
         raise FileNotFoundError(f"Could not load T5Gemma 2 model {name!r}: {e}") from e
-    return HookedT5Gemma2(hf_model.to(device), tokenizer, model_name=name)
+    return HookedT5Gemma2(hf_model.to(device), tokenizer, name, convention, prefix_len)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a torch floating dtype (float32, bfloat16, float16)")
+    return value

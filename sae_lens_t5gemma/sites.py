@@ -32,33 +32,56 @@ class SiteKind:
 
     friendly: str
     """Short name used on command lines, e.g. ``attn_out``."""
-    encoder_hook: str
-    """Bridge hook suffix under ``encoder_blocks.N``."""
-    decoder_hook: str
-    """Bridge hook suffix under ``decoder_blocks.N``."""
+    encoder_hook: str | None
+    """Bridge hook suffix under ``encoder_blocks.N`` (None: the encoder has no such site)."""
+    decoder_hook: str | None
+    """Bridge hook suffix under ``decoder_blocks.N`` (None: the decoder has no such site)."""
     hf_submodule: str
     """Module path below the layer ('' for the layer itself)."""
-    hf_io: Literal["input", "output"]
-    """Whether the activation is the module's first input or its output."""
+    hf_io: Literal["input", "output", "internal"]
+    """The module's first input, its output, or a tensor computed inside it (attention internals)."""
     description: str
+    route: str
+    """How ``HookedT5Gemma2`` reaches it: ``out`` (forward hook), ``in`` (pre-hook), ``heads``
+    (pre-hook, viewed as heads), ``layer_in``, ``resid_mid``, or ``attention`` (inside the softmax)."""
+
+    def hook(self, stack: str) -> str | None:
+        return self.encoder_hook if stack == "encoder" else self.decoder_hook
 
 
+# The decoder's attention is T5Gemma 2's *merged* attention: one softmax over the decoder's
+# own keys (causal) followed by the encoder's keys, with shared q/k/v/o projections. Every
+# ``decoder_blocks.N.self_attn.*`` site therefore mixes self- and cross-attention; the
+# ``z_self``/``z_cross`` sites split ``hook_z`` at the encoder keys (z = z_self + z_cross).
+MERGED_ATTENTION_NOTE = (
+    "decoder self_attn is merged self+cross attention: one softmax over decoder keys and encoder keys"
+)
+
+# Rows in the order a layer computes them (``HookedT5Gemma2`` stops after the deepest one).
 # fmt: off
 SITE_KINDS: tuple[SiteKind, ...] = (
-    SiteKind("resid_pre",  "hook_resid_pre", "hook_resid_pre",   "",                          "input",  "residual stream entering the layer"),
-    SiteKind("attn_z",     "attn.hook_z",    "self_attn.hook_z", "self_attn.o_proj",          "input",  "o_proj input: concatenated head outputs (n_heads*head_dim)"),
-    SiteKind("attn_out",   "attn.hook_out",  "self_attn.hook_out", "self_attn.o_proj",        "output", "o_proj output, before post_self_attn_layernorm (mindchain SAE site)"),
-    SiteKind("resid_mid",  "hook_resid_mid", "hook_resid_mid",   "pre_feedforward_layernorm", "input",  "residual stream after the attention block"),
-    SiteKind("mlp_out",    "mlp.hook_out",   "mlp.hook_out",     "mlp",                       "output", "MLP output, before post_feedforward_layernorm"),
-    SiteKind("resid_post", "hook_resid_post", "hook_resid_post", "",                          "output", "residual stream leaving the layer"),
+    SiteKind("resid_pre",  "hook_resid_pre", "hook_resid_pre",   "",                          "input",  "residual stream entering the layer", "layer_in"),
+    SiteKind("pattern",    "attn.hook_pattern", "self_attn.hook_pattern", "self_attn",        "internal", "attention probabilities over the stack's own keys [b, head, q, k]; decoder: the self part of the merged softmax", "attention"),
+    SiteKind("cross_pattern", None,          "self_attn.hook_cross_pattern", "self_attn",     "internal", "decoder attention probabilities over the encoder keys [b, head, q, k_enc] (cross part of the merged softmax)", "attention"),
+    SiteKind("z_self",     None,             "self_attn.hook_z_self", "self_attn",            "internal", "decoder heads' output from decoder keys only [b, pos, n_heads, d_head]; z = z_self + z_cross", "attention"),
+    SiteKind("z_cross",    None,             "self_attn.hook_z_cross", "self_attn",           "internal", "decoder heads' output from encoder keys only [b, pos, n_heads, d_head]; z = z_self + z_cross", "attention"),
+    SiteKind("attn_z",     "attn.hook_z",    "self_attn.hook_z", "self_attn.o_proj",          "input",  "o_proj input: concatenated head outputs (n_heads*head_dim)", "heads"),
+    SiteKind("attn_out",   "attn.hook_out",  "self_attn.hook_out", "self_attn.o_proj",        "output", "o_proj output, before post_self_attn_layernorm (mindchain SAE site)", "out"),
+    SiteKind("attn_out_normed", "hook_attn_out_normed", "hook_attn_out_normed", "post_self_attn_layernorm", "output", "post_self_attn_layernorm output: what the attention block adds to the residual stream", "out"),
+    SiteKind("resid_mid",  "hook_resid_mid", "hook_resid_mid",   "pre_feedforward_layernorm", "input",  "residual stream after the attention block", "resid_mid"),
+    SiteKind("mlp_in",     "mlp.hook_in",    "mlp.hook_in",      "mlp",                       "input",  "MLP input: resid_mid after pre_feedforward_layernorm", "in"),
+    SiteKind("mlp_post",   "mlp.hook_post",  "mlp.hook_post",    "mlp.down_proj",             "input",  "MLP hidden activation act(gate) * up, d_mlp wide (down_proj input)", "in"),
+    SiteKind("mlp_out",    "mlp.hook_out",   "mlp.hook_out",     "mlp",                       "output", "MLP output, before post_feedforward_layernorm", "out"),
+    SiteKind("mlp_out_normed", "hook_mlp_out_normed", "hook_mlp_out_normed", "post_feedforward_layernorm", "output", "post_feedforward_layernorm output: what the MLP block adds to the residual stream (Gemma Scope 2's mlp_out site)", "out"),
+    SiteKind("resid_post", "hook_resid_post", "hook_resid_post", "",                          "output", "residual stream leaving the layer", "out"),
 )
 # fmt: on
 KINDS_BY_FRIENDLY = {k.friendly: k for k in SITE_KINDS}
 
 # Extra bridge spellings of the same activation (TransformerBridge exposes these too).
-# Not here: the bridge's encoder ``hook_attn_out``/``hook_mlp_out`` are the outputs of
-# post_self_attn_layernorm/post_feedforward_layernorm (checked against TransformerLens 3.9),
-# a different activation from the o_proj/MLP outputs above; ``resolve`` says so.
+# Not here: the bridge's ``hook_attn_out``/``hook_mlp_out`` are the outputs of the post-norms
+# (checked against TransformerLens 3.9), easily confused with the o_proj/MLP outputs;
+# ``resolve`` refuses them and names both candidates.
 BRIDGE_ALIASES: dict[str, dict[str, str]] = {
     "encoder": {"attn.o.hook_out": "attn_out", "attn.o.hook_in": "attn_z"},
     "decoder": {"self_attn.o.hook_out": "attn_out", "self_attn.o.hook_in": "attn_z"},
@@ -81,7 +104,7 @@ class Site:
     @property
     def hook_name(self) -> str:
         """TransformerBridge hook name, the canonical name."""
-        suffix = self.kind.encoder_hook if self.stack == "encoder" else self.kind.decoder_hook
+        suffix = self.kind.hook(self.stack)
         return f"{BRIDGE_BLOCKS[self.stack]}.{self.layer}.{suffix}"
 
     def _hf(self, layers: dict[str, str]) -> str:
@@ -109,13 +132,17 @@ def site(stack: str, layer: int, kind: str = "attn_out") -> Site:
         raise ValueError(f"Unknown stack {stack!r}: expected one of {STACKS}")
     if kind not in KINDS_BY_FRIENDLY:
         raise ValueError(f"Unknown site kind {kind!r}: expected one of {sorted(KINDS_BY_FRIENDLY)}")
+    if KINDS_BY_FRIENDLY[kind].hook(stack) is None:
+        raise ValueError(f"The {stack} has no {kind!r} site (it exists on the decoder's merged attention only)")
     return Site(stack, int(layer), KINDS_BY_FRIENDLY[kind])  # type: ignore[arg-type]
 
 
 def all_sites(n_layers: int, kinds: tuple[str, ...] | None = None) -> list[Site]:
     """Every site of a model with ``n_layers`` layers per stack, encoder first."""
     kinds = kinds or tuple(KINDS_BY_FRIENDLY)
-    return [site(s, n, k) for s in STACKS for n in range(n_layers) for k in kinds]
+    return [
+        site(s, n, k) for s in STACKS for n in range(n_layers) for k in kinds if KINDS_BY_FRIENDLY[k].hook(s)
+    ]
 
 
 def _lookup_table(n_layers: int) -> dict[str, Site]:
@@ -124,6 +151,8 @@ def _lookup_table(n_layers: int) -> dict[str, Site]:
         table[s.hook_name] = s
         table[s.friendly] = s
         io = s.kind.hf_io
+        if io == "internal":
+            continue
         for path in {s.hf_module, s.hf_module_legacy}:
             # A bare module path means its output; ".input"/".output" say which explicitly.
             table[f"{path}.{io}"] = s
@@ -161,8 +190,9 @@ def resolve(name: str, n_layers: int | None = None) -> Site:
         sub = ("attn" if stack == "encoder" else "self_attn") if part == "attn" else "mlp"
         module = "o_proj" if part == "attn" else "MLP"
         raise ValueError(
-            f"{name!r} is TransformerBridge's output of the RMSNorm after the {module}, which is not a "
-            f"site here. The {module} output itself (before that norm) is '{stack}_blocks.{n}.{sub}.hook_out'."
+            f"{name!r} is ambiguous: in TransformerBridge it is the output of the RMSNorm after the {module}. "
+            f"Say which you mean: that post-norm output is '{stack}_blocks.{n}.hook_{part}_out_normed'; the "
+            f"{module} output itself (before that norm) is '{stack}_blocks.{n}.{sub}.hook_out'."
         )
     valid = _lookup_table(n_layers) if n_layers is not None else table
     close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.6)

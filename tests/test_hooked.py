@@ -1,5 +1,9 @@
 """HookedT5Gemma2 on a tiny random T5Gemma 2: parity and mechanics.
 
+Runs under the ``reconstruct`` convention (encoder and decoder read the same row), where
+the reference is simply ``hf_model(input_ids=tokens, decoder_input_ids=tokens)``; the
+``prefix_lm`` default and the position contract are covered in ``test_conventions.py``.
+
 Covers: the hook points equal the site table; activations at every site kind (both stacks)
 equal a plain transformers forward with PyTorch hooks and TransformerBridge's at the same
 names; logits and loss equal transformers' (mean and per token); early-exit runs give the
@@ -22,7 +26,17 @@ N_LAYERS = 2
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> HookedT5Gemma2:
-    return load_t5gemma2(tiny_model_dir)
+    return load_t5gemma2(tiny_model_dir, convention="reconstruct")
+
+
+def recon_labels(tokens: torch.Tensor) -> torch.Tensor:
+    """transformers-layout labels of the reconstruct convention: position t predicts token t+1."""
+    return torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
+
+
+def plain_names() -> list[str]:
+    """Every site reached by a PyTorch hook on a module (not the attention internals)."""
+    return [s.hook_name for s in sites.all_sites(N_LAYERS) if s.kind.hf_io != "internal"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +53,8 @@ def reference_acts(
     acts: dict[str, torch.Tensor] = {}
     handles = []
     for s in sites.all_sites(N_LAYERS):
+        if s.kind.hf_io == "internal":
+            continue
         module = hf_model.get_submodule(s.hf_module)
         if s.kind.hf_io == "output":
             handles.append(
@@ -54,7 +70,7 @@ def reference_acts(
             )
     try:
         with torch.no_grad():
-            out = hf_model(input_ids=tokens, labels=tokens)
+            out = hf_model(input_ids=tokens, decoder_input_ids=tokens, labels=recon_labels(tokens))
     finally:
         for h in handles:
             h.remove()
@@ -66,7 +82,9 @@ def reference_acts(
 
 def test_hook_points_are_the_site_table(model):
     assert set(model.hook_dict) == {s.hook_name for s in sites.all_sites(N_LAYERS)}
-    assert len(model.hook_dict) == 2 * N_LAYERS * len(sites.SITE_KINDS)
+    decoder_only = [k for k in sites.SITE_KINDS if k.encoder_hook is None]
+    assert [k.friendly for k in decoder_only] == ["cross_pattern", "z_self", "z_cross"]
+    assert len(model.hook_dict) == 2 * N_LAYERS * len(sites.SITE_KINDS) - N_LAYERS * len(decoder_only)
     assert model.cfg.n_layers == 2 and model.cfg.d_model == 64 and model.cfg.d_vocab == 512
     assert model.cfg.device == torch.device("cpu") and model.cfg.tokenizer_prepends_bos
     assert model.W_E.shape == (512, 64)
@@ -76,7 +94,7 @@ def test_hook_points_are_the_site_table(model):
 def test_every_site_equals_plain_transformers(model, tokens):
     ref, ref_logits, ref_loss = reference_acts(model.hf_model, tokens)
     with torch.no_grad():
-        (logits, loss), cache = model.run_with_cache(tokens, return_type="both")
+        (logits, loss), cache = model.run_with_cache(tokens, return_type="both", names_filter=plain_names())
     assert set(cache.keys()) == set(ref)
     for name, x in ref.items():
         assert torch.equal(cache[name], x), name
@@ -90,8 +108,9 @@ def test_every_site_equals_transformer_bridge(model, tokens, tiny_model_dir):
     bridge = TransformerBridge.boot_transformers(
         str(tiny_model_dir), hf_model=bridge_model, tokenizer=model.tokenizer
     )
-    decoder_input = model.hf_model.prepare_decoder_input_ids_from_labels(tokens)
-    names = [s.hook_name for s in sites.all_sites(N_LAYERS)]
+    decoder_input = tokens  # the reconstruct convention: the decoder reads the row as is
+    kinds = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post")
+    names = [s.hook_name for s in sites.all_sites(N_LAYERS, kinds)]
     with torch.no_grad():
         bridge_logits, bridge_cache = bridge.run_with_cache(
             tokens, decoder_input=decoder_input, names_filter=names
@@ -104,15 +123,15 @@ def test_every_site_equals_transformer_bridge(model, tokens, tiny_model_dir):
 
 def test_logits_and_loss_equal_transformers(model, tokens):
     with torch.no_grad():
-        ref = model.hf_model(input_ids=tokens, labels=tokens)
+        ref = model.hf_model(input_ids=tokens, decoder_input_ids=tokens, labels=recon_labels(tokens))
         logits = model(tokens)
         loss = model(tokens, return_type="loss")
         per_token = model(tokens, return_type="loss", loss_per_token=True)
         both = model(tokens, return_type="both", loss_per_token=True)
     assert torch.equal(logits, ref.logits) and torch.equal(loss, ref.loss)
-    assert per_token.shape == tokens.shape
+    assert per_token.shape == (2, 11)  # [batch, n - 1]: position t predicts token t + 1
     torch.testing.assert_close(per_token.mean(), ref.loss)
-    hand = torch.nn.functional.cross_entropy(ref.logits[1, 4], tokens[1, 4])
+    hand = torch.nn.functional.cross_entropy(ref.logits[1, 4], tokens[1, 5])
     torch.testing.assert_close(per_token[1, 4], hand)
     assert torch.equal(both[0], ref.logits) and torch.equal(both[1], per_token)
     assert model(tokens, return_type=None) is None
@@ -242,8 +261,13 @@ def test_unknown_hook_name_lists_close_matches(model, tokens):
         ValueError, match=r"Unknown T5Gemma 2 hook name 'encoder_blocks.7.attn.hook_out' \(the model has 2"
     ):
         model.run_with_hooks(tokens, fwd_hooks=[("encoder_blocks.7.attn.hook_out", lambda x, hook: x)])
-    with pytest.raises(ValueError, match="is TransformerBridge's output of the RMSNorm after the o_proj"):
+    with pytest.raises(ValueError) as err:
         model.run_with_cache(tokens, names_filter="encoder_blocks.1.hook_attn_out")
+    assert str(err.value) == (
+        "'encoder_blocks.1.hook_attn_out' is ambiguous: in TransformerBridge it is the output of the RMSNorm "
+        "after the o_proj. Say which you mean: that post-norm output is 'encoder_blocks.1.hook_attn_out_normed'; "
+        "the o_proj output itself (before that norm) is 'encoder_blocks.1.attn.hook_out'."
+    )
 
 
 def _hf_with_hook(model, tokens, path, fn, pre=False):
@@ -251,7 +275,7 @@ def _hf_with_hook(model, tokens, path, fn, pre=False):
     h = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
     try:
         with torch.no_grad():
-            return model.hf_model(input_ids=tokens, labels=tokens).logits
+            return model.hf_model(input_ids=tokens, decoder_input_ids=tokens).logits
     finally:
         h.remove()
 
@@ -269,6 +293,9 @@ def test_modifications_flow_on_at_every_kind(model, tokens, stack):
         "resid_mid": (f"{layers}.post_self_attn_layernorm", lambda m, a, o: o + delta, False),
         "mlp_out": (f"{layers}.mlp", lambda m, a, o: o + delta, False),
         "resid_post": (layers, lambda m, a, o: o + delta, False),
+        "attn_out_normed": (f"{layers}.post_self_attn_layernorm", lambda m, a, o: o + delta, False),
+        "mlp_in": (f"{layers}.mlp", lambda m, a: (a[0] + delta,), True),
+        "mlp_out_normed": (f"{layers}.post_feedforward_layernorm", lambda m, a, o: o + delta, False),
     }
     for kind, (path, fn, pre) in refs.items():
         name = sites.site(stack, 1, kind).hook_name
@@ -309,9 +336,9 @@ def test_text_input_pads_and_masks(model):
     tokens = model.to_tokens(texts)
     assert tokens[0, 0] == 2 and tokens[1, 0] == 2 and tokens[1, -1] == 0
     mask = (tokens != 0).long()
-    labels = tokens.masked_fill(mask == 0, -100)
+    labels = recon_labels(tokens.masked_fill(mask == 0, -100))
     with torch.no_grad():
-        ref = model.hf_model(input_ids=tokens, attention_mask=mask, labels=labels)
+        ref = model.hf_model(input_ids=tokens, attention_mask=mask, decoder_input_ids=tokens, labels=labels)
         logits, loss = model(texts, return_type="both")
     assert torch.equal(logits, ref.logits) and torch.equal(loss, ref.loss)
     assert model.to_tokens("The cat", prepend_bos=False)[0, 0] != 2
@@ -359,7 +386,7 @@ def test_backward_hooks_cache_gradients(model, tokens):
         "model.encoder.text_model.layers.1.self_attn.o_proj"
     ).register_forward_hook(make_leaf)
     try:
-        model.hf_model(input_ids=tokens, labels=tokens).loss.backward()
+        model.hf_model(input_ids=tokens, decoder_input_ids=tokens, labels=recon_labels(tokens)).loss.backward()
     finally:
         h.remove()
         model.hf_model.zero_grad(set_to_none=True)
