@@ -328,77 +328,28 @@ def token_batches(tokenizer: Any, texts: Sequence[str], context_size: int) -> to
 
 
 def _evaluate(
-    model: Any,
-    sae: Any,
-    hook_name: str,
-    tokens: torch.Tensor,
-    batch_size: int,
-    dense_threshold: float,
-    device: str,
-) -> dict[str, float]:
-    from datasets import Dataset
-    from sae_lens.evals import EvalConfig, run_evals
-    from sae_lens.training.activation_scaler import ActivationScaler
-    from sae_lens.training.activations_store import ActivationsStore
+    model: Any, sae: Any, hook_name: str, tokens: torch.Tensor, batch_size: int, dense_threshold: float
+) -> tuple[dict[str, float], str]:
+    """Metrics over covered positions (:func:`evaluation.evaluate_sae`) and the task they were scored on."""
+    from sae_lens_t5gemma.evaluation import evaluate_sae
 
-    n_batches = tokens.shape[0] // batch_size
-    dataset = Dataset.from_dict({"tokens": tokens.tolist()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ActivationsStore(
-            model=model,
-            dataset=dataset,
-            streaming=False,
-            hook_name=hook_name,
-            hook_head_index=None,
-            context_size=tokens.shape[1],
-            d_in=sae.cfg.d_in,
-            n_batches_in_buffer=1,
-            total_training_tokens=tokens.shape[0],
-            store_batch_size_prompts=batch_size,
-            train_batch_size_tokens=batch_size * tokens.shape[1],
-            prepend_bos=True,
-            normalize_activations="none",
-            device=torch.device(device),
-            dtype=str(sae.cfg.dtype),
-        )
-        config = EvalConfig(
-            batch_size_prompts=batch_size,
-            n_eval_reconstruction_batches=n_batches,
-            n_eval_sparsity_variance_batches=n_batches,
-            compute_kl=True,
-            compute_ce_loss=True,
-            compute_l2_norms=True,
-            compute_sparsity_metrics=True,
-            compute_variance_metrics=True,
-            compute_featurewise_density_statistics=True,
-        )
-        metrics, features = run_evals(sae, store, model, ActivationScaler(), config)
-    flat = {k: v for group in metrics.values() for k, v in group.items()}
-    density = torch.tensor(features["feature_density"])
-    special = torch.zeros_like(tokens, dtype=torch.bool)
-    for tok in _special_ids(model.tokenizer):
-        special |= tokens == tok
-    ce = flat["ce_loss_with_sae"] - flat["ce_loss_without_sae"]
-    return {
-        "n_tokens": int((~special).sum()),
-        "explained_variance": flat["explained_variance"],
-        "mse": flat["mse"],
-        "cossim": flat["cossim"],
-        "l0": flat["l0"],
-        "l1": flat["l1"],
-        "l2_ratio": flat["l2_ratio"],
-        "dead_frac": float((density == 0).float().mean()),
-        "dense_frac": float((density > dense_threshold).float().mean()),
-        "ce_loss_score": flat["ce_loss_score"],
-        "kl_div_score": flat["kl_div_score"],
-        "ce_loss_without_sae": flat["ce_loss_without_sae"],
-        "ce_loss_with_sae": flat["ce_loss_with_sae"],
-        "ce_loss_with_ablation": flat["ce_loss_with_ablation"],
-        "ce_increase": ce,
-        "kl_div_with_sae": flat["kl_div_with_sae"],
-        "kl_div_with_ablation": flat["kl_div_with_ablation"],
-    }
+    n = tokens.shape[1]
+    if hasattr(model, "covered_mask"):
+        task, score_from = f"T5Gemma 2 {model.describe_convention()}", None
+    elif _T5_CONVENTION.get("convention") == "prefix_lm":
+        score_from = _T5_CONVENTION["split"](n)
+        task = f"next-token prediction, scored on the prefix_lm continuation (targets at positions >= {score_from})"
+    else:
+        task, score_from = "next-token prediction, every target", None
+    metrics = evaluate_sae(
+        model, sae, tokens.split(batch_size), hook_name, dense_threshold=dense_threshold, score_from=score_from
+    )
+    return metrics, task
+
+
+# The T5Gemma 2 convention of the current compare() run, so that Gemma 3 rows are scored on
+# the same continuation targets (set by compare(); one run at a time).
+_T5_CONVENTION: dict[str, Any] = {}
 
 
 def _special_ids(tokenizer: Any) -> list[int]:
@@ -420,6 +371,8 @@ def compare(
     title: str = "SAE comparison: T5Gemma 2 and Gemma 3 270M",
     banner: str | None = None,
     progress: bool = True,
+    convention: str = "prefix_lm",
+    prefix_len: int | None = None,
 ) -> Report:
     """Evaluate (model, SAE) pairs on the same texts and write a side-by-side report.
 
@@ -434,6 +387,12 @@ def compare(
         dense_threshold: a feature is dense if it fires on more than this fraction of tokens.
         banner: a line put at the top of the report (e.g. the synthetic stand-in warning).
         progress: show a progress bar over the pairs.
+        convention: T5Gemma 2's input convention (``prefix_lm`` or ``reconstruct``). Under
+            ``prefix_lm`` Gemma 3 rows are scored on the same continuation targets.
+        prefix_len: the ``prefix_lm`` split (default ``context_size // 2``).
+
+    Metrics are computed over covered positions only (:mod:`sae_lens_t5gemma.evaluation`);
+    each row's ``task`` says what its CE/KL numbers were scored on.
 
     Returns:
         The :class:`Report`; its ``files`` name what was written.
@@ -454,6 +413,11 @@ def compare(
         _check_sae_spec(p.sae)
     texts = list(texts) if texts is not None else stand_in_texts()
     pairs = _add_home_pairs(pairs)
+    from sae_lens_t5gemma.hooked import CONVENTIONS
+
+    if convention not in CONVENTIONS:
+        raise ValueError(f"Unknown convention {convention!r}: expected one of {sorted(CONVENTIONS)}")
+    _T5_CONVENTION.update(convention=convention, split=lambda n: prefix_len or max(1, n // 2))
 
     models: dict[str, tuple[Any, str]] = {}
     tokens: dict[str, torch.Tensor] = {}
@@ -469,6 +433,9 @@ def compare(
             raise ValueError(f"SAE {pair.sae}: its config names no model; give the pair a model.")
         if model_name not in models:
             models[model_name] = _load_model(model_name, device, dtype)
+            if hasattr(models[model_name][0], "covered_mask"):
+                models[model_name][0].convention = convention
+                models[model_name][0].prefix_len = prefix_len
             seqs = token_batches(models[model_name][0].tokenizer, texts, context_size)
             # Whole batches only: reconstruction and sparsity/variance metrics then read the same sequences.
             keep = (seqs.shape[0] // batch_size) * batch_size
@@ -496,7 +463,7 @@ def compare(
             )
         sae.cfg.metadata.hook_name = hook  # where run_evals hooks it (a transfer changes it)
         t0 = time.perf_counter()
-        metrics = _evaluate(model, sae, hook, tokens[model_name], batch_size, dense_threshold, device)
+        metrics, task = _evaluate(model, sae, hook, tokens[model_name], batch_size, dense_threshold)
         eval_s = time.perf_counter() - t0
         role = _role(hook, home_hook, model_name, home_model, family)
         rows.append(
@@ -517,11 +484,14 @@ def compare(
                 d_sae=sae.cfg.d_sae,
                 load_s=load_s,
                 eval_s=eval_s,
-                **metrics,
+                task=task,
+                **{k: v for k, v in metrics.items() if k != "n_predictions"},
             )
         )
 
     setup = _setup(texts, tokens, context_size, batch_size, device, dense_threshold)
+    setup["convention"] = convention
+    setup["prefix_len"] = prefix_len or "n // 2"
     transfer = _transfer_rows(rows)
     notes = _notes(rows)
     report = Report(rows=rows, transfer=transfer, setup=setup, notes=notes)
@@ -623,6 +593,6 @@ def _notes(rows: list[Row]) -> list[str]:
     keys = {r.site for r in rows}
     if {"attn_z", "attn_out"} <= keys or any(r.sae_source == "gemma-scope-2" for r in rows):
         notes.append(HONEST_SITES_NOTE)
-    if any(r.family == "T5Gemma 2" for r in rows):
+    if any(r.family == "T5Gemma 2" and r.task.startswith("T5Gemma 2 reconstruct") for r in rows):
         notes.append(CE_KL_CAVEAT)
     return notes

@@ -28,12 +28,10 @@ SITE_WORDS: dict[str, str] = {
 """Site key -> plain words. Two rows are like with like only if their keys agree."""
 
 CE_KL_CAVEAT = (
-    "CE/KL caveat for T5Gemma 2 rows: the encoder reads the tokens and the decoder is scored on "
-    "reproducing them (labels = tokens, the convention of transformers' own T5Gemma 2 "
-    "classification heads). The encoder has already seen every target token, so CE-loss score, "
-    "KL score and CE increase measure how much splicing the SAE in harms the model's ability to "
-    "reproduce its input, not free next-token prediction. They compare T5Gemma 2 rows with each "
-    "other; Gemma 3 rows measure next-token prediction, a different task."
+    "CE/KL caveat for T5Gemma 2 rows under the reconstruct convention: the encoder reads the whole "
+    "row and the decoder is scored on predicting tokens the encoder has already read (a copy task the "
+    "model was never trained on). Their CE-loss score, KL score and CE increase measure how much the SAE "
+    "harms reproducing the input, not language modelling; compare them only with rows of the same task."
 )
 
 HONEST_SITES_NOTE = (
@@ -49,7 +47,7 @@ HONEST_SITES_NOTE = (
 
 @dataclass
 class Row:
-    """One evaluated pair. Metrics are SAELens ``run_evals`` outputs unless said otherwise."""
+    """One evaluated pair. Metrics are over covered positions (:mod:`sae_lens_t5gemma.evaluation`)."""
 
     model: str
     family: str
@@ -94,7 +92,9 @@ class Row:
     load_s: float
     """Wall time to load the SAE (the model is loaded once per run and not counted)."""
     eval_s: float
-    """Wall time of run_evals for this pair."""
+    """Wall time of the evaluation of this pair."""
+    task: str = ""
+    """What CE/KL were scored on: T5Gemma 2's convention, or next-token prediction (and which targets)."""
 
     @property
     def label(self) -> str:
@@ -231,7 +231,10 @@ def _markdown(report: Report, title: str, banner: str | None) -> str:
         f"{s['n_texts']} texts; sequences of {s['context_size']} tokens, batches of {s['batch_size']}; "
         f"sequences per model: {s['sequences']}. Special tokens (BOS/EOS/PAD) are excluded from every metric. "
         f"Same token batches for all models: {'yes' if s['same_tokens_for_all_models'] else 'no (different tokenizers)'}. "
-        f"Metrics: SAELens `run_evals`; dense = fires on more than {s['dense_threshold']:.0%} of tokens. "
+        f"T5Gemma 2 convention: {s.get('convention', '?')} (prefix_len {s.get('prefix_len', '?')}). "
+        "Metrics: SAELens' definitions computed over covered positions only (`sae_lens_t5gemma.evaluation`): "
+        "positions a stack does not compute, and predictions outside the scored targets, are left out; "
+        f"dense = fires on more than {s['dense_threshold']:.0%} of tokens. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in s['versions'].items())}; device {s['device']}.",
         "",
         "## Sites",
@@ -273,6 +276,12 @@ def _markdown(report: Report, title: str, banner: str | None) -> str:
                 for r in rows
             ],
         ),  # fmt: skip
+        "",
+        "## Tasks",
+        "",
+        "CE-loss score, KL score and CE increase compare only between rows scored on the same task.",
+        "",
+        _md_table(["SAE", "model / stack", "task"], [[r.sae, f"{r.family} {r.stack}", r.task] for r in rows]),
         "",
         "## Like with like",
         "",

@@ -211,7 +211,7 @@ def test_gemma3_through_transformer_lens_equals_transformers(gemma_hub: Path) ->
     torch.testing.assert_close(cache[f"blocks.{LAYER}.hook_resid_post"], hf_out.hidden_states[LAYER + 1])
 
     # The T5Gemma 2 side of a transfer: its hook_z has the same [batch, pos, heads, d_head] layout.
-    t5 = load_t5gemma2(T5)
+    t5 = load_t5gemma2(T5, convention="reconstruct")  # the encoder reads the whole row
     enc_layer = t5.hf_model.model.encoder.text_model.layers[LAYER]
     handle = enc_layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.update(z5=a[0]))
     _, cache5 = t5.run_with_cache(tokens, names_filter=[f"encoder_blocks.{LAYER}.attn.hook_z"])
@@ -282,7 +282,8 @@ def test_expected_rows_each_naming_its_site(report: C.Report, perfect: dict[str,
         assert f"`{r.hook_name}`" in md and r.site_words in md
         assert r.n_tokens > 0 and r.eval_s > 0
     assert "o_proj input" in C.SITE_WORDS["attn_z"] and "o_proj output" in C.SITE_WORDS["attn_out"]
-    assert C.HONEST_SITES_NOTE in md and C.CE_KL_CAVEAT in md
+    assert C.HONEST_SITES_NOTE in md and C.CE_KL_CAVEAT not in md  # prefix_lm: no copy-task caveat
+    assert "## Tasks" in md and "T5Gemma 2 prefix_lm (p = n // 2)" in md
     assert "> **SYNTHETIC**" in md
 
 
@@ -338,26 +339,36 @@ def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
     from sae_lens_t5gemma.hooked import load_t5gemma2
 
     g3 = gemma_scope.load_gemma3()
-    t5 = load_t5gemma2(T5)
+    t5 = load_t5gemma2(T5)  # prefix_lm, as compare's default: the encoder reads tokens[:, :p]
     tokens = C.token_batches(g3.tokenizer, synthetic.stand_in_texts(), CTX)[: BATCH * N_BATCHES]
     keep = ~torch.isin(tokens, torch.tensor([0, 1, 2]))  # pad, eos, bos
-    for spec, model, hook in (
-        (GS_RES, g3, f"blocks.{LAYER}.hook_resid_post"),
-        (GS_ATT, g3, f"blocks.{LAYER}.attn.hook_z"),
-        (GS_ATT, t5, f"encoder_blocks.{LAYER}.attn.hook_z"),
+    p = CTX // 2
+    encoder_part = torch.arange(CTX) < p
+    for spec, model, hook, where in (
+        (GS_RES, g3, f"blocks.{LAYER}.hook_resid_post", keep),
+        (GS_ATT, g3, f"blocks.{LAYER}.attn.hook_z", keep),
+        (GS_ATT, t5, f"encoder_blocks.{LAYER}.attn.hook_z", keep & encoder_part),
     ):
         release, sae_id = spec.split(":")
         sae = SAE.from_pretrained(release=release, sae_id=sae_id)
         _, cache = model.run_with_cache(tokens, names_filter=[hook])
-        want = _direct(cache[hook], keep, sae)
+        want = _direct(cache[hook], where, sae)
         row = next(r for r in report.rows if r.sae == spec and r.hook_name == hook)
-        assert row.n_tokens == int(keep.sum())
+        assert row.n_tokens == int(where.sum())
         for name, value in want.items():
             assert getattr(row, name) == pytest.approx(value, rel=1e-4, abs=1e-6), (spec, hook, name)
-    # Gemma 3's clean loss: next-token CE, scored at non-special input positions.
+    # Gemma 3 is scored on the same task as T5Gemma 2: next-token CE on the continuation targets
+    # tokens[:, p:] (non-special), having read the prefix.
     loss = g3(tokens, return_type="loss", loss_per_token=True)
+    scored = keep[:, 1:] & (torch.arange(1, CTX) >= p)
     row = report.find(GS_RES, synthetic.GEMMA3_MODEL)
-    assert row.ce_loss_without_sae == pytest.approx(float(loss[keep[:, :-1]].mean()), rel=1e-5)
+    assert row.ce_loss_without_sae == pytest.approx(float(loss[scored].mean()), rel=1e-5)
+    assert row.task == f"next-token prediction, scored on the prefix_lm continuation (targets at positions >= {p})"
+    # T5Gemma 2's: the decoder reads [BOS] + tokens[:, p:], scored on tokens[:, p:].
+    t5_loss = t5(tokens, return_type="loss", loss_per_token=True)
+    row = report.find("t5gemma2-270m-attn_out:encoder/layer_1", T5)
+    assert row.ce_loss_without_sae == pytest.approx(float(t5_loss[scored].mean()), rel=1e-5)
+    assert row.task.startswith("T5Gemma 2 prefix_lm (p = n // 2)")
 
 
 # -------------------------------------------------------------------------- pairs, CLI

@@ -157,4 +157,5 @@ def test_run_evals_ce_and_kl(model, dataset, hook):
     assert zperf["ce_loss_score"] == pytest.approx(0.0, abs=1e-4)
     assert zbehav["kl_div_score"] == pytest.approx(0.0, abs=1e-4)
     assert zperf["ce_loss_with_sae"] == pytest.approx(zperf["ce_loss_with_ablation"], rel=1e-6)
-    assert zperf["ce_loss_with_ablation"] > zperf["ce_loss_without_sae"]
+    # A random model: ablation need not raise the loss, but it must change it.
+    assert zperf["ce_loss_with_ablation"] != pytest.approx(zperf["ce_loss_without_sae"], abs=1e-4)

@@ -24,7 +24,7 @@ DEC = "decoder_blocks.1.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> HookedT5Gemma2:
-    return load_t5gemma2(tiny_model_dir)
+    return load_t5gemma2(tiny_model_dir, convention="reconstruct")  # references read the whole row
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_steering_delta_matches_hand_computation(model, tokens, kwargs, edit):
         o_proj = model.hf_model.get_submodule("model.encoder.text_model.layers.1.self_attn.o_proj")
         h = o_proj.register_forward_hook(lambda m, a, o: expected)
         try:
-            ref_logits = model.hf_model(input_ids=tokens, labels=tokens).logits
+            ref_logits = model.hf_model(input_ids=tokens, decoder_input_ids=tokens).logits
         finally:
             h.remove()
     torch.testing.assert_close(steered[ENC], expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,214 @@
+"""SAE metrics over the positions a model really computes: the covered-position eval.
+
+SAELens' ``run_evals`` builds its masks from the token batch and ignores ``seqpos_slice``.
+Under the ``prefix_lm`` convention half of each stack's positions are zeros (the encoder
+does not read the continuation, the decoder does not read the prefix), so ``run_evals``
+would average those zero rows into explained variance, MSE and L0, and average zero
+losses into CE and KL. :func:`evaluate_sae` computes the same metrics over covered
+positions only:
+
+- **reconstruction** (EV, MSE, cosine, L0, dead and dense fractions) over the positions
+  whose state the SAE's stack computes from a token of the batch
+  (:meth:`~sae_lens_t5gemma.hooked.HookedT5Gemma2.covered_mask`), special tokens excluded
+  as SAELens excludes them;
+- **downstream** (CE with and without the SAE and with the site zero-ablated, CE-loss
+  score, KL score, CE increase) over the predictions of continuation tokens only: under
+  ``prefix_lm`` the targets ``tokens[:, p:]`` that the encoder never saw; under
+  ``reconstruct`` every next token (a copy task: the encoder has read the target).
+
+The SAE is spliced in (or the site ablated) at the covered, non-special positions only, as
+SAELens' ``run_evals`` does with its mask. Models without ``covered_mask`` (TransformerLens'
+Gemma 3) count every position, and ``score_from`` restricts their CE/KL to the same
+continuation targets as T5Gemma 2's, so both are scored on one task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sae_lens_t5gemma import sites as sites_mod
+
+
+def _stack_of(model: Any, hook_name: str) -> str | None:
+    if not hasattr(model, "covered_mask"):
+        return None
+    return sites_mod.resolve(model.canonical_name(hook_name)).stack
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """BOS/EOS/PAD and other special ids, as SAELens finds them."""
+    from sae_lens.util import get_special_token_ids
+
+    return list(get_special_token_ids(tokenizer))
+
+
+def position_masks(
+    model: Any, tokens: torch.Tensor, hook_name: str, special_ids: list[int], score_from: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sae_mask [batch, n], prediction_mask [batch, n - 1])`` for one token batch.
+
+    ``sae_mask`` marks the positions the SAE is evaluated and spliced at. ``prediction_mask[:, t]``
+    marks the predictions of token ``t + 1`` that count for CE/KL: continuation targets that
+    are not special tokens.
+    """
+    special = torch.isin(tokens, torch.tensor(special_ids, device=tokens.device))
+    stack = _stack_of(model, hook_name)
+    if stack is None:
+        covered = torch.ones_like(tokens, dtype=torch.bool)
+        target_ok = torch.ones_like(tokens, dtype=torch.bool)
+        if score_from is not None:
+            target_ok[:, :score_from] = False
+    else:
+        covered = model.covered_mask(tokens, stack)
+        target_ok = model.covered_mask(tokens, "decoder")
+    return covered & ~special, (target_ok & ~special)[:, 1:]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(*x.shape[:2], -1) if x.ndim > 3 else x
+
+
+def _kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(clean || other) per position, in float32."""
+    logp, logq = F.log_softmax(clean.float(), -1), F.log_softmax(other.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@torch.no_grad()
+def evaluate_sae(
+    model: Any,
+    sae: Any,
+    batches: Iterable[torch.Tensor],
+    hook_name: str | None = None,
+    exclude_special_tokens: bool = True,
+    dense_threshold: float = 0.1,
+    score_from: int | None = None,
+    compute_downstream: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Reconstruction and downstream metrics of ``sae`` over covered positions only.
+
+    Args:
+        model: a ``HookedT5Gemma2`` (its convention applies) or a TransformerLens model.
+        sae: a SAELens SAE whose ``d_in`` fits the hook.
+        batches: token batches ``[batch, n]``.
+        hook_name: where to read and splice (default ``sae.cfg.metadata.hook_name``).
+        exclude_special_tokens: leave BOS/EOS/PAD positions and targets out, as SAELens does.
+        dense_threshold: a feature firing on more than this fraction of tokens counts as dense.
+        score_from: for models without ``covered_mask``: score only targets at positions
+            ``>= score_from`` (the continuation of a ``prefix_lm`` split).
+        compute_downstream: also run the model with the SAE spliced in and with the site
+            ablated (CE, KL); otherwise only reconstruction metrics.
+        progress: show a progress bar.
+
+    Returns:
+        ``explained_variance`` (1 - Σ‖x - x̂‖² / Σ‖x - x̄‖² over all covered tokens), ``mse``
+        (‖x - x̂‖² per token, SAELens' definition), ``cossim``, ``l0``, ``l1``, ``l2_ratio``,
+        ``dead_frac``, ``dense_frac``, ``n_tokens``; with downstream also ``ce_loss_without_sae``,
+        ``ce_loss_with_sae``, ``ce_loss_with_ablation``, ``ce_loss_score``, ``ce_increase``,
+        ``kl_div_with_sae``, ``kl_div_with_ablation``, ``kl_div_score`` and ``n_predictions``.
+    """
+    hook = hook_name or sae.cfg.metadata.hook_name
+    special = special_token_ids(model.tokenizer) if exclude_special_tokens else []
+    acc: dict[str, Any] = dict(n=0, sum_x=None, sum_x2=0.0, sse=0.0, cos=0.0, l0=0.0, l1=0.0, l2r=0.0, fires=None)
+    down = dict(n=0, clean=0.0, sae=0.0, abl=0.0, kl_sae=0.0, kl_abl=0.0)
+    for tokens in tqdm(batches, desc=f"eval {hook}", disable=not progress, leave=False):
+        tokens = tokens.to(model.cfg.device)
+        sae_mask, pred_mask = position_masks(model, tokens, hook, special, score_from)
+        if compute_downstream:
+            (clean_logits, clean_loss), cache = model.run_with_cache(
+                tokens, names_filter=[hook], return_type="both", loss_per_token=True
+            )
+        else:
+            _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
+        x_full = cache[hook]
+        # hook_z arrives as [batch, n, heads, d_head]: flatten it unless the SAE does so itself.
+        x_in = x_full if getattr(sae, "hook_z_reshaping_mode", False) else _flat(x_full)
+        feats = sae.encode(x_in.to(sae.dtype))
+        recon_full = sae.decode(feats).reshape(x_full.shape).to(x_full.dtype)
+        sel = sae_mask.to(x_full.device)
+        x, recon, f = _flat(x_full)[sel].float(), _flat(recon_full)[sel].float(), _flat(feats)[sel].float()
+        if x.shape[0]:
+            acc["n"] += x.shape[0]
+            acc["sum_x"] = x.sum(0) if acc["sum_x"] is None else acc["sum_x"] + x.sum(0)
+            acc["sum_x2"] += float((x**2).sum())
+            acc["sse"] += float(((x - recon) ** 2).sum())
+            acc["cos"] += float(F.cosine_similarity(x, recon, dim=-1).sum())
+            acc["l0"] += float((f > 0).sum())
+            acc["l1"] += float(f.abs().sum())
+            acc["l2r"] += float((recon.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
+            fires = (f > 0).sum(0)
+            acc["fires"] = fires if acc["fires"] is None else acc["fires"] + fires
+        if not compute_downstream:
+            continue
+        mask_b = sel.view(*sel.shape, *([1] * (x_full.ndim - 2)))
+
+        def splice(act: torch.Tensor, hook: Any, new: torch.Tensor, m: torch.Tensor = mask_b) -> torch.Tensor:
+            return torch.where(m, new.to(act.dtype), act)
+
+        sae_logits, sae_loss = model.run_with_hooks(
+            tokens,
+            fwd_hooks=[(hook, lambda a, hook: splice(a, hook, recon_full))],
+            return_type="both",
+            loss_per_token=True,
+        )
+        abl_logits, abl_loss = model.run_with_hooks(
+            tokens,
+            fwd_hooks=[(hook, lambda a, hook: splice(a, hook, torch.zeros_like(a)))],
+            return_type="both",
+            loss_per_token=True,
+        )
+        pm = pred_mask.to(clean_loss.device)
+        down["n"] += int(pm.sum())
+        down["clean"] += float(clean_loss[pm].sum())
+        down["sae"] += float(sae_loss[pm].sum())
+        down["abl"] += float(abl_loss[pm].sum())
+        down["kl_sae"] += float(_kl(clean_logits[:, :-1][pm], sae_logits[:, :-1][pm]).sum())
+        down["kl_abl"] += float(_kl(clean_logits[:, :-1][pm], abl_logits[:, :-1][pm]).sum())
+    return _summarise(acc, down, sae.cfg.d_sae, dense_threshold, compute_downstream)
+
+
+def _summarise(
+    acc: dict[str, Any], down: dict[str, Any], d_sae: int, dense_threshold: float, downstream: bool
+) -> dict[str, Any]:
+    n = acc["n"]
+    if n == 0:
+        raise ValueError("No covered, non-special token in the batches: nothing to evaluate.")
+    mean = acc["sum_x"] / n
+    total_var = acc["sum_x2"] - n * float((mean**2).sum())
+    density = acc["fires"].float() / n
+    out: dict[str, Any] = {
+        "n_tokens": n,
+        "explained_variance": 1.0 - acc["sse"] / total_var if total_var > 0 else float("nan"),
+        "mse": acc["sse"] / n,
+        "cossim": acc["cos"] / n,
+        "l0": acc["l0"] / n,
+        "l1": acc["l1"] / n,
+        "l2_ratio": acc["l2r"] / n,
+        "dead_frac": float((density == 0).float().mean()),
+        "dense_frac": float((density > dense_threshold).float().mean()),
+    }
+    if not downstream:
+        return out
+    m = down["n"]
+    if m == 0:
+        raise ValueError("No continuation target in the batches: nothing to score CE/KL on.")
+    clean, with_sae, abl = down["clean"] / m, down["sae"] / m, down["abl"] / m
+    kl_sae, kl_abl = down["kl_sae"] / m, down["kl_abl"] / m
+    out.update(
+        n_predictions=m,
+        ce_loss_without_sae=clean,
+        ce_loss_with_sae=with_sae,
+        ce_loss_with_ablation=abl,
+        ce_loss_score=(abl - with_sae) / (abl - clean) if abl != clean else float("nan"),
+        ce_increase=with_sae - clean,
+        kl_div_with_sae=kl_sae,
+        kl_div_with_ablation=kl_abl,
+        kl_div_score=(kl_abl - kl_sae) / kl_abl if kl_abl > 0 else float("nan"),
+    )
+    return out
