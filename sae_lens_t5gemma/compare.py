@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import tempfile
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,7 +341,12 @@ def _evaluate(
     else:
         task, score_from = "next-token prediction, every target", None
     metrics = evaluate_sae(
-        model, sae, tokens.split(batch_size), hook_name, dense_threshold=dense_threshold, score_from=score_from
+        model,
+        sae,
+        tokens.split(batch_size),
+        hook_name,
+        dense_threshold=dense_threshold,
+        score_from=score_from,
     )
     return metrics, task
 

@@ -90,6 +90,7 @@ def evaluate_sae(
     score_from: int | None = None,
     compute_downstream: bool = True,
     progress: bool = False,
+    activation_scaler: Any = None,
 ) -> dict[str, Any]:
     """Reconstruction and downstream metrics of ``sae`` over covered positions only.
 
@@ -105,6 +106,8 @@ def evaluate_sae(
         compute_downstream: also run the model with the SAE spliced in and with the site
             ablated (CE, KL); otherwise only reconstruction metrics.
         progress: show a progress bar.
+        activation_scaler: SAELens' ``ActivationScaler`` of an SAE in training (inputs scaled
+            before encoding, reconstructions unscaled), as ``run_evals`` takes it.
 
     Returns:
         ``explained_variance`` (1 - Σ‖x - x̂‖² / Σ‖x - x̄‖² over all covered tokens), ``mse``
@@ -115,7 +118,9 @@ def evaluate_sae(
     """
     hook = hook_name or sae.cfg.metadata.hook_name
     special = special_token_ids(model.tokenizer) if exclude_special_tokens else []
-    acc: dict[str, Any] = dict(n=0, sum_x=None, sum_x2=0.0, sse=0.0, cos=0.0, l0=0.0, l1=0.0, l2r=0.0, fires=None)
+    acc: dict[str, Any] = dict(
+        n=0, sum_x=None, sum_x2=0.0, sse=0.0, cos=0.0, l0=0.0, l1=0.0, l2r=0.0, fires=None
+    )
     down = dict(n=0, clean=0.0, sae=0.0, abl=0.0, kl_sae=0.0, kl_abl=0.0)
     for tokens in tqdm(batches, desc=f"eval {hook}", disable=not progress, leave=False):
         tokens = tokens.to(model.cfg.device)
@@ -129,8 +134,10 @@ def evaluate_sae(
         x_full = cache[hook]
         # hook_z arrives as [batch, n, heads, d_head]: flatten it unless the SAE does so itself.
         x_in = x_full if getattr(sae, "hook_z_reshaping_mode", False) else _flat(x_full)
-        feats = sae.encode(x_in.to(sae.dtype))
-        recon_full = sae.decode(feats).reshape(x_full.shape).to(x_full.dtype)
+        scale = activation_scaler.scale if activation_scaler is not None else (lambda a: a)
+        unscale = activation_scaler.unscale if activation_scaler is not None else (lambda a: a)
+        feats = sae.encode(scale(x_in.to(sae.dtype)))
+        recon_full = unscale(sae.decode(feats)).reshape(x_full.shape).to(x_full.dtype)
         sel = sae_mask.to(x_full.device)
         x, recon, f = _flat(x_full)[sel].float(), _flat(recon_full)[sel].float(), _flat(feats)[sel].float()
         if x.shape[0]:
@@ -148,18 +155,18 @@ def evaluate_sae(
             continue
         mask_b = sel.view(*sel.shape, *([1] * (x_full.ndim - 2)))
 
-        def splice(act: torch.Tensor, hook: Any, new: torch.Tensor, m: torch.Tensor = mask_b) -> torch.Tensor:
+        def splice(act: torch.Tensor, new: torch.Tensor, m: torch.Tensor = mask_b) -> torch.Tensor:
             return torch.where(m, new.to(act.dtype), act)
 
         sae_logits, sae_loss = model.run_with_hooks(
             tokens,
-            fwd_hooks=[(hook, lambda a, hook: splice(a, hook, recon_full))],
+            fwd_hooks=[(hook, lambda a, hook, r=recon_full: splice(a, r))],
             return_type="both",
             loss_per_token=True,
         )
         abl_logits, abl_loss = model.run_with_hooks(
             tokens,
-            fwd_hooks=[(hook, lambda a, hook: splice(a, hook, torch.zeros_like(a)))],
+            fwd_hooks=[(hook, lambda a, hook: splice(a, torch.zeros_like(a)))],
             return_type="both",
             loss_per_token=True,
         )

@@ -529,7 +529,9 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         if decoder_input_ids is not None or labels is not None:
             # Real source/target pairs: transformers' own semantics, no position contract.
             if decoder_input_ids is None:
-                decoder_input_ids = self.hf_model.prepare_decoder_input_ids_from_labels(labels.to(tokens.device))
+                decoder_input_ids = self.hf_model.prepare_decoder_input_ids_from_labels(
+                    labels.to(tokens.device)
+                )
             return _Feed(tokens, tokens, attention_mask, decoder_input_ids.to(tokens.device), labels, None)
 
         n = tokens.shape[1]
@@ -583,7 +585,9 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
     def _site_key(s: Site) -> tuple[int, int, int]:
         return _STACK_ORDER[s.stack], s.layer, _KIND_ORDER[s.kind.friendly]
 
-    def _through(self, hook_module: nn.Module, x: torch.Tensor, dims: tuple[tuple[int, str], ...]) -> torch.Tensor:
+    def _through(
+        self, hook_module: nn.Module, x: torch.Tensor, dims: tuple[tuple[int, str], ...]
+    ) -> torch.Tensor:
         """Send ``x`` through its hook point in the position contract's shape, and back.
 
         ``dims`` pairs each position dimension of ``x`` with the stack it indexes. Under a
@@ -683,7 +687,10 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             for (stack, layer), hooks in layers.items():
                 attn = attns[(stack, layer)]
                 stop = stop_after is not None and self._sites[stop_after].kind.route == "attention"
-                stop = stop and (self._sites[stop_after].stack, self._sites[stop_after].layer) == (stack, layer)
+                stop = stop and (self._sites[stop_after].stack, self._sites[stop_after].layer) == (
+                    stack,
+                    layer,
+                )
                 attn.__dict__["_sae_lens_t5gemma_route"] = self._attention_fn(stack, attn, hooks, stop)
                 config = copy.copy(attn.config)
                 config._attn_implementation = _SPLIT_ATTENTION
@@ -703,11 +710,15 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
 
         def run(q, k, v, mask, scaling, softcap):  # noqa: ANN001, ANN202
             k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
-            scores = torch.matmul(q, k.transpose(2, 3)) * (scaling if scaling is not None else attn.head_dim**-0.5)
+            scores = torch.matmul(q, k.transpose(2, 3)) * (
+                scaling if scaling is not None else attn.head_dim**-0.5
+            )
             if softcap is not None:
                 scores = torch.tanh(scores / softcap) * softcap
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                scores = (
+                    scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                )
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             n_self = k.shape[2] - (self._enc_len if cross else 0)
             parts = {"pattern": probs[..., :n_self], "cross_pattern": probs[..., n_self:]}
@@ -788,7 +799,9 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         _refuse_unexpected("forward", unexpected)
         if return_type not in (None, "logits", "loss", "both"):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r}")
-        feed = self._prepare_inputs(input, prepend_bos, padding_side, attention_mask, decoder_input_ids, labels)
+        feed = self._prepare_inputs(
+            input, prepend_bos, padding_side, attention_mask, decoder_input_ids, labels
+        )
         hf_kwargs = dict(hf_kwargs or {})
         active = self._active_sites()
         self._spans, self._enc_len = feed.spans, feed.enc_ids.shape[1]
@@ -809,7 +822,9 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             try:
                 with self._routing(active, stop_after=stop_after):
                     if stack == "encoder":
-                        self.hf_model.get_encoder()(input_ids=feed.enc_ids, attention_mask=feed.enc_mask, **hf_kwargs)
+                        self.hf_model.get_encoder()(
+                            input_ids=feed.enc_ids, attention_mask=feed.enc_mask, **hf_kwargs
+                        )
                     else:
                         self.hf_model.model(
                             input_ids=feed.enc_ids,
@@ -839,7 +854,10 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             )
         if loss_per_token:
             loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+                logits.float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
             ).view(labels.shape)
             if span is not None:
                 loss = _pad(loss, 1, span)[:, :-1]
@@ -931,7 +949,9 @@ def _refuse_unexpected(where: str, unexpected: dict[str, Any], accepted: tuple[s
         import inspect
 
         params = [
-            p for p in inspect.signature(getattr(HookedT5Gemma2, where)).parameters if p not in ("self", "unexpected")
+            p
+            for p in inspect.signature(getattr(HookedT5Gemma2, where)).parameters
+            if p not in ("self", "unexpected")
         ]
         raise TypeError(
             f"HookedT5Gemma2.{where}() got unexpected keyword(s) {sorted(unexpected)}. Accepted: "

@@ -133,7 +133,9 @@ def site(stack: str, layer: int, kind: str = "attn_out") -> Site:
     if kind not in KINDS_BY_FRIENDLY:
         raise ValueError(f"Unknown site kind {kind!r}: expected one of {sorted(KINDS_BY_FRIENDLY)}")
     if KINDS_BY_FRIENDLY[kind].hook(stack) is None:
-        raise ValueError(f"The {stack} has no {kind!r} site (it exists on the decoder's merged attention only)")
+        raise ValueError(
+            f"The {stack} has no {kind!r} site (it exists on the decoder's merged attention only)"
+        )
     return Site(stack, int(layer), KINDS_BY_FRIENDLY[kind])  # type: ignore[arg-type]
 
 

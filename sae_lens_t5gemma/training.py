@@ -8,19 +8,21 @@ SAELens trains SAEs with three runners, and each of them runs here unchanged on 
   trained from with ``use_cached_activations=True``.
 
 They reach T5Gemma 2 through ``override_model=HookedT5Gemma2(...)``, which serves SAELens'
-``run_with_cache(tokens, names_filter=..., stop_at_layer=...)`` calls with the encoder-
-decoder input convention (encoder sees the tokens, decoder sees them shifted right, labels
-are the tokens). This module builds the runner configs from a checked ``TrainingPlan`` (``training_plan.py``:
+``run_with_cache(tokens, names_filter=..., stop_at_layer=...)`` calls under the run's input
+convention. Under ``prefix_lm`` (the default) each row is split at ``p``: encoder SAEs train
+on positions ``< p`` and decoder SAEs on positions ``>= p`` (SAELens' ``seqpos_slice``), so
+no SAE sees a position its stack did not compute; a run over both stacks is split into one
+runner per stack for that reason. An encoder-only run lets the encoder read the whole row.
+Rows hold one document each (``disable_concat_sequences``). This module builds the runner configs from a checked ``TrainingPlan`` (``training_plan.py``:
 model, hooks by friendly name with wildcards, dataset, architecture, width, sparsity, token
 budget, all checked before any model is loaded), runs them, and writes SAELens-native
 folders that ``SAE.load_from_disk`` reads, plus a release YAML so that
 ``SAE.from_pretrained(release=..., sae_id=...)`` loads them by name. The config API is
 re-exported here, so ``from sae_lens_t5gemma.training import TrainConfig, train`` is enough.
 
-About the eval scores: SAELens' CE-loss and KL scores splice the SAE into the model and
-compare losses. Under this package's convention the labels are the input tokens, which the
-encoder has already read, so the scores measure how well the model still reproduces its
-input with the SAE spliced in, not free language modelling.
+Evals use :func:`~sae_lens_t5gemma.evaluation.evaluate_sae` (covered positions only; CE and
+KL on the continuation under ``prefix_lm``) rather than SAELens' ``run_evals``, which ignores
+``seqpos_slice`` and would average the zero rows of uncovered positions into every metric.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
 from sae_lens_t5gemma.training_plan import (  # noqa: F401 (re-exported: the training API in one import)
     _NORM_ESTIMATE_BYTES,
     ARCHITECTURES,
-    INPUT_CONVENTION,
     INPUT_CONVENTION_KEY,
     PRESETS,
     ModelDims,
@@ -71,18 +72,25 @@ from sae_lens_t5gemma.training_plan import (  # noqa: F401 (re-exported: the tra
 # ----------------------------------------------------------------------- SAE configs
 
 
-def sae_metadata(site: Site, model_name: str) -> dict[str, Any]:
-    """The T5Gemma 2 metadata every trained SAE carries (beyond SAELens' own fields)."""
+def sae_metadata(site: Site, model_name: str, convention: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The T5Gemma 2 metadata every trained SAE carries (beyond SAELens' own fields).
+
+    ``convention`` is :meth:`TrainingPlan.convention_metadata`: the convention, the split and
+    the positions the SAE trained on.
+    """
     return {
         "model_name": model_name,
+        "model_class_name": "HookedT5Gemma2",
         "hook_name": site.hook_name,
         "hf_hook_name": f"{site.hf_module}.{site.kind.hf_io}",
         "t5gemma2_site": site.friendly,
-        INPUT_CONVENTION_KEY: INPUT_CONVENTION,
+        **(convention or {}),
     }
 
 
-def build_sae_config(cfg: TrainConfig, d_in: int, site: Site, model_name: str) -> TrainingSAEConfig:
+def build_sae_config(
+    cfg: TrainConfig, d_in: int, site: Site, model_name: str, convention: dict[str, Any] | None = None
+) -> TrainingSAEConfig:
     """The SAELens ``TrainingSAEConfig`` for one site, per the architecture and sparsity."""
     from sae_lens import (
         BatchTopKTrainingSAEConfig,
@@ -98,7 +106,7 @@ def build_sae_config(cfg: TrainConfig, d_in: int, site: Site, model_name: str) -
     common: dict[str, Any] = dict(
         d_in=d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device=cfg.device,
         apply_b_dec_to_input=cfg.apply_b_dec_to_input, normalize_activations=cfg.normalize_activations,
-        metadata=SAEMetadata(**sae_metadata(site, model_name)),
+        metadata=SAEMetadata(**sae_metadata(site, model_name, convention)),
     )  # fmt: skip
     arch = cfg.architecture
     if arch == "standard":
@@ -142,8 +150,8 @@ def _logger_config(cfg: TrainConfig, run_name: str):
     )
 
 
-def _runner_common(plan: TrainingPlan, run_name: str) -> dict[str, Any]:
-    """The runner-config fields that single- and multi-hook runs share."""
+def _runner_common(plan: TrainingPlan, run_name: str, stack: str) -> dict[str, Any]:
+    """The runner-config fields that single- and multi-hook runs (of one stack) share."""
     cfg = plan.config
     steps = cfg.training_tokens // cfg.train_batch_size_tokens
     return dict(
@@ -168,6 +176,8 @@ def _runner_common(plan: TrainingPlan, run_name: str) -> dict[str, Any]:
         lr_warm_up_steps=cfg.lr_warm_up_steps,
         lr_decay_steps=int(steps * cfg.lr_decay_fraction),
         train_batch_size_tokens=cfg.train_batch_size_tokens,
+        seqpos_slice=plan.seqpos_slice(stack),
+        disable_concat_sequences=cfg.disable_concat_sequences,
     )
 
 
@@ -181,23 +191,36 @@ def build_runner_config(plan: TrainingPlan, site: Site, output_path: str | Path 
     cfg = plan.config
     out = Path(output_path) if output_path is not None else plan.out / site.friendly
     return LanguageModelSAERunnerConfig(
-        sae=build_sae_config(cfg, plan.dims.d_in(site), site, plan.dims.name),
+        sae=build_sae_config(
+            cfg, plan.dims.d_in(site), site, plan.dims.name, plan.convention_metadata(site.stack)
+        ),
         hook_name=site.hook_name,
         is_dataset_tokenized=False,
         n_batches_for_norm_estimate=min(cfg.n_batches_for_norm_estimate, max(1, plan.total_steps)),
         output_path=str(out),
         verbose=False,
-        **_runner_common(plan, f"{site.friendly}-{cfg.architecture}-{cfg.d_sae}"),
+        **_runner_common(plan, f"{site.friendly}-{cfg.architecture}-{cfg.d_sae}", site.stack),
         **extra,
     )
 
 
 def build_multi_runner_config(plan: TrainingPlan):
-    """SAELens' ``MultiSAETrainingRunnerConfig``: one SAE per site, named by SAE id."""
+    """SAELens' ``MultiSAETrainingRunnerConfig``: one SAE per site, named by SAE id (one stack only)."""
     from sae_lens import MultiSAETrainingRunnerConfig
 
     cfg = plan.config
-    saes = {s.friendly: build_sae_config(cfg, plan.dims.d_in(s), s, plan.dims.name) for s in plan.sites}
+    stacks = {s.stack for s in plan.sites}
+    if len(stacks) != 1:
+        raise ValueError(
+            f"A multi-hook runner serves one stack (one seqpos_slice); got sites on {sorted(stacks)}"
+        )
+    stack = stacks.pop()
+    saes = {
+        s.friendly: build_sae_config(
+            cfg, plan.dims.d_in(s), s, plan.dims.name, plan.convention_metadata(stack)
+        )
+        for s in plan.sites
+    }
     # Norm estimation keeps every batch of every hook in memory at once: cap it.
     bytes_per_batch = cfg.train_batch_size_tokens * sum(plan.dims.d_in(s) for s in plan.sites) * 4
     n_norm = max(
@@ -208,7 +231,7 @@ def build_multi_runner_config(plan: TrainingPlan):
         hook_names={s.friendly: s.hook_name for s in plan.sites},
         n_batches_for_norm_estimate=n_norm,
         output_path=str(plan.out),
-        **_runner_common(plan, f"multi-{len(saes)}-{cfg.architecture}-{cfg.d_sae}"),
+        **_runner_common(plan, f"multi-{len(saes)}-{cfg.architecture}-{cfg.d_sae}", stack),
     )
 
 
@@ -217,10 +240,11 @@ def build_multi_runner_config(plan: TrainingPlan):
 
 @dataclass
 class EvalRecorder:
-    """SAELens' in-training eval (``run_evals``) with KL as well as CE loss, recording each call.
+    """The in-training eval: :func:`~sae_lens_t5gemma.evaluation.evaluate_sae` on the store's tokens.
 
-    SAELens' own evaluators compute the CE-loss score but leave KL off; this one runs the
-    same ``run_evals`` with both on, and keeps every result in ``history``.
+    Covered positions only, CE-loss and KL scores on the continuation (``prefix_lm``); each
+    result is kept in ``history``. SAELens' ``run_evals`` is not used: it ignores
+    ``seqpos_slice`` and would average uncovered zero rows into every metric.
     """
 
     model: HookedRootModule
@@ -230,39 +254,31 @@ class EvalRecorder:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def evaluate(self, sae: SAE[Any], scaler: Any = None) -> dict[str, Any]:
-        """One eval of ``sae`` (nested dict of SAELens' metric groups)."""
-        from sae_lens.evals import EvalConfig, run_evals
-        from sae_lens.training.activation_scaler import ActivationScaler
+        """One eval of ``sae``: a flat dict of metrics (see ``evaluate_sae``)."""
+        from sae_lens_t5gemma.evaluation import evaluate_sae
 
         store = self.activations_store
-        exclude: bool | list[int] = False
-        if store.exclude_special_tokens is not None:
-            exclude = store.exclude_special_tokens.tolist()
-        eval_config = EvalConfig(
-            batch_size_prompts=self.eval_batch_size_prompts,
-            n_eval_reconstruction_batches=self.n_eval_batches,
-            n_eval_sparsity_variance_batches=self.n_eval_batches,
-            compute_kl=True,
-            compute_ce_loss=True,
-            compute_l2_norms=True,
-            compute_sparsity_metrics=True,
-            compute_variance_metrics=True,
-        )
+        batches = [store.get_batch_tokens(self.eval_batch_size_prompts) for _ in range(self.n_eval_batches)]
         was_training = sae.training
         sae.eval()
+        # An encoder-only run lets the encoder read whole rows (prefix_len = n): nothing is left
+        # for the decoder to predict, so CE/KL are scored with the default split (n // 2).
+        split = getattr(self.model, "prefix_len", None)
+        full_row = split is not None and split == store.context_size
+        if full_row:
+            self.model.prefix_len = None
         try:
-            metrics, _ = run_evals(
-                sae=sae,
-                activation_store=store,
-                model=self.model,
-                activation_scaler=scaler if scaler is not None else ActivationScaler(),
-                eval_config=eval_config,
-                exclude_special_tokens=exclude,
-                model_kwargs=getattr(store, "model_kwargs", {}) or {},
+            return evaluate_sae(
+                self.model,
+                sae,
+                batches,
+                exclude_special_tokens=store.exclude_special_tokens is not None,
+                activation_scaler=scaler,
             )
         finally:
             sae.train(was_training)
-        return metrics
+            if full_row:
+                self.model.prefix_len = split
 
     def __call__(self, sae: SAE[Any], data_provider: Any, activation_scaler: Any) -> dict[str, Any]:
         """SAELens' single-SAE ``Evaluator`` signature."""
@@ -376,6 +392,8 @@ class TrainingResult:
     """Copies of the SAEs as initialised (only with ``keep_initial=True``)."""
     release: str | None = None
     """The registered release name, if any."""
+    convention: str = ""
+    """How the model was fed (``TrainingPlan.convention_metadata``), in words."""
     release_yaml: Path | None = None
 
 
@@ -423,12 +441,45 @@ def train(
     model = model if model is not None else _load_model(plan)
     _check_model(model, plan)
     torch.manual_seed(plan.config.seed)
-    with _wandb_mode(plan.config.wandb):
-        if len(plan.sites) > 1 and plan.config.multi_hook:
-            result = _train_multi(plan, model, dataset, keep_initial)
-        else:
-            result = _train_single_sites(plan, model, dataset, keep_initial)
-    return _finish(plan, result)
+    results = []
+    with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
+        # One runner per stack: a runner has one seqpos_slice, and the stacks cover different positions.
+        for stack_plan in _per_stack(plan):
+            if len(stack_plan.sites) > 1 and plan.config.multi_hook:
+                results.append(_train_multi(stack_plan, model, dataset, keep_initial))
+            else:
+                results.append(_train_single_sites(stack_plan, model, dataset, keep_initial))
+    return _finish(plan, _merge(plan, results))
+
+
+def _per_stack(plan: TrainingPlan) -> list[TrainingPlan]:
+    stacks = dict.fromkeys(s.stack for s in plan.sites)
+    return [replace(plan, sites=tuple(s for s in plan.sites if s.stack == st)) for st in stacks]
+
+
+def _merge(plan: TrainingPlan, results: list[TrainingResult]) -> TrainingResult:
+    merged = TrainingResult(plan.out, {}, {}, {}, [], {})
+    for r in results:
+        merged.paths.update(r.paths)
+        merged.eval_metrics.update(r.eval_metrics)
+        merged.eval_history.extend(r.eval_history)
+        merged.initial_saes.update(r.initial_saes)
+    return merged
+
+
+@contextlib.contextmanager
+def _fed_as_planned(model: Any, plan: TrainingPlan) -> Iterator[None]:
+    """Set the model's convention and split to the plan's for the run (they fix the seqpos_slice)."""
+    if not hasattr(model, "convention"):
+        yield
+        return
+    before = model.convention, model.prefix_len
+    model.convention = plan.config.convention
+    model.prefix_len = plan.split
+    try:
+        yield
+    finally:
+        model.convention, model.prefix_len = before
 
 
 def _train_single_sites(
@@ -489,13 +540,17 @@ def _finish(plan: TrainingPlan, result: TrainingResult) -> TrainingResult:
     from sae_lens import SAE
 
     result.saes = {k: SAE.load_from_disk(p, device=plan.config.device) for k, p in result.paths.items()}
+    result.convention = "; ".join(
+        dict.fromkeys(plan.convention_metadata(s.stack)[INPUT_CONVENTION_KEY] for s in plan.sites)
+    )
     summary = {
         "config": plan.config.to_dict(),
         "model_name": plan.dims.name,
         "saes": {k: str(p) for k, p in result.paths.items()},
         "eval_metrics": result.eval_metrics,
-        "note": "CE-loss/KL scores use labels = input tokens (already seen by the encoder): they measure "
-        "how well the model reproduces its input with the SAE spliced in.",
+        "convention": {s.friendly: plan.convention_metadata(s.stack) for s in plan.sites},
+        "note": "Metrics over covered positions only (sae_lens_t5gemma.evaluation); CE/KL scored on the "
+        "continuation under prefix_lm, on a copy task under reconstruct.",
     }
     (plan.out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if plan.config.release_name:
@@ -563,6 +618,7 @@ def build_cache_config(plan: TrainingPlan, site: Site, cache_dir: str | Path, sh
         buffer_size_gb=(per_shard * bytes_per_token + bytes_per_token // 2) / 1e9,
         prepend_bos=True,
         streaming=cfg.streaming,
+        seqpos_slice=plan.seqpos_slice(site.stack),
     )
 
 
@@ -598,11 +654,12 @@ def cache_activations(
     _check_model(model, plan)
     runner_cls = _cache_runner_class()
     out: dict[str, Path] = {}
-    for site in plan.sites:
-        cache_cfg = build_cache_config(plan, site, cache_dir / site.friendly)
-        with _quiet_runner_setup():
-            runner_cls(cache_cfg, model, override_dataset=dataset).run()
-        out[site.friendly] = cache_dir / site.friendly
+    with _fed_as_planned(model, plan):
+        for site in plan.sites:
+            cache_cfg = build_cache_config(plan, site, cache_dir / site.friendly)
+            with _quiet_runner_setup():
+                runner_cls(cache_cfg, model, override_dataset=dataset).run()
+            out[site.friendly] = cache_dir / site.friendly
     return out
 
 
@@ -630,7 +687,7 @@ def train_from_cache(
     _check_model(model, plan)
     torch.manual_seed(plan.config.seed)
     results = []
-    with _wandb_mode(plan.config.wandb):
+    with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
         for site in plan.sites:
             sub = replace(plan, sites=(site,))
             results.append(
@@ -643,13 +700,7 @@ def train_from_cache(
                     cached_activations_path=str(cache_dir / site.friendly),
                 )  # fmt: skip
             )
-    merged = TrainingResult(plan.out, {}, {}, {}, [], {})
-    for r in results:
-        merged.paths.update(r.paths)
-        merged.eval_metrics.update(r.eval_metrics)
-        merged.eval_history.extend(r.eval_history)
-        merged.initial_saes.update(r.initial_saes)
-    return _finish(plan, merged)
+    return _finish(plan, _merge(plan, results))
 
 
 # -------------------------------------------------------------------- one-call run
@@ -692,13 +743,10 @@ def format_report(result: TrainingResult) -> str:
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
         rows.append(
-            f"{sae_id:24s} {num('sparsity/l0', '8.1f')} {num('reconstruction_quality/explained_variance', '9.3f')} "
-            f"{num('model_performance_preservation/ce_loss_score', '9.3f')} "
-            f"{num('model_behavior_preservation/kl_div_score', '9.3f')}  {path}"
+            f"{sae_id:24s} {num('l0', '8.1f')} {num('explained_variance', '9.3f')} "
+            f"{num('ce_loss_score', '9.3f')} {num('kl_div_score', '9.3f')}  {path}"
         )
-    rows.append(
-        "CE/KL scores: labels are the input tokens, which the encoder has read; they measure input reproduction."
-    )
+    rows.append(f"Metrics over covered positions; convention: {result.convention}.")
     first = next(iter(result.paths), None)
     if result.release and first:
         rows.append(f"release {result.release!r} registered; in a new process register it again first:")
@@ -809,7 +857,7 @@ def write_release_yaml(folder: str | Path, release_name: str, sae_ids: Sequence[
             entry["l0"] = round(float(meta["l0"]), 4)
         evals_path = folder / sae_id / "eval_metrics.json"
         if evals_path.is_file():
-            ev = json.loads(evals_path.read_text()).get("reconstruction_quality", {})
+            ev = json.loads(evals_path.read_text())
             if "explained_variance" in ev:
                 entry["variance_explained"] = round(float(ev["explained_variance"]), 4)
         entries.append(entry)

@@ -24,9 +24,8 @@ from sae_lens_t5gemma.sites import Site
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 
-# Written into every trained SAE's metadata: how the hooked model feeds T5Gemma 2, so a
-# reader of the SAE knows which activations it was trained on.
-INPUT_CONVENTION = "encoder=tokens; decoder=shift_right(tokens); labels=tokens"
+# Written into every trained SAE's metadata: how the hooked model fed T5Gemma 2, so a reader
+# of the SAE knows which activations it was trained on (see HookedT5Gemma2's conventions).
 INPUT_CONVENTION_KEY = "t5gemma2_input_convention"
 
 # Friendly architecture names -> SAELens training-registry names.
@@ -131,6 +130,18 @@ class TrainConfig:
     """Replace SAE folders that already exist in ``out``."""
     preset: str | None = None
     """The preset these values came from, recorded with the run."""
+    convention: str = "prefix_lm"
+    """How rows feed T5Gemma 2: ``prefix_lm`` (encoder reads ``tokens[:, :p]``, decoder writes the
+    continuation; the task the model was adapted for) or ``reconstruct`` (a copy task, opt-in)."""
+    prefix_len: int | None = None
+    """The ``prefix_lm`` split p (default ``context_size // 2``). Encoder SAEs train on positions
+    ``< p``, decoder SAEs on ``>= p`` (SAELens' ``seqpos_slice``), so no SAE sees a zero row."""
+    encoder_reads_full_row: bool = True
+    """When every hook is on the encoder the decoder never runs, so the encoder may read the whole
+    row (as in use, where it reads the whole prompt). Recorded in the SAEs' metadata."""
+    disable_concat_sequences: bool = True
+    """One document per row (SAELens' ``disable_concat_sequences``; shorter documents are skipped).
+    The encoder is bidirectional: packed rows would let tokens attend to the next, unrelated document."""
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> TrainConfig:
@@ -175,15 +186,17 @@ def preset_mindchain() -> dict[str, Any]:
     - 1,500 texts x 5 epochs of at most 128 tokens -> about 1M training tokens;
     - SAELens' trainer uses Adam without weight decay; the card's AdamW with torch's default
       decay (0.01) at lr 1e-4 shrinks weights by 1e-6 per step, a negligible difference;
-    - SAELens' L1 term is weighted by decoder norms and its MSE is summed over d_in (not
-      averaged), so the same coefficient does not give the same balance as the card's loop. With inputs
-      normalised to norm sqrt(d_in), L1 0.01 is weak, which reproduces the card's
-      character: a dense SAE (the card reports L0 about 1,367 of 4,096).
+    - no input normalisation, as the card's loop feeds raw o_proj outputs;
+    - an approximation, not a replica: SAELens' L1 term is weighted by decoder norms and its
+      MSE is summed over d_in (not averaged), so the same coefficient does not give the card's
+      balance; the card's context length and its input convention are not documented
+      (context 128 is a guess, and the card's decoder input is unknown: ``diagnose`` estimates it).
     """
     return dict(
         architecture="standard", d_sae=4096, l1=0.01, lr=1e-4, context_size=128,
         train_batch_size_tokens=256, store_batch_size_prompts=8, training_tokens=1_000_000,
-        lr_decay_fraction=0.0, exclude_special_tokens=False, hooks=["encoder.*.attn_out", "decoder.*.attn_out"],
+        lr_decay_fraction=0.0, exclude_special_tokens=False, normalize_activations="none",
+        hooks=["encoder.*.attn_out", "decoder.*.attn_out"],
     )  # fmt: skip
 
 
@@ -194,8 +207,9 @@ def preset_recommended() -> dict[str, Any]:
       coefficient has to be searched and every run lands at the intended sparsity even on
       short budgets; SAELens saves it as a JumpReLU SAE (a threshold per latent), the same
       inference architecture as Gemma Scope 2, so the result loads and compares like Gemma
-      Scope 2's SAEs. k = 40 sits in Gemma Scope 2's "medium" L0 band (30-60), the band its
-      card recommends for most tasks. (For Gemma Scope 2's own training objective use
+      Scope 2's SAEs. k = 40 sits in the "medium" L0 band (30-60) of Gemma Scope 2's
+      four-layer releases, the band its card recommends; its every-layer ``-all`` releases
+      offer only ``small`` (L0 about 10-20) and ``big`` (about 60-150). (For Gemma Scope 2's own training objective use
       ``architecture="jumprelu"`` with ``k`` as the target of the quadratic L0 loss.)
     - **Width 16k** (16,384): Gemma Scope 2's smallest width, 25x the 640-wide o_proj output;
       wider SAEs (64k, 256k) split features further but cost proportionally more.
@@ -206,7 +220,8 @@ def preset_recommended() -> dict[str, Any]:
     - **lr 3e-4** (SAELens' default) with the last 20% of steps decaying linearly (the
       SAELens tutorial's schedule); 4,096-token batches; 512-token contexts (T5Gemma 2's
       sliding window), bos/eos/pad positions excluded as outliers.
-    - **100M tokens** per SAE: a single-GPU budget for a 270M model; raise it for quality.
+    - **100M tokens** per SAE: a single-GPU budget for a 270M model, well below the budgets
+      Gemma Scope trained with (billions of tokens per SAE); raise it for quality.
     """
     return dict(
         architecture="batchtopk", d_sae=16384, k=40, lr=3e-4, context_size=512,
@@ -243,6 +258,8 @@ class TrainingPlan:
     sites: tuple[Site, ...]
     dataset_files: tuple[Path, ...]
     """Local dataset files (empty for a Hugging Face dataset)."""
+    stacks: tuple[str, ...] = ()
+    """The stacks of the whole run (kept when a run is split per stack)."""
 
     @property
     def sae_ids(self) -> list[str]:
@@ -257,6 +274,43 @@ class TrainingPlan:
         if self.dataset_files:
             return ",".join(str(p) for p in self.dataset_files)
         return str(self.config.dataset)
+
+    @property
+    def encoder_only(self) -> bool:
+        return set(self.stacks or (s.stack for s in self.sites)) == {"encoder"}
+
+    @property
+    def split(self) -> int:
+        """The model's ``prefix_len`` for this run: ``context_size`` when the encoder reads whole rows."""
+        cfg = self.config
+        if self.encoder_only and cfg.encoder_reads_full_row:
+            return cfg.context_size
+        return cfg.prefix_len or cfg.context_size // 2
+
+    def seqpos_slice(self, stack: str) -> tuple[int | None, ...]:
+        """SAELens' ``seqpos_slice`` for a stack: exactly the positions it computes from a token."""
+        if self.config.convention == "reconstruct":
+            return (None,)
+        p = self.split
+        return (None, p) if stack == "encoder" else (p, None)
+
+    def convention_metadata(self, stack: str) -> dict[str, Any]:
+        """What every SAE of this run records about how the model was fed."""
+        cfg = self.config
+        if cfg.convention == "reconstruct":
+            words = "reconstruct: encoder and decoder read the same row (a copy task)"
+        elif self.encoder_only and cfg.encoder_reads_full_row:
+            words = "prefix_lm, encoder-only run: the encoder read the whole row (the decoder never ran)"
+        else:
+            words = (
+                f"prefix_lm: encoder read tokens[:, :{self.split}], decoder read [BOS] + tokens[:, {self.split}:]; "
+                f"this {stack} SAE trained on positions {self.seqpos_slice(stack)}"
+            )
+        return {
+            "t5gemma2_convention": cfg.convention,
+            "t5gemma2_prefix_len": None if cfg.convention == "reconstruct" else self.split,
+            INPUT_CONVENTION_KEY: words,
+        }
 
     @property
     def total_steps(self) -> int:
@@ -469,6 +523,17 @@ def _check_numbers(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(cfg, name)!r}")
     if cfg.release_name is not None:
         _check_release_name(cfg.release_name)
+    if cfg.convention not in ("prefix_lm", "reconstruct"):
+        raise ValueError(f"Unknown convention {cfg.convention!r}: expected 'prefix_lm' or 'reconstruct'")
+    if cfg.prefix_len is not None and (
+        not isinstance(cfg.prefix_len, int)
+        or isinstance(cfg.prefix_len, bool)
+        or not 0 < cfg.prefix_len < cfg.context_size
+    ):
+        raise ValueError(
+            f"prefix_len must be a whole number in [1, context_size - 1] = [1, {cfg.context_size - 1}], got "
+            f"{cfg.prefix_len!r} (SAELens' seqpos_slice is fixed per run, so a random split cannot train)"
+        )
 
 
 def _check_release_name(name: str) -> None:
@@ -513,7 +578,7 @@ def plan_training(cfg: TrainConfig) -> TrainingPlan:
             raise FileExistsError(
                 f"Output folder {str(out)!r} already holds SAE(s) {taken}; choose another --out or pass overwrite"
             )
-    return TrainingPlan(cfg, dims, tuple(sites), files)
+    return TrainingPlan(cfg, dims, tuple(sites), files, tuple(dict.fromkeys(s.stack for s in sites)))
 
 
 # ---------------------------------------------------------------------------- dataset
