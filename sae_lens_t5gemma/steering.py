@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sae_lens import SAE
+from sae_lens import SAE, logger
 
 # SAELens' own wrapper (error term, hook points, token masks), reused so that spliced SAEs
 # behave and cache exactly as under HookedSAETransformer.
@@ -34,142 +34,359 @@ if TYPE_CHECKING:
 
 def _site_width(model: HookedT5Gemma2, hook_name: str) -> int:
     s = model._sites[hook_name]
-    if s.kind.friendly == "attn_z":
+    kind = s.kind.friendly
+    if kind in ("attn_z", "z_self", "z_cross"):
         n_heads, d_head = model._heads[s.stack]
         return n_heads * d_head
+    if kind == "mlp_post":
+        return model.cfg.d_mlp
+    if kind in ("pattern", "cross_pattern"):
+        raise ValueError(f"Hook {hook_name} holds attention probabilities; an SAE cannot be spliced there.")
     return model.cfg.d_model
+
+
+def _fit(model: HookedT5Gemma2, name: str, width: int, what: str) -> str:
+    canonical = model.canonical_name(name)
+    site_width = _site_width(model, canonical)
+    if width != site_width:
+        raise ValueError(
+            f"SAE {what}={width} does not fit hook {canonical} (from {name!r}), "
+            f"whose activations are {site_width} wide."
+        )
+    return canonical
 
 
 def check_sae_fits(model: HookedT5Gemma2, sae: SAE[Any]) -> str:
     """The canonical hook name of ``sae`` on ``model``; errors if it has none or ``d_in`` does not fit.
 
+    For steering and reading features: transcoders are refused here (:meth:`SAEMixin.add_sae`
+    splices them).
+
     Raises:
         ValueError: no ``hook_name``, unknown hook, a transcoder, or ``d_in`` != the site's width.
+    """
+    name_in, name_out = splice_sites(model, sae)
+    if name_in != name_out:
+        raise ValueError(
+            f"SAE reads {name_in} and writes {name_out}: a transcoder; splice it with add_sae instead."
+        )
+    return name_in
+
+
+def splice_sites(model: HookedT5Gemma2, sae: SAE[Any]) -> tuple[str, str]:
+    """The canonical (input, output) hook names of an SAE or transcoder, checked against ``model``.
+
+    An SAE reads and writes at ``cfg.metadata.hook_name``; a transcoder reads there and writes at
+    ``cfg.metadata.hook_name_out`` (``cfg.d_out`` wide), as under SAELens' HookedSAETransformer.
+
+    Raises:
+        ValueError: no ``hook_name``, an unknown hook, a width that does not fit, or a transcoder
+            whose two hooks sit in different stacks (their positions do not correspond).
     """
     name = sae.cfg.metadata.hook_name
     if not name:
         raise ValueError("The SAE's cfg.metadata.hook_name is empty: it does not say where to attach it.")
+    name_in = _fit(model, name, sae.cfg.d_in, "d_in")
     out = sae.cfg.metadata.hook_name_out
-    if out and model.canonical_name(out) != model.canonical_name(name):
-        raise ValueError(f"SAE reads {name} and writes {out}: transcoders are not supported here.")
-    canonical = model.canonical_name(name)
-    width = _site_width(model, canonical)
-    if sae.cfg.d_in != width:
+    if not out or model.canonical_name(out) == name_in:
+        return name_in, name_in
+    name_out = _fit(model, out, getattr(sae.cfg, "d_out", sae.cfg.d_in), "d_out")
+    stacks = (model._sites[name_in].stack, model._sites[name_out].stack)
+    if stacks[0] != stacks[1]:
         raise ValueError(
-            f"SAE d_in={sae.cfg.d_in} does not fit hook {canonical} (from {name!r}), "
-            f"whose activations are {width} wide."
+            f"Transcoder reads {name_in} ({stacks[0]}) and writes {name_out} ({stacks[1]}): both hooks "
+            "must be in the same stack."
         )
-    return canonical
+    return name_in, name_out
 
 
 class SAEMixin:
-    """``add_sae`` / ``reset_saes`` / ``saes`` / ``run_with_saes`` ... as on HookedSAETransformer."""
+    """SAELens' ``HookedSAETransformer`` splicing API, on ``HookedT5Gemma2``.
 
-    _acts_to_saes_store: dict[str, tuple[_SAEWrapper, HookPoint]]
+    Same methods, arguments and semantics as SAELens 6.54's ``HookedSAETransformer``:
+    ``_acts_to_saes`` (input hook name -> SAELens ``_SAEWrapper``), ``add_sae(sae,
+    use_error_term, exclude_special_tokens)``, ``_reset_sae(name, prev_wrapper=None)``,
+    ``reset_saes``, the ``saes`` context, ``run_with_saes``, ``run_with_cache_with_saes`` and
+    ``run_with_hooks_with_saes`` (with ``reset_saes_end``), and transcoders (read at
+    ``hook_name``, write at ``hook_name_out``). The wrapper and the special-token mask are
+    SAELens' own code. Differences, all on bad input: an unknown hook or a width that does not
+    fit raises ``ValueError`` (SAELens logs a warning and skips the SAE), and splicing over a
+    hook point that has hooks attached (e.g. steering) raises instead of dropping them.
+
+    Hook names may be any spelling (aliases, transformers paths); keys are canonical names.
+
+    ``exclude_special_tokens``: at every position whose token is special the SAE is bypassed
+    (the original activation flows on). The token is the one the site's stack read at that
+    position, laid out by the position contract: encoder position ``t`` read ``tokens[t]``,
+    decoder position ``t`` the state after reading ``tokens[t]`` (under ``prefix_lm`` position
+    ``p - 1`` read the decoder's BOS, which is special). So for a token batch the mask is
+    SAELens' batch mask. In ``generate()`` and with explicit ``decoder_input_ids`` the decoder's
+    mask comes from the ids it actually reads, step by step. Positions a stack does not compute
+    (zeros under ``prefix_lm``) also bypass the SAE, so its hooks hold zeros there too.
+    """
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def _acts_to_saes(self: Any) -> dict[str, _SAEWrapper]:
+        """Canonical input hook name -> SAELens ``_SAEWrapper`` (as HookedSAETransformer keeps it)."""
+        return self.__dict__.setdefault("_acts_to_saes_store", {})
+
+    @_acts_to_saes.setter
+    def _acts_to_saes(self: Any, value: dict[str, _SAEWrapper]) -> None:
+        self.__dict__["_acts_to_saes_store"] = value
+
+    @property
+    def _transcoder_output_hooks(self: Any) -> dict[str, str]:
+        """Input hook -> output hook, for transcoders only (as HookedSAETransformer keeps it)."""
+        return self.__dict__.setdefault("_transcoder_output_hooks_store", {})
 
     @property
     def acts_to_saes(self: Any) -> dict[str, SAE[Any]]:
         """Canonical hook name -> attached SAE."""
-        store = self.__dict__.setdefault("_acts_to_saes_store", {})
-        return {name: wrapper.sae for name, (wrapper, _) in store.items()}
+        return {name: wrapper.sae for name, wrapper in self._acts_to_saes.items()}
 
-    def add_sae(self: Any, sae: SAE[Any], use_error_term: bool | None = None) -> None:
-        """Splice ``sae`` in at its hook (replacing any SAE already there) until ``reset_saes``.
+    def _splice_state(self: Any) -> dict[str, Any]:
+        # The hook points an SAE replaced (restored on reset, so identities and hooks survive),
+        # the transcoders' capture handles, and the PyTorch hooks that build token masks.
+        return self.__dict__.setdefault(
+            "_splice_state_store", {"originals": {}, "captures": {}, "mask_handles": []}
+        )
+
+    # ------------------------------------------------------------------ add / reset
+
+    def add_sae(
+        self: Any,
+        sae: SAE[Any],
+        use_error_term: bool | None = None,
+        exclude_special_tokens: bool | list[int] = False,
+    ) -> None:
+        """Splice ``sae`` (an SAE or a transcoder) in until ``reset_saes``; replaces one at the same hook.
 
         Args:
-            sae: a SAELens SAE whose ``cfg.metadata.hook_name`` names a site of this model.
-            use_error_term: add the SAE's reconstruction error back so the model's outputs are
+            sae: a SAELens SAE whose ``cfg.metadata.hook_name`` names a site of this model; a
+                ``Transcoder`` also names ``hook_name_out``, where its output replaces the activation.
+            use_error_term: add the reconstruction error back so the model's outputs are
                 unchanged (hooks on the SAE's internals then act as interventions). Defaults to
                 the SAE's own setting.
+            exclude_special_tokens: True bypasses the SAE at positions that read a special token
+                (BOS, EOS, PAD, ... from the tokenizer, as SAELens picks them); a list of ids
+                picks those tokens instead. See the class docstring for decoder positions.
 
         Raises:
-            ValueError: unknown hook name, or ``d_in`` does not fit the site.
+            ValueError: unknown hook name, a site without a width (attention patterns), a width
+                that does not fit, or hooks already attached at the output site.
         """
-        name = check_sae_fits(self, sae)
-        store = self.__dict__.setdefault("_acts_to_saes_store", {})
-        if name in store:
-            self._reset_sae(name)
-        original = self.get_submodule(name)
+        name_in, name_out = splice_sites(self, sae)
+        if name_in in self._acts_to_saes:
+            self._reset_sae(name_in)
+            self.setup()
+        original = self.mod_dict[name_out]
+        if not isinstance(original, HookPoint):
+            holder = next(k for k, v in self._acts_to_saes.items() if v is original)
+            raise ValueError(f"Hook {name_out} already holds the SAE attached at {holder}; reset that first.")
         if original.fwd_hooks or original.bwd_hooks:
             raise ValueError(
-                f"Hook {name} has hooks attached (e.g. steering); remove them before splicing an SAE there."
+                f"Hook {name_out} has hooks attached (e.g. steering); remove them before splicing an SAE there."
             )
         wrapper = _SAEWrapperFlat(
-            sae, use_error_term=sae.use_error_term if use_error_term is None else use_error_term
+            sae,
+            use_error_term=sae.use_error_term if use_error_term is None else use_error_term,
+            exclude_special_tokens=exclude_special_tokens,
         )
-        _set_module(self, name, wrapper)
-        store[name] = (wrapper, original)
+        state = self._splice_state()
+        if name_in != name_out:
+            # As HookedSAETransformer: a permanent hook at the input site hands the wrapper its input.
+            source = self.mod_dict[name_in]
+            source.add_hook(lambda x, hook: (wrapper.capture_input(x), x)[1], dir="fwd", is_permanent=True)  # noqa: ARG005
+            state["captures"][name_in] = source.fwd_hooks[-1]
+            self._transcoder_output_hooks[name_in] = name_out
+        state["originals"][name_out] = original
+        _set_module(self, name_out, wrapper)
+        self._acts_to_saes[name_in] = wrapper
+        self._update_mask_hooks()
         self.setup()
 
-    def _reset_sae(self: Any, name: str) -> None:
-        store = self.__dict__.setdefault("_acts_to_saes_store", {})
-        _wrapper, original = store.pop(name)
-        _set_module(self, name, original)
+    def _reset_sae(self: Any, act_name: str, prev_wrapper: _SAEWrapper | None = None) -> None:
+        """Remove the SAE attached at ``act_name``; with ``prev_wrapper``, attach that wrapper's SAE
+        with its settings instead (as HookedSAETransformer does). A name with no SAE logs a warning."""
+        name = self.canonical_name(act_name)
+        if name not in self._acts_to_saes:
+            logger.warning(f"No SAE is attached to {name}. There's nothing to reset.")
+            return
+        state = self._splice_state()
+        name_out = self._transcoder_output_hooks.pop(name, name)
+        handle = state["captures"].pop(name, None)
+        if handle is not None:
+            source = self.mod_dict[name]
+            handle.hook.remove()
+            source.fwd_hooks = [h for h in source.fwd_hooks if h is not handle]
+        _set_module(self, name_out, state["originals"].pop(name_out))
+        del self._acts_to_saes[name]
+        self._update_mask_hooks()
+        if prev_wrapper is not None:
+            self.setup()
+            self.add_sae(
+                prev_wrapper.sae,
+                use_error_term=prev_wrapper.use_error_term,
+                exclude_special_tokens=prev_wrapper.exclude_special_tokens,
+            )
 
     def reset_saes(self: Any, act_names: str | list[str] | None = None) -> None:
-        """Remove attached SAEs (all, or those at the given hook names in any spelling)."""
-        store = self.__dict__.setdefault("_acts_to_saes_store", {})
-        names = list(store) if act_names is None else [act_names] if isinstance(act_names, str) else act_names
+        """Remove attached SAEs (all, or those at the given hook names in any spelling).
+
+        Raises:
+            ValueError: a name given explicitly has no SAE attached.
+        """
+        names = (
+            list(self._acts_to_saes)
+            if act_names is None
+            else [act_names]
+            if isinstance(act_names, str)
+            else act_names
+        )
         for n in names:
             canonical = self.canonical_name(n)
-            if canonical not in store:
-                raise ValueError(f"No SAE is attached at {canonical}; attached: {sorted(store)}")
+            if canonical not in self._acts_to_saes:
+                raise ValueError(f"No SAE is attached at {canonical}; attached: {sorted(self._acts_to_saes)}")
             self._reset_sae(canonical)
         self.setup()
 
+    # ------------------------------------------------------------------ special-token masks
+
+    def _update_mask_hooks(self: Any) -> None:
+        """Keep PyTorch pre-hooks on the encoder and decoder exactly while a wrapper needs a mask."""
+        state = self._splice_state()
+        needed = any(w.exclude_special_tokens is not False for w in self._acts_to_saes.values())
+        if needed and not state["mask_handles"]:
+            for stack, module in (
+                ("encoder", self.hf_model.get_encoder()),
+                ("decoder", self.hf_model.get_decoder()),
+            ):
+                state["mask_handles"].append(
+                    module.register_forward_pre_hook(self._mask_hook(stack), with_kwargs=True)
+                )
+        elif not needed:
+            for handle in state["mask_handles"]:
+                handle.remove()
+            state["mask_handles"].clear()
+
+    def _mask_hook(self: Any, stack: str) -> Callable[..., None]:
+        from sae_lens.analysis.hooked_sae_transformer import HookedSAETransformer
+
+        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            wrappers = [
+                w
+                for name, w in self._acts_to_saes.items()
+                if w.exclude_special_tokens is not False
+                and self._sites[self._transcoder_output_hooks.get(name, name)].stack == stack
+            ]
+            if not wrappers:
+                return
+            if ids is None:
+                raise ValueError(
+                    f"exclude_special_tokens needs the token ids the {stack} reads; it was given embeddings."
+                )
+            span = None if self._spans is None else self._spans[stack]
+            for w in wrappers:
+                # SAELens' own mask (its special-token choice), on the ids this stack reads.
+                mask = HookedSAETransformer._compute_exclusion_mask(self, ids, w.exclude_special_tokens)  # type: ignore[arg-type]
+                if span is not None and (span.offset or mask.shape[1] != span.n):
+                    full = torch.ones((mask.shape[0], span.n), dtype=torch.bool, device=mask.device)
+                    full[:, span.offset : span.offset + mask.shape[1]] = mask
+                    mask = full
+                w.set_token_mask(mask)
+
+        return hook
+
+    # ------------------------------------------------------------------ contexts and runs
+
     @contextmanager
     def saes(
-        self: Any, saes: SAE[Any] | Sequence[SAE[Any]] = (), use_error_term: bool | None = None
+        self: Any,
+        saes: SAE[Any] | Sequence[SAE[Any]] = (),
+        reset_saes_end: bool = True,
+        use_error_term: bool | None = None,
+        exclude_special_tokens: bool | list[int] = False,
     ) -> Iterator[Any]:
-        """Context manager: attach ``saes`` and restore the previous state on exit."""
+        """Context manager: attach ``saes``; on exit (if ``reset_saes_end``) restore the previous ones.
+
+        Arguments as :meth:`add_sae`; ``reset_saes_end=False`` leaves the SAEs attached.
+        """
         saes = [saes] if isinstance(saes, SAE) else list(saes)
-        store = self.__dict__.setdefault("_acts_to_saes_store", {})
-        before = {name: wrapper for name, (wrapper, _) in store.items()}
+        to_restore: list[tuple[str, _SAEWrapper | None]] = []
         try:
             for sae in saes:
-                self.add_sae(sae, use_error_term=use_error_term)
+                name = splice_sites(self, sae)[0]
+                to_restore.append((name, self._acts_to_saes.get(name)))
+                self.add_sae(
+                    sae, use_error_term=use_error_term, exclude_special_tokens=exclude_special_tokens
+                )
             yield self
         finally:
-            for name in list(store):
-                if store[name][0] is not before.get(name):
-                    self._reset_sae(name)
-            for name, wrapper in before.items():
-                if name not in store:
-                    self.add_sae(wrapper.sae, use_error_term=wrapper.use_error_term)
-            self.setup()
+            if reset_saes_end:
+                # Newest first, so two SAEs at one hook restore what was there before both.
+                for name, prev in reversed(to_restore):
+                    self._reset_sae(name, prev)
+                self.setup()
 
     def run_with_saes(
         self: Any,
         *model_args: Any,
         saes: SAE[Any] | Sequence[SAE[Any]] = (),
+        reset_saes_end: bool = True,
         use_error_term: bool | None = None,
+        exclude_special_tokens: bool | list[int] = False,
         **model_kwargs: Any,
     ) -> Any:
-        """Forward pass with ``saes`` attached for this call only."""
-        with self.saes(saes, use_error_term=use_error_term):
+        """Forward pass with ``saes`` attached (for this call only, unless ``reset_saes_end=False``)."""
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             return self(*model_args, **model_kwargs)
 
     def run_with_cache_with_saes(
         self: Any,
         *model_args: Any,
         saes: SAE[Any] | Sequence[SAE[Any]] = (),
+        reset_saes_end: bool = True,
         use_error_term: bool | None = None,
+        exclude_special_tokens: bool | list[int] = False,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """``run_with_cache`` with ``saes`` attached; the SAE's own hooks (``<hook>.hook_sae_acts_post``) can be cached."""
-        with self.saes(saes, use_error_term=use_error_term):
-            return self.run_with_cache(*model_args, **kwargs)
+        """``run_with_cache`` with ``saes`` attached; the SAE's own hooks (``<hook>.hook_sae_acts_post``,
+        at the output hook for a transcoder) can be cached."""
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
+            return self.run_with_cache(
+                *model_args,
+                return_cache_object=return_cache_object,
+                remove_batch_dim=remove_batch_dim,
+                **kwargs,
+            )
 
     def run_with_hooks_with_saes(
         self: Any,
         *model_args: Any,
         saes: SAE[Any] | Sequence[SAE[Any]] = (),
-        fwd_hooks: list[tuple[Any, Callable]] = [],  # noqa: B006 (mirrors TransformerLens' signature)
+        reset_saes_end: bool = True,
+        exclude_special_tokens: bool | list[int] = False,
+        fwd_hooks: list[tuple[Any, Callable]] = [],  # noqa: B006 (mirrors SAELens' signature)
+        bwd_hooks: list[tuple[Any, Callable]] = [],  # noqa: B006
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
         **model_kwargs: Any,
     ) -> Any:
-        """``run_with_hooks`` with ``saes`` attached."""
-        with self.saes(saes):
-            return self.run_with_hooks(*model_args, fwd_hooks=fwd_hooks, **model_kwargs)
+        """``run_with_hooks`` with ``saes`` attached (SAELens' signature: no ``use_error_term``)."""
+        with self.saes(saes, reset_saes_end, exclude_special_tokens=exclude_special_tokens):
+            return self.run_with_hooks(
+                *model_args,
+                fwd_hooks=fwd_hooks,
+                bwd_hooks=bwd_hooks,
+                reset_hooks_end=reset_hooks_end,
+                clear_contexts=clear_contexts,
+                **model_kwargs,
+            )
 
     @contextmanager
     def steer(
@@ -259,6 +476,9 @@ def _sae_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
 
 class _SAEWrapperFlat(_SAEWrapper):
     """SAELens' wrapper, flattening attn_z's head axis for SAEs that do not do it themselves."""
+
+    def capture_input(self, x: torch.Tensor) -> None:
+        super().capture_input(_sae_input(self.sae, x))
 
     def forward(self, original_output: torch.Tensor) -> torch.Tensor:
         flat = _sae_input(self.sae, original_output)
