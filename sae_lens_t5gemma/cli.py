@@ -1,7 +1,10 @@
 """``sae-lens-t5gemma``: a thin command line over the library.
 
 Each subcommand parses its arguments and calls one library function, which the tests
-call directly. Heavy imports happen inside the subcommand, so ``--help`` is instant.
+call directly. Heavy imports (torch, SAELens) happen inside each subcommand's ``run``, and
+the console entry (``sae_lens_t5gemma_cli``) imports the package without registering it
+with SAELens, so ``--help``, ``list`` and argument errors answer at once. :func:`main`
+registers before running any command not marked ``light``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,17 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="also list SAELens' other releases")
 
     def run(a: argparse.Namespace) -> None:
-        from sae_lens_t5gemma.registration import format_releases
+        if not a.all:  # the package's own YAML is enough, no SAELens import
+            from sae_lens_t5gemma.listing import format_package_releases
 
-        print(format_releases(include_all=a.all))
+            print(format_package_releases())
+            return
+        from sae_lens_t5gemma.registration import format_releases, register
 
-    p.set_defaults(func=run)
+        register()
+        print(format_releases(include_all=True))
+
+    p.set_defaults(func=run, light=True)
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -245,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if not getattr(args, "light", False):
+            from sae_lens_t5gemma.registration import register
+
+            register()  # idempotent; the console entry defers it from import to here
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         # Bad input: one clear line, no traceback.

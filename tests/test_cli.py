@@ -1,11 +1,18 @@
 """CLI ``list``, ``inspect`` and ``convert`` through ``cli.main([...])``: output, numbers
 and return codes (0, and 2 with one ``error:`` line for bad input), plus the weight
-statistics behind ``inspect`` on an SAE with known dead latents."""
+statistics behind ``inspect`` on an SAE with known dead latents. Also the fast entry: the
+console module ``sae_lens_t5gemma_cli`` answers ``--help``, ``list`` and argument errors
+without importing torch or SAELens, ``list`` from the YAML equals the registered listing,
+and every other command registers the release before it runs. (Speed itself is measured in
+``benchmarks/bench_cli.py``, not here.)"""
 
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +176,55 @@ def test_stats_count_dead_latents():
     assert st["zero_decoder_rows"] == 1
     assert st["b_enc_negative_fraction"] == pytest.approx(2 / 6)
     assert st["W_dec_row_norm"] == {"mean": pytest.approx(5 * 2 / 6), "min": 0.0, "max": 2.0}
+
+
+_ENTRY = """
+import sys
+import sae_lens_t5gemma_cli
+try:
+    rc = sae_lens_t5gemma_cli.main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code
+heavy = sorted(m for m in ("torch", "sae_lens", "transformer_lens", "transformers") if m in sys.modules)
+print("HEAVY", heavy, "RC", rc, file=sys.stderr)
+"""
+
+
+def _entry(*argv: str) -> subprocess.CompletedProcess:
+    root = str(Path(__file__).resolve().parents[1])
+    env = {"PYTHONPATH": root, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", _ENTRY, *argv], capture_output=True, text=True, env=env, timeout=120, cwd=root
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "rc", "out_start", "err_has"),
+    [
+        (["--help"], 0, "usage: sae-lens-t5gemma [-h]", ""),
+        (["list"], 0, "t5gemma2-270m-attn_out  (repo mindchain/t5gemma2-sae-all-layers", ""),
+        (["train", "--d-sae", "x"], 2, "", "argument --d-sae: invalid int value: 'x'"),
+        (["nope"], 2, "", "argument command: invalid choice: 'nope'"),
+    ],
+)
+def test_entry_answers_without_heavy_imports(argv, rc, out_start, err_has):
+    p = _entry(*argv)
+    assert p.stdout.startswith(out_start) and err_has in p.stderr
+    assert p.stderr.rstrip().endswith(f"HEAVY [] RC {rc}"), p.stderr
+
+
+def test_list_from_yaml_equals_registered_listing(capsys):
+    from sae_lens_t5gemma.registration import format_releases
+
+    rc, out, _ = _run(capsys, "list")
+    assert rc == 0 and out == format_releases() + "\n"
+
+
+def test_commands_register_before_running(monkeypatch, capsys):
+    from sae_lens_t5gemma import registration
+
+    calls = []
+    monkeypatch.setattr(registration, "register", lambda: calls.append(1) or [])
+    assert cli.main(["list"]) == 0 and calls == []
+    assert cli.main(["inspect", "--path", "/nonexistent/sae.pt"]) == 2 and calls == [1]
+    assert "error: " in capsys.readouterr().err
