@@ -33,7 +33,20 @@ _EXPORTS: dict[str, str] = {
     "register_release_yaml": "sae_lens_t5gemma.registration",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "HookedT5Gemma2",
+    "load_t5gemma2",
+    "top_features",
+    "TrainConfig",
+    "train",
+    "register_release",
+    "standard_pairs",
+    "evaluate_sae",
+    "training_history",
+    "register",
+    "register_release_yaml",
+]
 
 if TYPE_CHECKING:
     from sae_lens_t5gemma.compare import standard_pairs
