@@ -106,6 +106,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace SAE folders already in --out")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    p.add_argument(
+        "--convention",
+        choices=["prefix_lm", "reconstruct"],
+        help="how rows feed T5Gemma 2: prefix_lm (default; encoder reads the first p tokens, decoder writes "
+        "the rest) or reconstruct (decoder reads the row the encoder read: a copy task)",
+    )
+    p.add_argument("--prefix-len", type=int, help="prefix_lm split p (default: half the context)")
+    p.add_argument(
+        "--pack", action="store_true", help="pack documents into rows (default: one document per row)"
+    )
 
     def run(a: argparse.Namespace) -> None:
         import torch
@@ -124,6 +134,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             matryoshka_widths=widths, eval_every_n_steps=a.eval_every, n_eval_batches=a.eval_batches, out=a.out,
             release_name=a.release_name, device=device, model_dtype=a.model_dtype, seed=a.seed,
             multi_hook=False if a.one_pass_per_hook else None, overwrite=a.overwrite or None, wandb=a.wandb or None,
+            convention=a.convention, prefix_len=a.prefix_len, disable_concat_sequences=False if a.pack else None,
         )  # fmt: skip
         run_training(cfg, cache_dir=a.cache_dir)
 
@@ -172,6 +183,14 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="out/compare", help="folder for the report, tables and plots")
     p.add_argument(
+        "--convention",
+        choices=["prefix_lm", "reconstruct"],
+        default="prefix_lm",
+        help="how rows feed T5Gemma 2: prefix_lm (default; encoder reads the first p tokens, decoder writes "
+        "the rest) or reconstruct (decoder reads the row the encoder read: a copy task)",
+    )
+    p.add_argument("--prefix-len", type=int, help="prefix_lm split p (default: half the context)")
+    p.add_argument(
         "--stand-in",
         action="store_true",
         help="run offline on the embedded synthetic stand-in (tiny random models)",
@@ -206,6 +225,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                 device=a.device,
                 dense_threshold=a.dense_threshold,
                 banner=BANNER if a.stand_in else None,
+                convention=a.convention,
+                prefix_len=a.prefix_len,
             )
         print(report.summary())
 
