@@ -233,6 +233,40 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ---------------------------------------------------------------------------- diagnose
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "diagnose",
+        help="estimate which input convention a release's decoder SAEs were trained under",
+        description="Evaluate each decoder SAE under prefix_lm, reconstruct and shifted_copy and compare "
+        "its L0 with the last L0 of its training history: the closest is the best match (an estimate).",
+    )
+    p.add_argument("release", nargs="?", default="t5gemma2-270m-attn_out")
+    p.add_argument("--layers", type=int, nargs="+", help="decoder layers (default: all)")
+    p.add_argument("--texts", help="text file, one document per line (default: the embedded corpus)")
+    p.add_argument("--context-size", type=int, default=128, help="tokens per row (longer documents are cut)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--n-batches", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stand-in", action="store_true", help="run offline on the synthetic stand-in")
+
+    def run(a: argparse.Namespace) -> None:
+        import contextlib
+
+        from sae_lens_t5gemma.compare import read_texts, stand_in_hub
+        from sae_lens_t5gemma.diagnose import diagnose_release
+
+        texts = read_texts(a.texts) if a.texts else None
+        with stand_in_hub() if a.stand_in else contextlib.nullcontext():
+            result = diagnose_release(
+                a.release, a.layers, texts, a.context_size, a.batch_size, a.n_batches, a.device, a.stand_in
+            )
+        print(result.table())
+        print(result.verdict())
+
+    p.set_defaults(func=run)
+
+
 # ------------------------------------------------------------------------------- demo (all)
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded synthetic stand-in (offline)")
@@ -255,10 +289,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae-lens-t5gemma",
-        description="T5Gemma 2 for SAELens: list, inspect and convert the mindchain SAEs; train, compare, demo.",
+        description="T5Gemma 2 for SAELens: list, inspect and convert the mindchain SAEs; train, compare, diagnose, demo.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_list, _add_inspect, _add_convert, _add_train, _add_compare, _add_demo):
+    for add in (_add_list, _add_inspect, _add_convert, _add_train, _add_compare, _add_diagnose, _add_demo):
         add(sub)
     return parser
 

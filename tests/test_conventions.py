@@ -282,7 +282,9 @@ def test_steering_reports_the_change_that_reaches_the_residual(model, tokens, sp
     torch.testing.assert_close(res[:, :P], reached.norm(dim=-1), rtol=1e-4, atol=1e-6)
     summary = report.summary()
     assert summary["positions"] == 2 * P and summary["runs"] == 1
-    assert summary["residual_over_site"] == pytest.approx(float(res[:, :P].mean() / site[:, :P].mean()), rel=1e-5)
+    assert summary["residual_over_site"] == pytest.approx(
+        float(res[:, :P].mean() / site[:, :P].mean()), rel=1e-5
+    )
     # At the residual stream itself nothing stands in between: the ratio is exactly 1.
     resid = "encoder_blocks.1.hook_resid_post"
     with torch.no_grad(), model.steer(_sae(resid, 6), feats, add=2.0) as report:
