@@ -408,31 +408,37 @@ def top_features(
     Args:
         model: the hooked model.
         sae: the SAE (its ``hook_name`` picks the site).
-        text: one text; the encoder reads it, the decoder reads it shifted right behind BOS.
+        text: one text. Encoder sites: the encoder reads the whole text, as it reads a prompt.
+            Decoder sites: the model's convention applies (``prefix_lm``: the encoder reads the
+            first ``p`` tokens and the decoder the rest, so only positions ``>= p`` appear).
         k: how many rows (overall), or per position if ``per_token``.
         per_token: the top ``k`` features of every position instead of the top ``k`` overall.
 
     Returns:
-        Rows sorted by activation (descending; per position if ``per_token``). ``token`` is
-        the token the site reads at that position: for decoder sites the previous token
-        (the decoder's BOS at position 0).
+        Rows sorted by activation (descending; per position if ``per_token``). ``position``
+        indexes the text's tokens and ``token`` is the token the site has just read there.
     """
     name = check_sae_fits(model, sae)
     tokens = model.to_tokens(text)
     s = model._sites[name]
-    _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
+    before = model.prefix_len
+    if s.stack == "encoder" and model.convention == "prefix_lm":
+        model.prefix_len = tokens.shape[1]
+    try:
+        _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
+        covered = model.covered_mask(tokens, s.stack)[0]
+    finally:
+        model.prefix_len = before
     x = cache[name][0]
     feats = sae.encode(_sae_input(sae, x).to(sae.device))
     if feats.ndim == 3:  # hook_z-reshaping SAEs keep no head axis in feature space; be safe
         feats = feats.reshape(feats.shape[0], -1)
-    read = (
-        tokens[0] if s.stack == "encoder" else model.hf_model.prepare_decoder_input_ids_from_labels(tokens)[0]
-    )
-    strs = model.to_str_tokens(read)
+    feats = feats * covered[:, None].to(feats.device)  # positions the stack did not compute
+    strs = model.to_str_tokens(tokens[0])
     rows: list[FeatureHit] = []
     if per_token:
         vals, idx = feats.topk(min(k, feats.shape[-1]), dim=-1)
-        for p in range(feats.shape[0]):
+        for p in covered.nonzero().flatten().tolist():
             rows += [
                 FeatureHit(p, strs[p], int(i), float(v))
                 for v, i in zip(vals[p].tolist(), idx[p].tolist(), strict=True)

@@ -791,19 +791,25 @@ def collect_activations(
 ) -> dict[str, torch.Tensor]:
     """Activations at ``hook_names`` for ``texts`` (one sequence each), flattened to ``[tokens, d]``.
 
-    Padding positions are dropped, so each row is a real token's activation.
+    Padding positions, and positions the hook's stack does not compute under the model's
+    convention, are dropped, so each row is a real token's activation.
     """
+    from sae_lens_t5gemma import sites as sites_mod
+
     tokenizer = model.tokenizer  # type: ignore[attr-defined]
     batch = tokenizer(
         list(texts), return_tensors="pt", padding=True, truncation=True, max_length=context_size
     )
     tokens = batch["input_ids"].to(model.cfg.device)  # type: ignore[attr-defined]
-    mask = batch["attention_mask"].bool().reshape(-1)
+    real = batch["attention_mask"].bool().to(tokens.device)
     _, cache = model.run_with_cache(tokens, names_filter=list(hook_names), prepend_bos=False)
-    return {
-        h: cache[h].reshape(-1, cache[h].shape[-1])[mask.to(cache[h].device)].float().cpu()
-        for h in hook_names
-    }
+    out = {}
+    for h in hook_names:
+        keep = real
+        if hasattr(model, "covered_mask"):
+            keep = real & model.covered_mask(tokens, sites_mod.resolve(model.canonical_name(h)).stack)
+        out[h] = cache[h].reshape(*tokens.shape, -1)[keep].float().cpu()
+    return out
 
 
 @torch.no_grad()

@@ -290,3 +290,16 @@ def test_steering_reports_the_change_that_reaches_the_residual(model, tokens, sp
     with torch.no_grad(), model.steer(_sae(resid, 6), feats, add=2.0) as report:
         model.run_with_cache(tokens, names_filter=[resid], stop_at_layer=2)
     assert report.summary()["residual_over_site"] == pytest.approx(1.0)
+
+
+def test_top_features_under_prefix_lm(model, split):
+    from sae_lens_t5gemma.steering import top_features
+
+    text = "The cat sat on the mat and then the dog came."
+    tokens = model.to_tokens(text)
+    n = tokens.shape[1]
+    dec = top_features(model, _sae("decoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
+    assert sorted({r.position for r in dec}) == list(range(P, n))  # the continuation only
+    enc = top_features(model, _sae("encoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
+    assert sorted({r.position for r in enc}) == list(range(n))  # the encoder reads the whole text
+    assert model.prefix_len == P  # restored
