@@ -239,6 +239,23 @@ def section_compare(cache: Path, out: Path) -> None:
     )
 
 
+def section_diagnose(cache: Path, out: Path) -> None:
+    """Issue 8: which convention were the mindchain decoder SAEs trained under? (an estimate)"""
+    import time
+
+    from sae_lens_t5gemma.diagnose import diagnose_release
+
+    print(
+        "\n== diagnose: the mindchain decoder SAEs under each convention vs their training-history L0 (SYNTHETIC) =="
+    )
+    t0 = time.perf_counter()
+    result = diagnose_release(layers=[2, 5], context_size=32, n_batches=2, synthetic=True)
+    print(result.table())
+    print(result.verdict())
+    (out / "diagnose.txt").write_text(result.table() + "\n" + result.verdict() + "\n")
+    print(f"diagnose done in {time.perf_counter() - t0:.1f} s; wrote {out / 'diagnose.txt'}")
+
+
 def run_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +266,6 @@ def run_demo(args: argparse.Namespace) -> None:
             hook_and_steer = functools.partial(
                 section_hook_and_steer, model_name=getattr(args, "model", None)
             )
-            for section in (section_load, hook_and_steer, section_train, section_compare):
+            for section in (section_load, hook_and_steer, section_train, section_compare, section_diagnose):
                 section(cache, out)
     print(BANNER)
