@@ -278,9 +278,10 @@ def _error_line(e: BaseException) -> str:
     else:
         text = str(e).strip() or type(e).__name__
     if isinstance(e, OSError):
-        for name in (e.filename, e.filename2):
-            if name is not None and str(name) not in text:
-                text = f"{name}: {text}"
+        if e.filename is not None and e.strerror:
+            text = f"{e.filename}: {e.strerror}" + (
+                f" (and {e.filename2})" if e.filename2 is not None else ""
+            )
         if e.errno is not None and not isinstance(e, (FileNotFoundError, FileExistsError)):
             text = f"{text} ({type(e).__name__})"
     elif isinstance(e, UnicodeDecodeError):

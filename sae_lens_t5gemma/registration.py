@@ -140,6 +140,26 @@ def check_cfg_json(folder: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def read_saelens_folder(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """SAELens' own disk loader, with safetensors' errors naming the file.
+
+    Raises:
+        RegistrationError: the weights file is corrupt or its header lies about shapes
+            or offsets.
+    """
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+    from safetensors import SafetensorError
+
+    try:
+        return sae_lens_disk_loader(path, device, cfg_overrides)
+    except SafetensorError as e:
+        raise RegistrationError(
+            f"{Path(path) / 'sae_weights.safetensors'}: not a valid safetensors file ({str(e)[:300]})"
+        ) from e
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not standard JSON")
 
@@ -177,7 +197,6 @@ def local_loader(
     through SAELens' own disk loader, with its ``sparsity.safetensors`` if present.
     """
     from sae_lens.constants import SPARSITY_FILENAME
-    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
     from safetensors import safe_open
 
     path = _local_path(repo_id, folder_name)
@@ -187,7 +206,7 @@ def local_loader(
     if not (path / "cfg.json").is_file():
         raise FileNotFoundError(f"{path}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
     check_cfg_json(path)
-    cfg, state = sae_lens_disk_loader(path, device, cfg_overrides)
+    cfg, state = read_saelens_folder(path, device, cfg_overrides)
     log_sparsity = None
     if (path / SPARSITY_FILENAME).is_file():
         with safe_open(path / SPARSITY_FILENAME, framework="pt", device=device) as f:  # type: ignore[no-untyped-call]
@@ -487,6 +506,11 @@ def _read_yaml_text(path: str | Path | Traversable) -> tuple[str, Any]:
         ) from e
     except RecursionError as e:
         raise RegistrationError(f"{where}: cannot read release YAML: nested too deeply") from e
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = str(e.problem or e.context or type(e).__name__)[:300]
+        raise RegistrationError(f"{where}: cannot read release YAML: {problem}{at}") from e
     except (OSError, yaml.YAMLError) as e:
         raise RegistrationError(f"{where}: cannot read release YAML: {str(e)[:500]}") from e
 
