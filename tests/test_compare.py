@@ -363,7 +363,10 @@ def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
     scored = keep[:, 1:] & (torch.arange(1, CTX) >= p)
     row = report.find(GS_RES, synthetic.GEMMA3_MODEL)
     assert row.ce_loss_without_sae == pytest.approx(float(loss[scored].mean()), rel=1e-5)
-    assert row.task == f"next-token prediction, scored on the prefix_lm continuation (targets at positions >= {p})"
+    assert (
+        row.task
+        == f"next-token prediction, scored on the prefix_lm continuation (targets at positions >= {p})"
+    )
     # T5Gemma 2's: the decoder reads [BOS] + tokens[:, p:], scored on tokens[:, p:].
     t5_loss = t5(tokens, return_type="loss", loss_per_token=True)
     row = report.find("t5gemma2-270m-attn_out:encoder/layer_1", T5)

@@ -386,7 +386,9 @@ def test_backward_hooks_cache_gradients(model, tokens):
         "model.encoder.text_model.layers.1.self_attn.o_proj"
     ).register_forward_hook(make_leaf)
     try:
-        model.hf_model(input_ids=tokens, decoder_input_ids=tokens, labels=recon_labels(tokens)).loss.backward()
+        model.hf_model(
+            input_ids=tokens, decoder_input_ids=tokens, labels=recon_labels(tokens)
+        ).loss.backward()
     finally:
         h.remove()
         model.hf_model.zero_grad(set_to_none=True)

@@ -97,7 +97,14 @@ def small(model_dir: Path, dataset: Path, out: Path, **overrides) -> training.Tr
 
 def assert_evals(metrics: dict) -> None:
     flat = training.flatten_metrics(metrics)
-    for key in ("ce_loss_score", "ce_loss_without_sae", "kl_div_score", "kl_div_with_sae", "explained_variance", "l0"):
+    for key in (
+        "ce_loss_score",
+        "ce_loss_without_sae",
+        "kl_div_score",
+        "kl_div_with_sae",
+        "explained_variance",
+        "l0",
+    ):
         assert key in flat and math.isfinite(flat[key]), key
     assert flat["kl_div_with_sae"] >= 0 and flat["n_predictions"] > 0
 
@@ -296,8 +303,15 @@ def test_multi_hook_run_trains_one_sae_per_hook_from_shared_passes(
         for metrics in entry.values():
             assert_evals(metrics)
     meta = SAE.load_from_disk(tmp_path / "out" / "decoder.1.attn_out").cfg.metadata
-    assert (list(meta.seqpos_slice), meta.t5gemma2_convention, meta.t5gemma2_prefix_len) == ([16, None], "prefix_lm", 16)
-    assert list(SAE.load_from_disk(tmp_path / "out" / "encoder.0.attn_out").cfg.metadata.seqpos_slice) == [None, 16]
+    assert (list(meta.seqpos_slice), meta.t5gemma2_convention, meta.t5gemma2_prefix_len) == (
+        [16, None],
+        "prefix_lm",
+        16,
+    )
+    assert list(SAE.load_from_disk(tmp_path / "out" / "encoder.0.attn_out").cfg.metadata.seqpos_slice) == [
+        None,
+        16,
+    ]
     for sae_id, hook in zip(ids, hook_names, strict=True):
         sae = SAE.load_from_disk(tmp_path / "out" / sae_id)
         assert sae.cfg.metadata.hook_name == hook and sae.cfg.metadata.t5gemma2_site == sae_id

@@ -1,0 +1,305 @@
+"""The encoder-decoder conventions and the position contract, on the tiny random T5Gemma 2.
+
+Covers: ``prefix_lm`` (the default) equals transformers fed ``input_ids=tokens[:, :p]``,
+``decoder_input_ids=[BOS] + tokens[:, p:]`` (loss, logits, encoder and decoder activations,
+zeros where a stack computes nothing, ``loss_per_token`` layout); ``reconstruct`` puts the
+decoder state that read token t at position t, so SAELens' token masks hit exactly the
+positions that read BOS/EOS/PAD; ``covered_mask``; random and fixed splits and their errors;
+the merged-attention split (z_self + z_cross == hook_z, patterns); the MLP and post-norm
+sites; strict keywords; the covered-position eval against a direct computation.
+"""
+
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+
+from sae_lens_t5gemma.evaluation import evaluate_sae
+from sae_lens_t5gemma.hooked import HookedT5Gemma2, load_t5gemma2
+
+N, P = 12, 5
+BOS, EOS, PAD = 2, 1, 0
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> HookedT5Gemma2:
+    return load_t5gemma2(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(3, 512, (2, N), generator=g)
+    t[:, 0] = BOS
+    return t
+
+
+@pytest.fixture()
+def split(model):
+    model.prefix_len = P
+    yield P
+    model.prefix_len = None
+    model.convention = "prefix_lm"
+
+
+def _hf_capture(model, paths: dict[str, str], **inputs) -> dict[str, torch.Tensor]:
+    got: dict[str, torch.Tensor] = {}
+    handles = [
+        model.hf_model.get_submodule(p).register_forward_hook(lambda m, a, o, k=k: got.__setitem__(k, o))
+        for k, p in paths.items()
+    ]
+    try:
+        with torch.no_grad():
+            got["logits"] = model.hf_model(**inputs).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def test_prefix_lm_equals_transformers_on_prefix_and_continuation(model, tokens, split):
+    assert model.convention == "prefix_lm"
+    bos = torch.full((2, 1), BOS)
+    with torch.no_grad():
+        ref_loss = model.hf_model(
+            input_ids=tokens[:, :P],
+            decoder_input_ids=torch.cat([bos, tokens[:, P:-1]], 1),
+            labels=tokens[:, P:].contiguous(),
+        ).loss
+        loss = model(tokens, return_type="loss")
+        logits, per_token = model(tokens, return_type="both", loss_per_token=True)
+    assert torch.equal(loss, ref_loss)
+
+    enc, dec = "encoder_blocks.1.attn.hook_out", "decoder_blocks.1.self_attn.hook_out"
+    ref = _hf_capture(
+        model,
+        {
+            "enc": "model.encoder.text_model.layers.1.self_attn.o_proj",
+            "dec": "model.decoder.layers.1.self_attn.o_proj",
+        },
+        input_ids=tokens[:, :P],
+        decoder_input_ids=torch.cat([bos, tokens[:, P:]], 1),
+    )
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[enc, dec])
+    assert cache[enc].shape == cache[dec].shape == (2, N, 64)
+    assert torch.equal(cache[enc][:, :P], ref["enc"]) and not cache[enc][:, P:].any()
+    assert torch.equal(cache[dec][:, P - 1 :], ref["dec"]) and not cache[dec][:, : P - 1].any()
+    # Logits [batch, n, vocab]: position t predicts token t + 1; the BOS state sits at p - 1.
+    assert logits.shape == (2, N, 512)
+    assert torch.equal(logits[:, P - 1 :], ref["logits"]) and not logits[:, : P - 1].any()
+    # loss_per_token [batch, n - 1]: position t is the loss of predicting token t + 1.
+    assert per_token.shape == (2, N - 1) and not per_token[:, : P - 1].any()
+    hand = torch.nn.functional.cross_entropy(ref["logits"][1, 2], tokens[1, P + 2])
+    torch.testing.assert_close(per_token[1, P + 1], hand)
+    torch.testing.assert_close(per_token[:, P - 1 :].mean(), loss)
+
+
+def test_default_split_is_half_and_random_split_is_recorded(model, tokens):
+    assert model.split_point(N) == N // 2
+    model.prefix_len = "random"
+    try:
+        seen = set()
+        for _ in range(6):
+            with torch.no_grad():
+                model(tokens, return_type=None)
+            seen.add(model.last_prefix_len)
+            mask = model.covered_mask(tokens, "encoder")
+            assert int(mask[0].sum()) == model.last_prefix_len
+        assert len(seen) > 1 and all(1 <= p <= N - 1 for p in seen)
+    finally:
+        model.prefix_len = None
+    with pytest.raises(ValueError, match=r"prefix_len=20 is longer than the token batch \(12 positions\)"):
+        model.prefix_len = 20
+        model(tokens)
+    model.prefix_len = None
+    with pytest.raises(
+        ValueError, match=r"prefix_len must be a positive int, None \(n // 2\) or 'random', not 0"
+    ):
+        model.prefix_len = 0
+    with pytest.raises(ValueError, match="Unknown convention 'copy'"):
+        model.convention = "copy"
+
+
+def test_covered_mask(model, tokens, split):
+    enc, dec = model.covered_mask(tokens, "encoder"), model.covered_mask(tokens, "decoder")
+    assert enc[0].tolist() == [True] * P + [False] * (N - P)
+    assert dec[0].tolist() == [False] * P + [True] * (N - P)
+    model.convention = "reconstruct"
+    assert model.covered_mask(tokens, "decoder").all()
+
+
+@pytest.mark.parametrize("convention", ["reconstruct", "prefix_lm"])
+def test_decoder_position_t_reads_token_t(model, split, convention):
+    """A packed batch with BOS, EOS and PAD inside: SAELens' token mask hits exactly the decoder
+    positions whose state read a special token (resid_pre of layer 0 is the embedding read)."""
+    from sae_lens.util import get_special_token_ids
+
+    model.convention = convention
+    tokens = torch.tensor([[BOS, 11, 12, 13, EOS, BOS, 14, 15, 16, 17, PAD, PAD]])
+    name = "decoder_blocks.0.hook_resid_pre"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[name])
+        embedded = model.hf_model.get_decoder().embed_tokens(tokens)
+    special = torch.isin(tokens, torch.tensor(list(get_special_token_ids(model.tokenizer))))
+    assert special[0].nonzero().flatten().tolist() == [0, 4, 5, 10, 11]
+    covered = model.covered_mask(tokens, "decoder")
+    torch.testing.assert_close(cache[name][covered], embedded[covered], rtol=0, atol=0)
+    if convention == "prefix_lm":
+        bos_state = model.hf_model.get_decoder().embed_tokens(torch.tensor([[BOS]]))
+        torch.testing.assert_close(cache[name][:, P - 1], bos_state[:, 0], rtol=0, atol=0)
+
+
+def test_merged_attention_split(model, tokens, split):
+    names = [
+        "decoder_blocks.1.self_attn.hook_z",
+        "decoder_blocks.1.self_attn.hook_z_self",
+        "decoder_blocks.1.self_attn.hook_z_cross",
+        "decoder_blocks.1.self_attn.hook_pattern",
+        "decoder_blocks.1.self_attn.hook_cross_pattern",
+    ]
+    with torch.no_grad():
+        _, plain = model.run_with_cache(tokens, names_filter=names[:1])
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    z, z_self, z_cross, pat, cross = (cache[n] for n in names)
+    torch.testing.assert_close(z_self + z_cross, plain[names[0]], rtol=0, atol=1e-5)
+    assert z_self.shape == z_cross.shape == (2, N, 4, 16)
+    assert pat.shape == cross.shape == (2, 4, N, N)  # [batch, head, query, key] in batch positions
+    total = pat.sum(-1) + cross.sum(-1)
+    torch.testing.assert_close(total[:, :, P - 1 :], torch.ones(2, 4, N - P + 1), rtol=0, atol=1e-5)
+    assert not cross[..., P:].any()  # the encoder read only the prefix
+    assert not pat[:, :, P - 1 :, : P - 1].any()  # decoder keys start at the BOS state
+    # An edit of the cross part flows on: ablating it changes the decoder output.
+    with torch.no_grad():
+        clean = model(tokens)
+        ablated = model.run_with_hooks(tokens, fwd_hooks=[(names[2], lambda x, hook: torch.zeros_like(x))])
+    assert (clean - ablated)[:, P - 1 :].abs().max() > 1e-4
+
+
+def test_mlp_and_post_norm_sites_equal_the_modules(model, tokens, split):
+    layer = "model.decoder.layers.1"
+    got: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.hf_model.get_submodule(f"{layer}.mlp.down_proj").register_forward_pre_hook(
+            lambda m, a: got.__setitem__("post", a[0])
+        ),
+        model.hf_model.get_submodule(f"{layer}.post_feedforward_layernorm").register_forward_hook(
+            lambda m, a, o: got.__setitem__("normed", o)
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(
+                tokens, names_filter=["decoder.1.mlp_post", "decoder_blocks.1.hook_mlp_out_normed"]
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+    assert cache["decoder_blocks.1.mlp.hook_post"].shape == (2, N, 128)  # d_mlp wide
+    assert torch.equal(cache["decoder_blocks.1.mlp.hook_post"][:, P - 1 :], got["post"])
+    assert torch.equal(cache["decoder_blocks.1.hook_mlp_out_normed"][:, P - 1 :], got["normed"])
+
+
+def test_unknown_keywords_raise(model, tokens):
+    with pytest.raises(
+        TypeError, match=r"HookedT5Gemma2.forward\(\) got unexpected keyword\(s\) \['bogus_keyword'\]"
+    ):
+        model(tokens, bogus_keyword=123)
+    with pytest.raises(
+        TypeError, match=r"HookedT5Gemma2.generate\(\) got unexpected keyword\(s\) \['num_beam'\]"
+    ):
+        model.generate(tokens, num_beam=2)
+    with pytest.raises(TypeError, match="'hf_kwargs'"):
+        model.run_with_cache(tokens, output_attentions=True)
+
+
+def _sae(hook: str, seed: int) -> StandardSAE:
+    cfg = StandardSAEConfig(
+        d_in=64, d_sae=96, apply_b_dec_to_input=False, metadata=SAEMetadata(hook_name=hook)
+    )
+    sae = StandardSAE(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(64, 96, generator=g) * 0.3)
+        sae.W_dec.copy_(torch.randn(96, 64, generator=g) * 0.1)
+        sae.b_enc.copy_(torch.randn(96, generator=g) * 0.05)
+    return sae
+
+
+@pytest.mark.parametrize("hook", ["encoder_blocks.1.attn.hook_out", "decoder_blocks.0.hook_resid_post"])
+def test_covered_position_eval_equals_direct_computation(model, tokens, split, hook):
+    sae = _sae(hook, 3)
+    stack = hook.split("_")[0]
+    metrics = evaluate_sae(model, sae, [tokens])
+    with torch.no_grad():
+        (clean_logits, clean_loss), cache = model.run_with_cache(
+            tokens, names_filter=[hook], return_type="both", loss_per_token=True
+        )
+        keep = model.covered_mask(tokens, stack) & (tokens != BOS)
+        x = cache[hook][keep]
+        f = sae.encode(x)
+        r = sae.decode(f)
+        recon = cache[hook].clone()
+        recon[keep] = r
+        sae_loss = model.run_with_hooks(
+            tokens, fwd_hooks=[(hook, lambda a, hook: recon)], return_type="loss", loss_per_token=True
+        )
+        abl = torch.where(keep[..., None], 0.0, cache[hook])
+        abl_loss = model.run_with_hooks(
+            tokens, fwd_hooks=[(hook, lambda a, hook: abl)], return_type="loss", loss_per_token=True
+        )
+    assert metrics["n_tokens"] == int(keep.sum()) == (P - 1 if stack == "encoder" else N - P) * 2
+    ev = 1 - ((x - r) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert metrics["explained_variance"] == pytest.approx(float(ev), rel=1e-4)
+    assert metrics["mse"] == pytest.approx(float(((x - r) ** 2).sum(-1).mean()), rel=1e-5)
+    assert metrics["l0"] == pytest.approx(float((f > 0).sum(-1).float().mean()), rel=1e-6)
+    scored = torch.zeros(2, N - 1, dtype=torch.bool)
+    scored[:, P - 1 :] = True  # predictions of tokens[:, p:], the continuation
+    assert metrics["n_predictions"] == int(scored.sum())
+    ce, ce_sae, ce_abl = (float(v[scored].mean()) for v in (clean_loss, sae_loss, abl_loss))
+    assert metrics["ce_loss_without_sae"] == pytest.approx(ce, rel=1e-5)
+    assert metrics["ce_loss_with_sae"] == pytest.approx(ce_sae, rel=1e-5)
+    assert metrics["ce_loss_score"] == pytest.approx((ce_abl - ce_sae) / (ce_abl - ce), rel=1e-4)
+    assert metrics["ce_increase"] == pytest.approx(ce_sae - ce, abs=1e-5)
+
+
+def test_steering_reports_the_change_that_reaches_the_residual(model, tokens, split):
+    hook = "encoder_blocks.1.attn.hook_out"
+    sae = _sae(hook, 5)
+    feats = [1, 2, 3]
+    layer = model.hf_model.get_submodule("model.encoder.text_model.layers.1")
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=2)
+        with model.steer(sae, feats, add=2.0) as report:
+            model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=2)
+        x = clean[hook][:, :P]
+        delta = 2.0 * sae.W_dec[feats].sum(0)
+        reached = layer.post_self_attn_layernorm(x + delta) - layer.post_self_attn_layernorm(x)
+    assert report.path == "post_self_attn_layernorm(o_proj output)"
+    site, res = report.site[0], report.residual[0]
+    assert site.shape == (2, N) and not site[:, P:].any()  # positions the encoder did not compute
+    torch.testing.assert_close(site[:, :P], delta.norm().expand(2, P), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res[:, :P], reached.norm(dim=-1), rtol=1e-4, atol=1e-6)
+    summary = report.summary()
+    assert summary["positions"] == 2 * P and summary["runs"] == 1
+    assert summary["residual_over_site"] == pytest.approx(
+        float(res[:, :P].mean() / site[:, :P].mean()), rel=1e-5
+    )
+    # At the residual stream itself nothing stands in between: the ratio is exactly 1.
+    resid = "encoder_blocks.1.hook_resid_post"
+    with torch.no_grad(), model.steer(_sae(resid, 6), feats, add=2.0) as report:
+        model.run_with_cache(tokens, names_filter=[resid], stop_at_layer=2)
+    assert report.summary()["residual_over_site"] == pytest.approx(1.0)
+
+
+def test_top_features_under_prefix_lm(model, split):
+    from sae_lens_t5gemma.steering import top_features
+
+    text = "The cat sat on the mat and then the dog came."
+    tokens = model.to_tokens(text)
+    n = tokens.shape[1]
+    dec = top_features(model, _sae("decoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
+    assert sorted({r.position for r in dec}) == list(range(P, n))  # the continuation only
+    enc = top_features(model, _sae("encoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
+    assert sorted({r.position for r in enc}) == list(range(n))  # the encoder reads the whole text
+    assert model.prefix_len == P  # restored
