@@ -229,3 +229,15 @@ def test_commands_register_before_running(monkeypatch, capsys):
     assert cli.main(["list"]) == 0 and calls == []
     assert cli.main(["inspect", "--path", "/nonexistent/sae.pt"]) == 2 and calls == [1]
     assert "error: " in capsys.readouterr().err
+
+
+def test_root_api_exports_the_readme_names():
+    import importlib
+
+    import sae_lens_t5gemma as pkg
+
+    assert sorted(pkg.__all__[1:]) == sorted(pkg._EXPORTS)
+    for name, module in pkg._EXPORTS.items():
+        assert getattr(pkg, name) is getattr(importlib.import_module(module), name), name
+    with pytest.raises(AttributeError, match="module 'sae_lens_t5gemma' has no attribute 'nope'"):
+        pkg.nope  # noqa: B018
