@@ -824,14 +824,21 @@ def logit_effect_vectors(model: HookedT5Gemma2, sae: SAE[Any]) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def logit_effects(model: HookedT5Gemma2, sae: SAE[Any], feature: int, k: int = 10) -> FeatureEffect:
+def logit_effects(
+    model: HookedT5Gemma2,
+    sae: SAE[Any],
+    feature: int,
+    k: int = 10,
+    vectors: tuple[torch.Tensor, str] | None = None,
+) -> FeatureEffect:
     """Top and bottom logit effects of ``W_dec[feature]`` through the decoder's output path (decoder sites).
 
-    See :func:`logit_effect_vectors` for what is approximated.
+    See :func:`logit_effect_vectors` for what is approximated; pass its result as ``vectors``
+    to reuse it across features.
     """
     if not 0 <= feature < sae.cfg.d_sae:
         raise ValueError(f"Feature {feature} out of range: the SAE has {sae.cfg.d_sae} features")
-    w, text = logit_effect_vectors(model, sae)
+    w, text = vectors if vectors is not None else logit_effect_vectors(model, sae)
     effect = w[feature] @ model.W_U.detach().float().cpu()
     return _effect_tables("logit", effect, model, k, text, values=effect.tolist())
 
