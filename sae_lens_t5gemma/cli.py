@@ -233,6 +233,40 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ---------------------------------------------------------------------------- diagnose
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "diagnose",
+        help="estimate which input convention a release's decoder SAEs were trained under",
+        description="Evaluate each decoder SAE under prefix_lm, reconstruct and shifted_copy and compare "
+        "its L0 with the last L0 of its training history: the closest is the best match (an estimate).",
+    )
+    p.add_argument("release", nargs="?", default="t5gemma2-270m-attn_out")
+    p.add_argument("--layers", type=int, nargs="+", help="decoder layers (default: all)")
+    p.add_argument("--texts", help="text file, one document per line (default: the embedded corpus)")
+    p.add_argument("--context-size", type=int, default=128, help="tokens per row (longer documents are cut)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--n-batches", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stand-in", action="store_true", help="run offline on the synthetic stand-in")
+
+    def run(a: argparse.Namespace) -> None:
+        import contextlib
+
+        from sae_lens_t5gemma.compare import read_texts, stand_in_hub
+        from sae_lens_t5gemma.diagnose import diagnose_release
+
+        texts = read_texts(a.texts) if a.texts else None
+        with stand_in_hub() if a.stand_in else contextlib.nullcontext():
+            result = diagnose_release(
+                a.release, a.layers, texts, a.context_size, a.batch_size, a.n_batches, a.device, a.stand_in
+            )
+        print(result.table())
+        print(result.verdict())
+
+    p.set_defaults(func=run)
+
+
 # ------------------------------------------------------------------ dashboards (issue 11)
 def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -330,7 +364,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae-lens-t5gemma",
-        description="T5Gemma 2 for SAELens: list, inspect and convert the mindchain SAEs; train, compare, demo.",
+        description="T5Gemma 2 for SAELens: list, inspect and convert the mindchain SAEs; train, compare, diagnose, demo.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
@@ -339,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_convert,
         _add_train,
         _add_compare,
+        _add_diagnose,
         _add_dashboard,
         _add_find_features,
         _add_demo,
@@ -347,14 +382,103 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _interrupted_line(args: argparse.Namespace) -> str:
+    """What an interruption leaves behind, per subcommand, and how to go on."""
+    command = getattr(args, "command", "?")
+    if command == "convert":
+        return (
+            f"interrupted: convert stopped; {args.out_dir} is as it was before the run "
+            "(the staged output was removed). Rerun the same command."
+        )
+    if command == "train":
+        out = getattr(args, "out", "out/saes")
+        return (
+            f"interrupted: train stopped. SAE folders already finished are in {out}; SAELens saves its progress "
+            f"under {out}/checkpoints/<samples seen>. SAELens 6.54 can resume from such a checkpoint "
+            "(resume_from_checkpoint in its runner config), but `sae-lens-t5gemma train` has no --resume: "
+            "rerun to start over."
+        )
+    return f"interrupted: {command} stopped before finishing; rerun the same command."
+
+
+def _error_line(e: BaseException) -> str:
+    """One line for an error, naming the file where the exception knows it."""
+    if isinstance(e, KeyError):
+        text = f"missing key {e}"
+    elif isinstance(e, RecursionError):
+        text = "input nested too deeply (RecursionError)"
+    else:
+        text = str(e).strip() or type(e).__name__
+    if isinstance(e, OSError):
+        if e.filename is not None and e.strerror:
+            text = f"{e.filename}: {e.strerror}" + (
+                f" (and {e.filename2})" if e.filename2 is not None else ""
+            )
+        if e.errno is not None and not isinstance(e, (FileNotFoundError, FileExistsError)):
+            text = f"{text} ({type(e).__name__})"
+    elif isinstance(e, UnicodeDecodeError):
+        text = f"not UTF-8 text ({e.reason} at byte {e.start})"
+    elif isinstance(e, (RuntimeError, NotImplementedError)) and type(e).__name__ not in text:
+        text = f"{type(e).__name__}: {text}"
+    if isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError):
+        return text  # the package's own messages (a multi-line list of invalid files stays readable)
+    # Others (the last words of torch, the OS, ...) become one line.
+    one = " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+    return one if len(one) <= 1000 else one[:1000] + " ..."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    Errors end in one ``error: ...`` line (exit 2 for bad input, 1 otherwise), Ctrl-C
+    (or SAELens' ``InterruptedException``) in one line and exit 130, SIGTERM in 143.
+    """
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        # Bad input: one clear line, no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(_interrupted_line(args), file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(_interrupted_line(args).replace("interrupted:", "terminated (SIGTERM):", 1), file=sys.stderr)
+        return 143
+    except (
+        ValueError,
+        LookupError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+        RecursionError,
+        UnicodeDecodeError,
+        MemoryError,
+    ) as e:
+        # Bad input or a failing system call: one clear line, no traceback.
+        print(f"error: {_error_line(e)}", file=sys.stderr)
+        bad_input = isinstance(e, (ValueError, LookupError, FileNotFoundError, FileExistsError))
+        return 2 if bad_input else 1
+    except Exception as e:
+        # SAELens' runners turn SIGINT/SIGTERM into their InterruptedException.
+        if type(e).__name__ == "InterruptedException":
+            print(_interrupted_line(args), file=sys.stderr)
+            return 130
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -6,25 +6,54 @@ loads it with ``SAE.load_from_disk(folder)`` without this package. Next to them 
 ``pretrained_saes.yaml``: a release block in SAELens' schema for those folders, ready to
 propose upstream once they are uploaded to a Hugging Face repo.
 
-Every checkpoint is validated before anything is written, and each folder is written to
-a temporary folder and then renamed, so a failure never leaves a half-written SAE.
+The output is complete or absent, never mixed:
+
+- **Locked.** A lock file ``.<OUT>.lock`` beside ``OUT`` holds the writer's pid; a second
+  writer fails at once naming it. A lock left by a dead process is cleared.
+- **Validated first.** Every checkpoint is read, checked and turned into an SAE, and its
+  safetensors serialisation is tried in memory, before anything is written.
+- **Staged, then renamed.** The whole output is written into a hidden
+  ``.<OUT>.staging-<pid>-<id>`` folder beside ``OUT`` (marked ``CONVERT_INCOMPLETE``
+  until done), read back with SAELens alone, then renamed to ``OUT`` in one step. A
+  staging folder left by a killed run is removed by the next run.
+- **``force`` replaces only convert's own output.** ``OUT`` carries a manifest
+  (:data:`MANIFEST_NAME`) with the sha256 of every file convert wrote; ``force`` replaces
+  ``OUT`` only if everything in it is listed there, unchanged, and refuses by name otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
+import socket
+import time
 import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from sae_lens_t5gemma import mindchain
 from sae_lens_t5gemma.registration import PACKAGE_RELEASE, release_yaml
 
 YAML_NAME = "pretrained_saes.yaml"
+MANIFEST_NAME = ".sae_lens_t5gemma_convert.json"
+"""The file in ``OUT`` that lists what convert wrote (path -> sha256)."""
+INCOMPLETE_MARKER = "CONVERT_INCOMPLETE"
+"""Present in a staging folder until it is complete; never in a finished ``OUT``."""
 REPO_ID_PLACEHOLDER = "YOUR-HF-USER/t5gemma2-270m-attn_out-saelens"
 """Where the converted folders would be uploaded; replace it in the YAML before proposing."""
+
+
+class ConvertLockedError(FileExistsError):
+    """Another ``convert`` holds the lock on the output folder; the message names its pid."""
+
+
+def _step(name: str) -> None:
+    """A named point in a conversion; does nothing (tests stop a run here to kill it)."""
 
 
 def find_checkpoints(src_dir: str | Path) -> list[Path]:
@@ -69,12 +98,28 @@ def sae_id_for(ckpt: mindchain.MindchainCheckpoint) -> str:
 
 
 def _validate_all(files: list[Path]) -> list[mindchain.MindchainCheckpoint]:
+    """Read, check and materialise every SAE, and try its serialisation, writing nothing.
+
+    Raises:
+        MindchainCheckpointError: every problem, listed; nothing was written.
+    """
+    from sae_lens import SAE
+    from safetensors.torch import save as safetensors_bytes
+
     checked, errors = [], []
     for f in files:
         try:
             ckpt = mindchain.read_checkpoint(f)
+            sae = SAE.load_from_disk(f, converter=mindchain.mindchain_disk_loader)
+            # What SAE.save_model will do, in memory: a safetensors refusal (shared
+            # memory, odd layouts) or a config that is not standard JSON shows here.
+            safetensors_bytes({k: v.contiguous() for k, v in sae.state_dict().items()})
+            json.dumps(sae.cfg.to_dict(), allow_nan=False, default=str)
         except (mindchain.MindchainCheckpointError, FileNotFoundError) as e:
             errors.append(str(e))
+            continue
+        except (ValueError, RuntimeError, TypeError) as e:
+            errors.append(f"{f}: cannot be converted ({type(e).__name__}: {str(e)[:300]})")
             continue
         # Keep only the fields: holding 36 real weight sets (~760 MB) is not needed.
         ckpt.tensors = {}
@@ -92,42 +137,179 @@ def _validate_all(files: list[Path]) -> list[mindchain.MindchainCheckpoint]:
     return checked
 
 
+# ------------------------------------------------------------------------------- the lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of an output folder: ``.<name>.lock`` beside it."""
+    return out.parent / f".{out.name}.lock"
+
+
+def _read_lock(lock: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """Hold the exclusive write lock on ``out`` for a block.
+
+    The lock is a file created with ``O_EXCL`` holding this process's pid, host and start
+    time. A lock whose pid is dead (on this host) is stale: it is removed with a warning.
+
+    Raises:
+        ConvertLockedError: a live process holds the lock; the message names its pid.
+    """
+    out = Path(out)
+    lock = lock_path(out)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            info = _read_lock(lock)
+            pid = info.get("pid")
+            same_host = info.get("host") in (None, me["host"])
+            if attempt == 0 and isinstance(pid, int) and same_host and not _pid_alive(pid):
+                warnings.warn(f"{lock}: removing a stale lock of process {pid}, which is gone", stacklevel=3)
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            holder = (
+                f"pid {pid} on {info.get('host')}, since {info.get('started')}" if pid else "unknown holder"
+            )
+            raise ConvertLockedError(
+                f"{out}: another convert is writing this folder ({holder}); lock file {lock}. "
+                "If that process is gone, remove the lock file."
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if _read_lock(lock).get("pid") == os.getpid():
+                lock.unlink()
+
+
+# --------------------------------------------------------------------------- the output
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _remove_leftovers(out: Path) -> list[Path]:
+    """Clean up after killed runs (we hold the lock, so these are nobody's work in progress).
+
+    Staging folders are removed. An earlier output moved aside (``.<OUT>.old-*``) just
+    before a run was killed is put back if ``OUT`` is missing, else removed.
+    """
+    gone = []
+    for p in out.parent.glob(f".{out.name}.staging-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    for p in sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda q: q.stat().st_mtime, reverse=True):
+        if not out.exists() and (p / MANIFEST_NAME).is_file():
+            os.rename(p, out)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    return gone
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Entries of ``out`` that convert did not write (or that changed since), by name."""
+    manifest = out / MANIFEST_NAME
+    listed: dict[str, str] = {}
+    if manifest.is_file() and not manifest.is_symlink():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            listed = data.get("files", {}) if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            listed = {}
+    foreign = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if rel == MANIFEST_NAME and listed:
+            continue
+        if p.is_symlink():
+            foreign.append(f"{rel} (a symlink)")
+        elif p.is_dir():
+            if not any(k.startswith(rel + "/") for k in listed):
+                foreign.append(rel + "/")
+        elif rel not in listed:
+            foreign.append(rel)
+        elif _sha256(p) != listed[rel]:
+            foreign.append(f"{rel} (changed since convert wrote it)")
+    return foreign
+
+
 def _check_out_dir(out: Path, force: bool) -> None:
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(
+            f"{out}: is a symlink to {os.readlink(out)}, which does not exist; remove the link or choose another folder"
+        )
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
-    if out.is_dir() and not force:
-        entries = sorted(p.name for p in out.iterdir())
-        if entries:
-            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            raise FileExistsError(
-                f"{out}: output folder is not empty ({len(entries)} entries: {shown}); "
-                "pass force=True (--force) to overwrite the converted SAEs in it"
-            )
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not force:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"{out}: output folder is not empty ({len(entries)} entries: {shown}); "
+            "pass force=True (--force) to replace an earlier convert output in it"
+        )
+    if out.is_symlink():
+        raise FileExistsError(f"{out}: is a symlink; --force replaces only a folder that convert wrote")
+    foreign = _foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{out}: --force replaces only what convert wrote, and this folder holds {len(foreign)} other "
+            f"entries: {shown}. Move them away or choose another output folder; nothing was changed"
+        )
 
 
 def _write_one(path: Path, target: Path) -> None:
-    """Convert one checkpoint into ``target`` atomically: temp folder, check, rename."""
+    """Convert one checkpoint into ``target`` (inside the staging folder) and read it back."""
+    import torch
     from sae_lens import SAE
     from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 
+    partial = target.parent / f"{target.name}.partial"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        sae = SAE.load_from_disk(path, converter=mindchain.mindchain_disk_loader)
-        sae.save_model(tmp)
-        # Read back with SAELens alone: the folder must hold exactly the source weights.
-        _, state = sae_lens_disk_loader(tmp, "cpu")
-        src = mindchain.read_checkpoint(path).tensors
-        bad = [k for k in src if not torch.equal(state[k], src[k])]
-        if bad:
-            raise mindchain.MindchainCheckpointError(f"{path}: written weights {bad} differ from the source")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    sae = SAE.load_from_disk(path, converter=mindchain.mindchain_disk_loader)
+    sae.save_model(partial)
+    # Read back with SAELens alone: the folder must hold exactly the source weights.
+    _, state = sae_lens_disk_loader(partial, "cpu")
+    src = {k: v.detach() for k, v in sae.state_dict().items()}
+    bad = [k for k in src if not torch.equal(state[k], src[k])]
+    if bad:
+        raise mindchain.MindchainCheckpointError(f"{path}: written weights {bad} differ from the source")
+    os.replace(partial, target)
 
 
 def convert_snapshot(
@@ -143,8 +325,9 @@ def convert_snapshot(
     Args:
         src_dir: the snapshot (a folder with ``encoder/`` and ``decoder/``, or the repo's
             folder in a hub cache).
-        out_dir: where ``<stack>/layer_<L>/`` folders and ``pretrained_saes.yaml`` go.
-        force: write into a non-empty ``out_dir``, replacing converted folders of the same names.
+        out_dir: the output folder: ``<stack>/layer_<L>/`` folders, ``pretrained_saes.yaml``
+            and the manifest. Created whole at the end (see the module docstring).
+        force: replace an existing output folder, if everything in it was written by convert.
         progress: show a progress bar.
         release: the release name in the YAML.
         repo_id: the Hugging Face repo the folders would be uploaded to (a placeholder by default).
@@ -154,7 +337,9 @@ def convert_snapshot(
 
     Raises:
         FileNotFoundError: no snapshot or no checkpoints in it.
-        FileExistsError: ``out_dir`` is not empty and ``force`` is False.
+        FileExistsError: ``out_dir`` is not empty and ``force`` is False; or ``force`` and
+            it holds entries convert did not write (named); or it is a dangling symlink.
+        ConvertLockedError: (a ``FileExistsError``) another convert is writing ``out_dir``.
         MindchainCheckpointError: (a ``ValueError``) some checkpoint is invalid; all
             problems are listed and nothing is written.
     """
@@ -163,23 +348,64 @@ def convert_snapshot(
     out = Path(out_dir)
     files = find_checkpoints(src_dir)
     _check_out_dir(out, force)
-    checked = _validate_all(files)
+    with output_lock(out):
+        _step("locked")
+        _remove_leftovers(out)
+        _check_out_dir(out, force)  # again, now that nobody else can write it
+        checked = _validate_all(files)
+        _step("validated")
 
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for f, ckpt in tqdm(
-        list(zip(files, checked, strict=True)), desc="convert", unit="SAE", disable=not progress
-    ):
-        sae_id = sae_id_for(ckpt)
-        _write_one(f, out / sae_id)
-        entry: dict[str, object] = {"id": sae_id, "path": sae_id}
-        l0 = mindchain.final_l0(ckpt.history)
-        if l0 is not None:
-            entry["l0"] = l0
-        entries.append(entry)
+        staging = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            (staging / INCOMPLETE_MARKER).write_text(
+                "A convert run is writing this folder, or was killed while writing it; the next run removes it.\n"
+            )
+            entries = []
+            for f, ckpt in tqdm(
+                list(zip(files, checked, strict=True)), desc="convert", unit="SAE", disable=not progress
+            ):
+                sae_id = sae_id_for(ckpt)
+                _write_one(f, staging / sae_id)
+                _step(f"wrote {sae_id}")
+                entry: dict[str, object] = {"id": sae_id, "path": sae_id}
+                l0 = mindchain.final_l0(ckpt.history)
+                if l0 is not None:
+                    entry["l0"] = l0
+                entries.append(entry)
+            (staging / YAML_NAME).write_text(_yaml_text(release, repo_id, checked[0].model_name, entries))
+            (staging / INCOMPLETE_MARKER).unlink()
+            written = {
+                p.relative_to(staging).as_posix(): _sha256(p)
+                for p in sorted(staging.rglob("*"))
+                if p.is_file()
+            }
+            manifest = {"written_by": "sae-lens-t5gemma convert", "source": str(src_dir), "files": written}
+            (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+            _step("staged")
+            _swap_in(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _step("done")
+    return out / YAML_NAME
 
-    model = checked[0].model_name
-    text = release_yaml(
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Make ``staging`` the output folder, replacing an earlier (checked) output."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        _step("moved old output aside")
+        os.rename(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+
+
+def _yaml_text(release: str, repo_id: str, model: str, entries: list[dict[str, object]]) -> str:
+    return release_yaml(
         release,
         repo_id,
         model,
@@ -195,8 +421,3 @@ def convert_snapshot(
             "l0: the last L0 of each SAE's training history."
         ),
     )
-    yaml_path = out / YAML_NAME
-    tmp = out / f".{YAML_NAME}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, yaml_path)
-    return yaml_path

@@ -138,9 +138,10 @@ def _online_hub() -> contextlib.AbstractContextManager[Path]:
 def section_train(cache: Path, out: Path) -> None:
     """Issue 4: a short offline training run with SAELens' runner, saved and loaded back by name.
 
-    A BatchTopK SAE (the recommended preset's architecture, at demo size) at encoder layer
-    5's o_proj output of the stand-in model, trained on 20 of the embedded sentences and
-    measured on the 5 held out.
+    BatchTopK SAEs (the recommended preset's architecture, at demo size) at encoder layer 5's
+    and decoder layer 5's o_proj outputs of the stand-in model, under the prefix_lm
+    convention (one runner per stack), trained on documents built from 20 of the embedded
+    sentences and measured on the 5 held out.
     """
     import random
     import time
@@ -152,17 +153,21 @@ def section_train(cache: Path, out: Path) -> None:
     from sae_lens_t5gemma import training
     from sae_lens_t5gemma.hooked import load_t5gemma2
 
-    print("\n== train: a BatchTopK SAE at encoder.5.attn_out with SAELens' runner (SYNTHETIC) ==")
+    print(
+        "\n== train: BatchTopK SAEs at encoder.5 and decoder.5 attn_out with SAELens' runners (SYNTHETIC) =="
+    )
     t0 = time.perf_counter()
     texts = synthetic.stand_in_texts()
     train_texts, held_out = texts[:20], texts[20:]
     rng, lines = random.Random(0), []
     for _ in range(15):
         rng.shuffle(train_texts)
-        lines += train_texts
+        # Documents of four sentences: longer than the context, so one document per row keeps them.
+        lines += [" ".join(train_texts[i : i + 4]) for i in range(0, 20, 4)]
     dataset = training.write_text_dataset(lines, out / "train_texts.jsonl")
+    sae_ids = ["encoder.5.attn_out", "decoder.5.attn_out"]
     cfg = training.TrainConfig(
-        model=synthetic.T5GEMMA2_MODEL, hooks=["encoder.5.attn_out"], dataset=str(dataset), out=str(out / "trained_saes"),
+        model=synthetic.T5GEMMA2_MODEL, hooks=sae_ids, dataset=str(dataset), out=str(out / "trained_saes"),
         architecture="batchtopk", k=8, d_sae=256, training_tokens=100 * 256, train_batch_size_tokens=256,
         context_size=32, store_batch_size_prompts=8, lr=3e-3, eval_every_n_steps=50, n_eval_batches=1,
         n_batches_for_norm_estimate=10, release_name="t5gemma2-demo-trained", overwrite=True, preset="recommended (demo size)",
@@ -171,31 +176,40 @@ def section_train(cache: Path, out: Path) -> None:
     torch.set_num_threads(1)  # a tiny model: one thread is fastest
     try:
         model = load_t5gemma2(cfg.model)
-        hook = "encoder_blocks.5.attn.hook_out"
-        acts = training.collect_activations(model, held_out, [hook])[hook]
+        hooks = {
+            "encoder.5.attn_out": "encoder_blocks.5.attn.hook_out",
+            "decoder.5.attn_out": "decoder_blocks.5.self_attn.hook_out",
+        }
+        model.prefix_len = cfg.context_size // 2
+        acts = training.collect_activations(
+            model, [" ".join(held_out)] * 2, list(hooks.values()), cfg.context_size
+        )
+        model.prefix_len = None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*exhausted.*")  # 20 sentences: many epochs, by design
             result = training.train(cfg, model=model, keep_initial=True)
     finally:
         torch.set_num_threads(threads)
-    before = training.reconstruction_mse(result.initial_saes["encoder.5.attn_out"], acts)
-    after = training.reconstruction_mse(result.saes["encoder.5.attn_out"], acts)
-    variance = float(acts.var(0).mean())
+    for sae_id, hook in hooks.items():
+        before = training.reconstruction_mse(result.initial_saes[sae_id], acts[hook])
+        after = training.reconstruction_mse(result.saes[sae_id], acts[hook])
+        print(
+            f"{sae_id} (prefix_lm, covered positions only): held-out reconstruction MSE "
+            f"{before:.3e} -> {after:.3e} ({before / after:.1f}x)"
+        )
     print(
-        f"held-out reconstruction MSE: initial SAE {before:.3e} -> trained {after:.3e} ({before / after:.1f}x)"
+        f"{len(result.eval_history)} in-training evals (evaluate_sae: covered positions, CE/KL on the continuation)"
     )
-    print(f"held-out activation variance {variance:.3e}: explained variance {1 - after / variance:.2f}")
-    print(f"{len(result.eval_history)} in-training evals (SAELens run_evals, CE loss and KL on); final eval:")
     print(training.format_report(result))
-    by_name = SAE.from_pretrained(release=result.release, sae_id="encoder.5.attn_out")
+    by_name = SAE.from_pretrained(release=result.release, sae_id="decoder.5.attn_out")
     meta = by_name.cfg.metadata
     print(
-        f"loaded back by name: SAE.from_pretrained(release={result.release!r}, sae_id='encoder.5.attn_out')"
+        f"loaded back by name: SAE.from_pretrained(release={result.release!r}, sae_id='decoder.5.attn_out')"
     )
     print(
         f"  {type(by_name).__name__} d_in={by_name.cfg.d_in} d_sae={by_name.cfg.d_sae} hook {meta.hook_name}"
     )
-    print(f"  hf_hook_name={meta.hf_hook_name}; {meta.t5gemma2_input_convention}")
+    print(f"  seqpos_slice={tuple(meta.seqpos_slice)}; {meta.t5gemma2_input_convention}")
     print(f"train done in {time.perf_counter() - t0:.1f} s (SYNTHETIC); saved in {result.out}")
 
 
@@ -223,6 +237,23 @@ def section_compare(cache: Path, out: Path) -> None:
     print(
         f"compared {len(report.rows)} pairs in {time.perf_counter() - t0:.1f} s; see {report.files['report']}"
     )
+
+
+def section_diagnose(cache: Path, out: Path) -> None:
+    """Issue 8: which convention were the mindchain decoder SAEs trained under? (an estimate)"""
+    import time
+
+    from sae_lens_t5gemma.diagnose import diagnose_release
+
+    print(
+        "\n== diagnose: the mindchain decoder SAEs under each convention vs their training-history L0 (SYNTHETIC) =="
+    )
+    t0 = time.perf_counter()
+    result = diagnose_release(layers=[2, 5], context_size=32, n_batches=2, synthetic=True)
+    print(result.table())
+    print(result.verdict())
+    (out / "diagnose.txt").write_text(result.table() + "\n" + result.verdict() + "\n")
+    print(f"diagnose done in {time.perf_counter() - t0:.1f} s; wrote {out / 'diagnose.txt'}")
 
 
 def section_dashboard(cache: Path, out: Path) -> None:
@@ -261,6 +292,13 @@ def run_demo(args: argparse.Namespace) -> None:
             hook_and_steer = functools.partial(
                 section_hook_and_steer, model_name=getattr(args, "model", None)
             )
-            for section in (section_load, hook_and_steer, section_train, section_compare, section_dashboard):
+            for section in (
+                section_load,
+                hook_and_steer,
+                section_train,
+                section_compare,
+                section_diagnose,
+                section_dashboard,
+            ):
                 section(cache, out)
     print(BANNER)

@@ -37,7 +37,10 @@ def load_sae(
         if p.is_file():
             return SAE.load_from_disk(p, device=device, converter=mindchain.mindchain_disk_loader)
         if (p / "cfg.json").is_file():
-            return SAE.load_from_disk(p, device=device)
+            from sae_lens_t5gemma.registration import check_cfg_json, read_saelens_folder
+
+            check_cfg_json(p)
+            return SAE.load_from_disk(p, device=device, converter=read_saelens_folder)
         raise FileNotFoundError(f"{p}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
     assert release is not None and sae_id is not None
     check_sae_id(release, sae_id)

@@ -21,10 +21,11 @@ Registration lives in the running process only; a fresh interpreter needs the im
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from importlib.resources import files
 from importlib.resources.abc import Traversable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from sae_lens.loading import pretrained_sae_loaders as _loaders
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
 
 from sae_lens_t5gemma import mindchain
+from sae_lens_t5gemma.mindchain import short_repr
 
 LOCAL_LOADER = "sae_lens_t5gemma_local"
 """Loader for releases whose files lie in a local folder (``repo_id`` is that folder)."""
@@ -50,6 +52,14 @@ class RegistrationError(ValueError):
 # entries may ever be replaced.
 _OUR_RELEASES: dict[str, PretrainedSAELookup] = {}
 _OUR_LOADERS: dict[str, tuple[Loader, ConfigGetter]] = {}
+# The package's own releases (from its pretrained_saes.yaml): never replaceable, so no
+# user YAML can hijack ``t5gemma2-270m-attn_out``.
+_PACKAGE_RELEASES: set[str] = set()
+
+MAX_YAML_BYTES = 2 * 2**20
+"""Largest release YAML read (SAELens' whole directory of ~500 releases is 1.5 MB)."""
+MAX_CFG_JSON_BYTES = 4 * 2**20
+"""Largest ``cfg.json`` read from a local release folder."""
 
 
 # ----------------------------------------------------------------------- local releases
@@ -60,6 +70,98 @@ def _local_path(repo_id: str, folder_name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such SAE file or folder in local release folder {repo_id}")
     return path
+
+
+_CFG_BOOLS = ("apply_b_dec_to_input",)
+_CFG_INTS = ("d_in", "d_sae")
+_CFG_CHOICES = {
+    "dtype": (
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "torch.float32",
+        "torch.float16",
+        "torch.bfloat16",
+        "torch.float64",
+    ),
+    "normalize_activations": (
+        "none",
+        "expected_average_only_in",
+        "constant_norm_rescale",
+        "layer_norm",
+        "covariance_whitening",
+    ),
+    "reshape_activations": ("none", "hook_z"),
+}
+
+
+def check_cfg_json(folder: str | Path) -> dict[str, Any]:
+    """Read and check a SAELens folder's ``cfg.json`` before SAELens builds from it.
+
+    Raises:
+        RegistrationError: (a ``ValueError``) the file is too large, not UTF-8, not JSON,
+            not an object, or a field has a value SAELens would misread
+            (``apply_b_dec_to_input: "yes"``, ``dtype: "torch.float128"``, a non-integer
+            width); the message names the file and the field.
+    """
+    path = Path(folder) / "cfg.json"
+    size = path.stat().st_size
+    if size > MAX_CFG_JSON_BYTES:
+        raise RegistrationError(
+            f"{path}: {size:,} bytes, more than the {MAX_CFG_JSON_BYTES:,} read for a config"
+        )
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as e:
+        raise RegistrationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise RegistrationError(f"{path}: not valid JSON ({str(e)[:200]})") from e
+    if not isinstance(cfg, dict):
+        raise RegistrationError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    for key in _CFG_BOOLS:
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise RegistrationError(
+                f"{path}: {key} is {mindchain.short_repr(cfg[key])}, expected true or false"
+            )
+    for key in _CFG_INTS:
+        v = cfg.get(key)
+        if key in cfg and (
+            not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= mindchain.MAX_WIDTH
+        ):
+            raise RegistrationError(
+                f"{path}: {key} is {mindchain.short_repr(v)}, expected an integer in 1..{mindchain.MAX_WIDTH}"
+            )
+    for key, allowed in _CFG_CHOICES.items():
+        if key in cfg and cfg[key] is not None and cfg[key] not in allowed:
+            raise RegistrationError(
+                f"{path}: {key} is {mindchain.short_repr(cfg[key])}, expected one of {list(allowed)}"
+            )
+    return cfg
+
+
+def read_saelens_folder(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """SAELens' own disk loader, with safetensors' errors naming the file.
+
+    Raises:
+        RegistrationError: the weights file is corrupt or its header lies about shapes
+            or offsets.
+    """
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+    from safetensors import SafetensorError
+
+    try:
+        return sae_lens_disk_loader(path, device, cfg_overrides)
+    except SafetensorError as e:
+        raise RegistrationError(
+            f"{Path(path) / 'sae_weights.safetensors'}: not a valid safetensors file ({str(e)[:300]})"
+        ) from e
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON")
 
 
 def get_local_config(
@@ -77,6 +179,7 @@ def get_local_config(
         return mindchain.get_mindchain_config_from_disk(path, device, cfg_overrides)
     if not (path / "cfg.json").is_file():
         raise FileNotFoundError(f"{path}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
+    check_cfg_json(path)
     return get_sae_lens_config_from_disk(path, device, cfg_overrides)
 
 
@@ -94,7 +197,6 @@ def local_loader(
     through SAELens' own disk loader, with its ``sparsity.safetensors`` if present.
     """
     from sae_lens.constants import SPARSITY_FILENAME
-    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
     from safetensors import safe_open
 
     path = _local_path(repo_id, folder_name)
@@ -103,7 +205,8 @@ def local_loader(
         return cfg, state, None
     if not (path / "cfg.json").is_file():
         raise FileNotFoundError(f"{path}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
-    cfg, state = sae_lens_disk_loader(path, device, cfg_overrides)
+    check_cfg_json(path)
+    cfg, state = read_saelens_folder(path, device, cfg_overrides)
     log_sparsity = None
     if (path / SPARSITY_FILENAME).is_file():
         with safe_open(path / SPARSITY_FILENAME, framework="pt", device=device) as f:  # type: ignore[no-untyped-call]
@@ -188,6 +291,11 @@ def _check_release(lookup: PretrainedSAELookup, replace: bool) -> bool:
     if have == lookup:
         # Identical contents (e.g. after importlib.reload): nothing to do.
         return False
+    if lookup.release in _PACKAGE_RELEASES:
+        raise RegistrationError(
+            f"Release {lookup.release!r} is one of sae_lens_t5gemma's own releases "
+            f"(repo_id {have.repo_id!r}); it cannot be replaced. Use another release name."
+        )
     if lookup.release not in _OUR_RELEASES:
         raise RegistrationError(
             f"Release {lookup.release!r} already exists in SAELens' pretrained SAE directory "
@@ -230,11 +338,61 @@ def _check_conversion_func(release: str, conversion_func: str | None, where: str
 # --------------------------------------------------------------------------- YAML files
 
 
-def lookup_from_yaml(release: str, value: Any, where: str = "<yaml>") -> PretrainedSAELookup:
+def _number(where: str, release: str, sae_id: str, key: str, value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RegistrationError(
+            f"{where}: release {release!r}: SAE {sae_id!r}: {key} is {short_repr(value)}, expected a finite number"
+        )
+    return float(value)
+
+
+def _check_overrides(where: str, release: str, value: Any) -> dict[str, Any] | None:
+    # SAELens copies these into every SAE's config (and its cfg.json): only flat scalars,
+    # or one level of them (e.g. model_from_pretrained_kwargs).
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > 64:
+        raise RegistrationError(
+            f"{where}: release {release!r}: config_overrides must be a mapping of at most 64 fields, "
+            f"found {short_repr(value)}"
+        )
+    scalar = (str, int, float, bool, type(None))
+    for key, v in value.items():
+        flat = isinstance(v, scalar) or (
+            isinstance(v, dict) and len(v) <= 64 and all(isinstance(x, scalar) for x in v.values())
+        )
+        if not isinstance(key, str) or not flat:
+            raise RegistrationError(
+                f"{where}: release {release!r}: config_overrides[{short_repr(key)}] is {short_repr(v)}, "
+                "expected a number, string, boolean or a flat mapping of them"
+            )
+    return value
+
+
+def _check_rel_path(where: str, release: str, sae_id: str, rel: str, allow_outside_root: bool) -> None:
+    p = PurePosixPath(rel.replace("\\", "/"))
+    if allow_outside_root:
+        return
+    if p.is_absolute() or ".." in p.parts or rel.startswith("~"):
+        raise RegistrationError(
+            f"{where}: release {release!r}: SAE {sae_id!r} has path {rel!r}, which leaves the release folder; "
+            "refused (pass allow_outside_root=True if you trust this file)"
+        )
+
+
+def lookup_from_yaml(
+    release: str, value: Any, where: str = "<yaml>", allow_outside_root: bool = False
+) -> PretrainedSAELookup:
     """Parse one release entry of SAELens' ``pretrained_saes.yaml`` schema, as SAELens does.
 
+    Args:
+        allow_outside_root: accept SAE paths that are absolute or contain ``..``.
+
     Raises:
-        RegistrationError: a required field is missing or malformed; names ``where``.
+        RegistrationError: a required field is missing or malformed, or a path leaves the
+            release folder; names ``where``.
     """
     if not isinstance(value, dict):
         raise RegistrationError(
@@ -243,6 +401,16 @@ def lookup_from_yaml(release: str, value: Any, where: str = "<yaml>") -> Pretrai
     for key in ("repo_id", "model", "saes"):
         if key not in value:
             raise RegistrationError(f"{where}: release {release!r} has no {key!r} field")
+    for key in ("repo_id", "model"):
+        if not isinstance(value[key], str) or not value[key] or len(value[key]) > 1000:
+            raise RegistrationError(
+                f"{where}: release {release!r}: {key} is {short_repr(value[key])}, expected a string"
+            )
+    if value.get("conversion_func") is not None and not isinstance(value["conversion_func"], str):
+        raise RegistrationError(
+            f"{where}: release {release!r}: conversion_func is {short_repr(value['conversion_func'])}, "
+            "expected a loader name"
+        )
     if not isinstance(value["saes"], list) or not value["saes"]:
         raise RegistrationError(f"{where}: release {release!r}: 'saes' must be a non-empty list")
     saes_map: dict[str, str] = {}
@@ -253,17 +421,36 @@ def lookup_from_yaml(release: str, value: Any, where: str = "<yaml>") -> Pretrai
     for i, info in enumerate(value["saes"]):
         if not isinstance(info, dict) or "id" not in info or "path" not in info:
             raise RegistrationError(
-                f"{where}: release {release!r}: saes[{i}] needs 'id' and 'path', found {info!r}"
+                f"{where}: release {release!r}: saes[{i}] needs 'id' and 'path', found {short_repr(info)}"
             )
+        for key in ("id", "path"):
+            if (
+                not isinstance(info[key], (str, int))
+                or isinstance(info[key], bool)
+                or len(str(info[key])) > 1000
+            ):
+                raise RegistrationError(
+                    f"{where}: release {release!r}: saes[{i}].{key} is {short_repr(info[key])}, expected a string"
+                )
         sae_id = str(info["id"])
         if sae_id in saes_map:
             raise RegistrationError(f"{where}: release {release!r}: duplicate SAE id {sae_id!r}")
+        _check_rel_path(where, release, sae_id, str(info["path"]), allow_outside_root)
         saes_map[sae_id] = str(info["path"])
-        var_explained[sae_id] = info.get("variance_explained", 1.00)
-        l0[sae_id] = info.get("l0", 0.00)
-        neuronpedia[sae_id] = info.get("neuronpedia")
+        var_explained[sae_id] = _number(
+            where, release, sae_id, "variance_explained", info.get("variance_explained"), 1.00
+        )
+        l0[sae_id] = _number(where, release, sae_id, "l0", info.get("l0"), 0.00)
+        np_id = info.get("neuronpedia")
+        if np_id is not None and not isinstance(np_id, str):
+            raise RegistrationError(
+                f"{where}: release {release!r}: SAE {sae_id!r}: neuronpedia is {short_repr(np_id)}, expected a string"
+            )
+        neuronpedia[sae_id] = np_id  # type: ignore[assignment]
         if "norm_scaling_factor" in info:
-            norm_scaling[sae_id] = info["norm_scaling_factor"]
+            norm_scaling[sae_id] = _number(
+                where, release, sae_id, "norm_scaling_factor", info["norm_scaling_factor"], 1.0
+            )
     return PretrainedSAELookup(
         release=release,
         repo_id=str(value["repo_id"]),
@@ -274,14 +461,70 @@ def lookup_from_yaml(release: str, value: Any, where: str = "<yaml>") -> Pretrai
         expected_l0=l0,
         neuronpedia_id=neuronpedia,
         norm_scaling_factor=norm_scaling,
-        config_overrides=value.get("config_overrides"),
+        config_overrides=_check_overrides(where, release, value.get("config_overrides")),
     )
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors/aliases: an alias bomb (a 1 KB file that expands
+    to gigabytes wherever it is walked) cannot be built. SAELens' own YAML uses none."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"YAML aliases (*{event.anchor}) are not accepted in a release file",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _read_yaml_text(path: str | Path | Traversable) -> tuple[str, Any]:
+    if isinstance(path, str):
+        path = Path(path)
+    where = str(path)
+    try:
+        if isinstance(path, Path):
+            size = path.stat().st_size
+            if size > MAX_YAML_BYTES:
+                raise RegistrationError(
+                    f"{where}: {size:,} bytes, more than the {MAX_YAML_BYTES:,} read for a release YAML"
+                )
+        raw = path.read_bytes()[: MAX_YAML_BYTES + 1]
+        if len(raw) > MAX_YAML_BYTES:
+            raise RegistrationError(
+                f"{where}: more than the {MAX_YAML_BYTES:,} bytes read for a release YAML"
+            )
+        return where, yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{where}: no such release YAML file") from e
+    except UnicodeDecodeError as e:
+        raise RegistrationError(
+            f"{where}: cannot read release YAML: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from e
+    except RecursionError as e:
+        raise RegistrationError(f"{where}: cannot read release YAML: nested too deeply") from e
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = str(e.problem or e.context or type(e).__name__)[:300]
+        raise RegistrationError(f"{where}: cannot read release YAML: {problem}{at}") from e
+    except (OSError, yaml.YAMLError) as e:
+        raise RegistrationError(f"{where}: cannot read release YAML: {str(e)[:500]}") from e
+
+
 def read_release_yaml(
-    path: str | Path | Traversable, loader: str | None = None, local_root: str | Path | None = None
+    path: str | Path | Traversable,
+    loader: str | None = None,
+    local_root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> list[PretrainedSAELookup]:
     """Parse every release of a YAML file in SAELens' schema, registering nothing.
+
+    The file is read with a safe loader that also refuses aliases, and at most
+    :data:`MAX_YAML_BYTES` of it.
 
     Args:
         path: the YAML file.
@@ -289,14 +532,10 @@ def read_release_yaml(
         local_root: the folder the releases' ``path``s are relative to. If given, the
             releases load from there through ``sae_lens_t5gemma_local`` and their
             ``repo_id`` becomes that folder.
+        allow_outside_root: accept ``path``s that are absolute, contain ``..`` or (with
+            ``local_root``) resolve outside it through a symlink. Off by default.
     """
-    where = str(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise FileNotFoundError(f"{where}: no such release YAML file") from e
-        raise RegistrationError(f"{where}: cannot read release YAML: {e}") from e
+    where, data = _read_yaml_text(path)
     if not isinstance(data, dict) or not data:
         raise RegistrationError(f"{where}: expected a mapping of release names to releases")
     root: Path | None = None
@@ -306,13 +545,21 @@ def read_release_yaml(
             raise FileNotFoundError(f"{where}: local_root {root} is not a folder")
     lookups = []
     for release, value in data.items():
-        lookup = lookup_from_yaml(str(release), value, where)
+        if not isinstance(release, (str, int)) or isinstance(release, bool) or len(str(release)) > 200:
+            raise RegistrationError(f"{where}: release name {short_repr(release)} is not a short string")
+        lookup = lookup_from_yaml(str(release), value, where, allow_outside_root)
         if root is not None:
             lookup.repo_id, lookup.conversion_func = str(root), LOCAL_LOADER
             for sae_id, rel in lookup.saes_map.items():
-                if not (root / rel).exists():
+                target = root / rel
+                if not target.exists():
                     raise FileNotFoundError(
-                        f"{where}: SAE {sae_id!r} of release {release!r}: {root / rel} does not exist"
+                        f"{where}: SAE {sae_id!r} of release {release!r}: {target} does not exist"
+                    )
+                if not allow_outside_root and not target.resolve().is_relative_to(root):
+                    raise RegistrationError(
+                        f"{where}: release {release!r}: SAE {sae_id!r} resolves to {target.resolve()}, outside "
+                        f"the release folder {root}; refused (pass allow_outside_root=True if you trust it)"
                     )
         if loader is not None:
             lookup.conversion_func = loader
@@ -326,6 +573,7 @@ def register_release_yaml(
     loader: str | None = None,
     local_root: str | Path | None = None,
     replace: bool = False,
+    allow_outside_root: bool = False,
 ) -> list[str]:
     """Register every release of a YAML file in SAELens' schema (all or none).
 
@@ -338,21 +586,26 @@ def register_release_yaml(
         path: the YAML file.
         loader: a registered loader name replacing every release's ``conversion_func``.
         local_root: load the releases from this local folder (see :func:`read_release_yaml`).
-        replace: allow replacing releases this package registered before (never SAELens' own).
+        replace: allow replacing a release registered earlier from a user's YAML. SAELens'
+            releases and this package's own can never be replaced.
+        allow_outside_root: accept SAE paths that leave the release folder (absolute,
+            ``..``, symlinks out of ``local_root``).
 
     Returns:
         The release names.
 
     Raises:
-        RegistrationError: malformed YAML, an unknown loader, or a release name that is
-            taken (nothing is registered then).
+        RegistrationError: malformed YAML (aliases, unsafe tags, bad fields, paths that
+            leave the folder, over :data:`MAX_YAML_BYTES`), an unknown loader, or a
+            release name that is taken (nothing is registered then).
     """
-    lookups = read_release_yaml(path, loader, local_root)
+    lookups = read_release_yaml(path, loader, local_root, allow_outside_root)
+    names = [lk.release for lk in lookups]
+    if len(set(names)) != len(names):
+        raise RegistrationError(f"{path}: a release name appears twice")
     todo = {lk.release: lk for lk in lookups if _check_release(lk, replace)}
     _install(todo, {})
-    for lk in lookups:  # identical ones found in place (e.g. after a reload) are ours too
-        _OUR_RELEASES.setdefault(lk.release, lk)
-    return [lk.release for lk in lookups]
+    return names
 
 
 def register() -> list[str]:
@@ -380,7 +633,34 @@ def register() -> list[str]:
     from sae_lens_t5gemma.gemma_scope import install_local_safetensors_shapes
 
     install_local_safetensors_shapes()
-    return register_release_yaml(files("sae_lens_t5gemma").joinpath("pretrained_saes.yaml"))
+    lookups = read_release_yaml(files("sae_lens_t5gemma").joinpath("pretrained_saes.yaml"))
+    directory = get_pretrained_saes_directory()
+    for lk in lookups:
+        if lk.release not in _PACKAGE_RELEASES and directory.get(lk.release) not in (None, lk):
+            raise RegistrationError(
+                f"Release {lk.release!r} of sae_lens_t5gemma is already taken in SAELens' directory "
+                f"(repo_id {directory[lk.release].repo_id!r})"
+            )
+    _install({lk.release: lk for lk in lookups if directory.get(lk.release) != lk}, {})
+    for lk in lookups:
+        _OUR_RELEASES.setdefault(lk.release, directory[lk.release])
+    _PACKAGE_RELEASES.update(lk.release for lk in lookups)
+    return [lk.release for lk in lookups]
+
+
+def register_local_release(path: str | Path, replace: bool = False) -> str:
+    """Register a release YAML whose SAE folders lie next to it (as ``train`` writes it).
+
+    Returns:
+        The (last) release name in the file.
+
+    Raises:
+        RegistrationError: see :func:`register_release_yaml`; a release registered before
+            with other contents needs ``replace=True``, and SAELens' and this package's
+            releases are never replaced.
+    """
+    path = Path(path)
+    return register_release_yaml(path, local_root=path.parent, replace=replace)[-1]
 
 
 def release_yaml(

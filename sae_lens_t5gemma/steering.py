@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,9 +34,13 @@ if TYPE_CHECKING:
 
 def _site_width(model: HookedT5Gemma2, hook_name: str) -> int:
     s = model._sites[hook_name]
-    if s.kind.friendly == "attn_z":
+    if s.kind.friendly in ("attn_z", "z_self", "z_cross"):
         n_heads, d_head = model._heads[s.stack]
         return n_heads * d_head
+    if s.kind.friendly == "mlp_post":
+        return model.cfg.d_mlp
+    if s.kind.route == "attention":
+        raise ValueError(f"{hook_name} holds attention probabilities, not an activation an SAE reads.")
     return model.cfg.d_model
 
 
@@ -181,15 +185,20 @@ class SAEMixin:
         value: float | None = None,
         add: float | None = None,
         ablate: bool = False,
-    ) -> Iterator[Any]:
+    ) -> Iterator[SteeringReport]:
         """Context manager: edit SAE features at the SAE's hook for every run inside it.
 
         Exactly one of ``scale`` (multiply), ``value`` (set), ``add`` (add a constant) or
-        ``ablate=True`` (set to 0). Works with ``forward``, ``run_with_cache`` and ``generate``.
+        ``ablate=True`` (set to 0). Works with ``forward``, ``run_with_cache`` and ``generate``,
+        on encoder and decoder sites. Yields a :class:`SteeringReport` that records, per run,
+        the change made at the site and the change that reaches the residual stream: at the
+        o_proj/MLP outputs the edit still passes the block's RMSNorm, which divides by the
+        activation's rms (a small edit is amplified, a large one saturates).
 
         Example:
-            >>> with model.steer(sae, [12, 40], scale=8.0):
+            >>> with model.steer(sae, [12, 40], scale=8.0) as report:
             ...     text = model.generate("The cat sat", max_new_tokens=10)
+            >>> report.summary()
         """
         edit = FeatureEdit.make(features, scale=scale, value=value, add=add, ablate=ablate)
         name = check_sae_fits(self, sae)
@@ -197,8 +206,86 @@ class SAEMixin:
             raise ValueError(
                 f"An SAE is spliced in at {name}; steer with a model that has none attached there."
             )
-        with self.hooks(fwd_hooks=[(name, steering_hook(sae, edit))]):
-            yield self
+        to_residual, where = _residual_path(self, name)
+        report = SteeringReport(name, where)
+
+        def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
+            delta = steering_delta(sae, x, edit)
+            with torch.no_grad():
+                live = _flat_positions(x).abs().sum(-1) > 0  # uncovered positions are zeros
+                report.site.append((_flat_positions(delta).norm(dim=-1) * live).cpu())
+                reached = to_residual(x + delta) - to_residual(x)
+                report.residual.append((_flat_positions(reached).norm(dim=-1) * live).cpu())
+            return x + delta
+
+        with self.hooks(fwd_hooks=[(name, hook)]):
+            yield report
+
+
+def _flat_positions(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(*x.shape[:2], -1)
+
+
+def _residual_path(model: Any, hook_name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The map from a site's activation to what the residual stream receives from it, named."""
+    s = model._sites[hook_name]
+    kind, layer = s.kind.friendly, model._hf_layers[hook_name]
+    attn_norm, mlp_norm = layer.post_self_attn_layernorm, layer.post_feedforward_layernorm
+    paths: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
+        "attn_out": (attn_norm, "post_self_attn_layernorm(o_proj output)"),
+        "attn_z": (
+            lambda v: attn_norm(layer.self_attn.o_proj(v.flatten(-2))),
+            "post_self_attn_layernorm(o_proj(z))",
+        ),
+        "mlp_in": (
+            lambda v: mlp_norm(layer.mlp(v)),
+            "post_feedforward_layernorm(mlp(x)) (the MLP's response)",
+        ),
+        "mlp_post": (lambda v: mlp_norm(layer.mlp.down_proj(v)), "post_feedforward_layernorm(down_proj(h))"),
+        "mlp_out": (mlp_norm, "post_feedforward_layernorm(MLP output)"),
+    }
+    for part in ("z_self", "z_cross"):
+        paths[part] = (
+            lambda v: attn_norm(layer.self_attn.o_proj(v.flatten(-2))),
+            "post_self_attn_layernorm(o_proj(z))",
+        )
+    return paths.get(kind, (lambda v: v, "the residual stream itself (no norm in between)"))
+
+
+@dataclass
+class SteeringReport:
+    """What :meth:`SAEMixin.steer` changed, one entry per run at the steered hook.
+
+    ``site[i]`` and ``residual[i]`` are ``[batch, pos]`` norms (0 at positions the stack does
+    not compute) of the change made at the site and of the change that reaches the residual
+    stream through ``path``.
+    """
+
+    hook_name: str
+    path: str
+    site: list[torch.Tensor] = field(default_factory=list)
+    residual: list[torch.Tensor] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Mean and max norms over steered positions, and their ratio (the norm's amplification)."""
+        if not self.site:
+            return {"hook_name": self.hook_name, "path": self.path, "runs": 0}
+        site = torch.cat([t.flatten() for t in self.site])
+        res = torch.cat([t.flatten() for t in self.residual])
+        live = site > 0
+        mean_site = float(site[live].mean()) if live.any() else 0.0
+        mean_res = float(res[live].mean()) if live.any() else 0.0
+        return {
+            "hook_name": self.hook_name,
+            "path": self.path,
+            "runs": len(self.site),
+            "positions": int(live.sum()),
+            "site_delta_norm_mean": mean_site,
+            "site_delta_norm_max": float(site.max()),
+            "residual_delta_norm_mean": mean_res,
+            "residual_delta_norm_max": float(res.max()),
+            "residual_over_site": mean_res / mean_site if mean_site else float("nan"),
+        }
 
 
 def _set_module(model: Any, name: str, module: torch.nn.Module) -> None:
@@ -321,31 +408,37 @@ def top_features(
     Args:
         model: the hooked model.
         sae: the SAE (its ``hook_name`` picks the site).
-        text: one text; the encoder reads it, the decoder reads it shifted right behind BOS.
+        text: one text. Encoder sites: the encoder reads the whole text, as it reads a prompt.
+            Decoder sites: the model's convention applies (``prefix_lm``: the encoder reads the
+            first ``p`` tokens and the decoder the rest, so only positions ``>= p`` appear).
         k: how many rows (overall), or per position if ``per_token``.
         per_token: the top ``k`` features of every position instead of the top ``k`` overall.
 
     Returns:
-        Rows sorted by activation (descending; per position if ``per_token``). ``token`` is
-        the token the site reads at that position: for decoder sites the previous token
-        (the decoder's BOS at position 0).
+        Rows sorted by activation (descending; per position if ``per_token``). ``position``
+        indexes the text's tokens and ``token`` is the token the site has just read there.
     """
     name = check_sae_fits(model, sae)
     tokens = model.to_tokens(text)
     s = model._sites[name]
-    _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
+    before = model.prefix_len
+    if s.stack == "encoder" and model.convention == "prefix_lm":
+        model.prefix_len = tokens.shape[1]
+    try:
+        _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
+        covered = model.covered_mask(tokens, s.stack)[0]
+    finally:
+        model.prefix_len = before
     x = cache[name][0]
     feats = sae.encode(_sae_input(sae, x).to(sae.device))
     if feats.ndim == 3:  # hook_z-reshaping SAEs keep no head axis in feature space; be safe
         feats = feats.reshape(feats.shape[0], -1)
-    read = (
-        tokens[0] if s.stack == "encoder" else model.hf_model.prepare_decoder_input_ids_from_labels(tokens)[0]
-    )
-    strs = model.to_str_tokens(read)
+    feats = feats * covered[:, None].to(feats.device)  # positions the stack did not compute
+    strs = model.to_str_tokens(tokens[0])
     rows: list[FeatureHit] = []
     if per_token:
         vals, idx = feats.topk(min(k, feats.shape[-1]), dim=-1)
-        for p in range(feats.shape[0]):
+        for p in covered.nonzero().flatten().tolist():
             rows += [
                 FeatureHit(p, strs[p], int(i), float(v))
                 for v, i in zip(vals[p].tolist(), idx[p].tolist(), strict=True)

@@ -555,7 +555,7 @@ def _finish(plan: TrainingPlan, result: TrainingResult) -> TrainingResult:
     (plan.out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if plan.config.release_name:
         result.release_yaml = write_release_yaml(plan.out, plan.config.release_name, list(result.paths))
-        result.release = register_release(result.release_yaml)
+        result.release = register_release(result.release_yaml, replace=plan.config.overwrite)
     return result
 
 
@@ -791,19 +791,25 @@ def collect_activations(
 ) -> dict[str, torch.Tensor]:
     """Activations at ``hook_names`` for ``texts`` (one sequence each), flattened to ``[tokens, d]``.
 
-    Padding positions are dropped, so each row is a real token's activation.
+    Padding positions, and positions the hook's stack does not compute under the model's
+    convention, are dropped, so each row is a real token's activation.
     """
+    from sae_lens_t5gemma import sites as sites_mod
+
     tokenizer = model.tokenizer  # type: ignore[attr-defined]
     batch = tokenizer(
         list(texts), return_tensors="pt", padding=True, truncation=True, max_length=context_size
     )
     tokens = batch["input_ids"].to(model.cfg.device)  # type: ignore[attr-defined]
-    mask = batch["attention_mask"].bool().reshape(-1)
+    real = batch["attention_mask"].bool().to(tokens.device)
     _, cache = model.run_with_cache(tokens, names_filter=list(hook_names), prepend_bos=False)
-    return {
-        h: cache[h].reshape(-1, cache[h].shape[-1])[mask.to(cache[h].device)].float().cpu()
-        for h in hook_names
-    }
+    out = {}
+    for h in hook_names:
+        keep = real
+        if hasattr(model, "covered_mask"):
+            keep = real & model.covered_mask(tokens, sites_mod.resolve(model.canonical_name(h)).stack)
+        out[h] = cache[h].reshape(*tokens.shape, -1)[keep].float().cpu()
+    return out
 
 
 @torch.no_grad()
@@ -850,14 +856,18 @@ def write_release_yaml(folder: str | Path, release_name: str, sae_ids: Sequence[
         cfg_path = folder / sae_id / "cfg.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"SAE folder {str(folder / sae_id)!r} has no cfg.json")
-        meta = json.loads(cfg_path.read_text()).get("metadata", {})
+        meta = registration.check_cfg_json(folder / sae_id).get("metadata") or {}
         model = model or meta.get("model_name")
         entry: dict[str, Any] = {"id": sae_id, "path": sae_id}
         if meta.get("l0") is not None:
             entry["l0"] = round(float(meta["l0"]), 4)
         evals_path = folder / sae_id / "eval_metrics.json"
         if evals_path.is_file():
-            ev = json.loads(evals_path.read_text())
+            try:
+                ev = json.loads(evals_path.read_text(encoding="utf-8"))
+                ev.get("explained_variance")
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"{evals_path}: not a JSON object of eval metrics ({str(e)[:200]})") from e
             if "explained_variance" in ev:
                 entry["variance_explained"] = round(float(ev["explained_variance"]), 4)
         entries.append(entry)
@@ -871,18 +881,21 @@ def write_release_yaml(folder: str | Path, release_name: str, sae_ids: Sequence[
         "Load by name after sae_lens_t5gemma.training.register_release(<this file>).",
     )
     path = folder / "release.yaml"
-    path.write_text(text)
+    # Written whole or not at all: a reader never sees half a YAML.
+    tmp = folder / f".release.yaml.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
-def register_release(path: str | Path) -> str:
+def register_release(path: str | Path, replace: bool = False) -> str:
     """Register a release YAML written by :func:`write_release_yaml`; returns the release name.
 
     The SAE folders are looked up next to the YAML (so the folder may have moved since).
-    Re-registering one of this package's releases replaces it; SAELens' own names are refused.
+    A release registered before with other contents needs ``replace=True``; SAELens' and
+    this package's own releases are never replaced (see
+    :func:`sae_lens_t5gemma.registration.register_local_release`).
     """
     from sae_lens_t5gemma import registration
 
-    path = Path(path)
-    names = registration.register_release_yaml(path, local_root=path.parent, replace=True)
-    return names[-1]
+    return registration.register_local_release(path, replace=replace)

@@ -261,3 +261,45 @@ def test_covered_position_eval_equals_direct_computation(model, tokens, split, h
     assert metrics["ce_loss_with_sae"] == pytest.approx(ce_sae, rel=1e-5)
     assert metrics["ce_loss_score"] == pytest.approx((ce_abl - ce_sae) / (ce_abl - ce), rel=1e-4)
     assert metrics["ce_increase"] == pytest.approx(ce_sae - ce, abs=1e-5)
+
+
+def test_steering_reports_the_change_that_reaches_the_residual(model, tokens, split):
+    hook = "encoder_blocks.1.attn.hook_out"
+    sae = _sae(hook, 5)
+    feats = [1, 2, 3]
+    layer = model.hf_model.get_submodule("model.encoder.text_model.layers.1")
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=2)
+        with model.steer(sae, feats, add=2.0) as report:
+            model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=2)
+        x = clean[hook][:, :P]
+        delta = 2.0 * sae.W_dec[feats].sum(0)
+        reached = layer.post_self_attn_layernorm(x + delta) - layer.post_self_attn_layernorm(x)
+    assert report.path == "post_self_attn_layernorm(o_proj output)"
+    site, res = report.site[0], report.residual[0]
+    assert site.shape == (2, N) and not site[:, P:].any()  # positions the encoder did not compute
+    torch.testing.assert_close(site[:, :P], delta.norm().expand(2, P), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res[:, :P], reached.norm(dim=-1), rtol=1e-4, atol=1e-6)
+    summary = report.summary()
+    assert summary["positions"] == 2 * P and summary["runs"] == 1
+    assert summary["residual_over_site"] == pytest.approx(
+        float(res[:, :P].mean() / site[:, :P].mean()), rel=1e-5
+    )
+    # At the residual stream itself nothing stands in between: the ratio is exactly 1.
+    resid = "encoder_blocks.1.hook_resid_post"
+    with torch.no_grad(), model.steer(_sae(resid, 6), feats, add=2.0) as report:
+        model.run_with_cache(tokens, names_filter=[resid], stop_at_layer=2)
+    assert report.summary()["residual_over_site"] == pytest.approx(1.0)
+
+
+def test_top_features_under_prefix_lm(model, split):
+    from sae_lens_t5gemma.steering import top_features
+
+    text = "The cat sat on the mat and then the dog came."
+    tokens = model.to_tokens(text)
+    n = tokens.shape[1]
+    dec = top_features(model, _sae("decoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
+    assert sorted({r.position for r in dec}) == list(range(P, n))  # the continuation only
+    enc = top_features(model, _sae("encoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
+    assert sorted({r.position for r in enc}) == list(range(n))  # the encoder reads the whole text
+    assert model.prefix_len == P  # restored

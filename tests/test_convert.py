@@ -4,7 +4,9 @@ Covers: the output loads with plain SAELens in a process that never imports this
 package (weights equal, metadata kept); the YAML block parses in SAELens' schema and,
 registered as a local release, loads through ``SAE.from_pretrained``; a non-empty output
 folder needs ``force``; invalid checkpoints stop the run before anything is written; a
-failure while writing leaves no partial folder; hub-cache and plain snapshot layouts."""
+failure while writing leaves the output folder as it was; ``force`` replaces only convert's
+own output (a manifest with hashes), refusing by name otherwise; hub-cache and plain
+snapshot layouts. Locking and kill -9 are in ``test_adversarial.py``."""
 
 from __future__ import annotations
 
@@ -131,6 +133,16 @@ def test_converted_release_registers_locally(snapshot, tmp_path):
     assert a.cfg.metadata.hook_name == b.cfg.metadata.hook_name == "decoder_blocks.12.self_attn.hook_out"
 
 
+def _tree(folder: Path) -> dict[str, str]:
+    """Every entry below ``folder`` with the sha256 of its bytes (folders as "dir")."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
 def test_non_empty_out_dir_needs_force(snapshot, tmp_path):
     src = _plain_copy(snapshot, tmp_path / "src")
     out = tmp_path / "out"
@@ -140,25 +152,42 @@ def test_non_empty_out_dir_needs_force(snapshot, tmp_path):
         convert_snapshot(src, out, progress=False)
     assert str(e.value) == (
         f"{out}: output folder is not empty (1 entries: notes.txt); "
-        "pass force=True (--force) to overwrite the converted SAEs in it"
+        "pass force=True (--force) to replace an earlier convert output in it"
     )
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    convert_snapshot(src, out, force=True, progress=False)
+    # --force replaces only what convert wrote: a user's file is refused by name.
+    with pytest.raises(FileExistsError) as e:
+        convert_snapshot(src, out, force=True, progress=False)
+    assert str(e.value) == (
+        f"{out}: --force replaces only what convert wrote, and this folder holds 1 other entries: "
+        "notes.txt. Move them away or choose another output folder; nothing was changed"
+    )
+    assert _tree(out) == {"notes.txt": __import__("hashlib").sha256(b"mine").hexdigest()}
+    (out / "notes.txt").unlink()
+    convert_snapshot(src, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".sae_lens_t5gemma_convert.json",
         "decoder",
         "encoder",
-        "notes.txt",
         "pretrained_saes.yaml",
     ]
-    # Converting again with force replaces the folders in place.
-    (out / "encoder" / "layer_1" / "stale.txt").write_text("x")
+    first = _tree(out)
+    # Its own output is replaced whole by --force.
     convert_snapshot(src, out, force=True, progress=False)
-    assert sorted(p.name for p in (out / "encoder" / "layer_1").iterdir()) == [
-        "cfg.json",
-        "sae_weights.safetensors",
+    assert _tree(out) == first
+    # A user file inside a converted folder, or an edited converted file, blocks --force.
+    (out / "encoder" / "layer_1" / "my_notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"holds 1 other entries: encoder/layer_1/my_notes\.txt\."):
+        convert_snapshot(src, out, force=True, progress=False)
+    (out / "encoder" / "layer_1" / "my_notes.txt").unlink()
+    (out / "pretrained_saes.yaml").write_text("edited by the user")
+    with pytest.raises(
+        FileExistsError, match=r"1 other entries: pretrained_saes\.yaml \(changed since convert wrote it\)"
+    ):
+        convert_snapshot(src, out, force=True, progress=False)
+    assert (out / "pretrained_saes.yaml").read_text() == "edited by the user"
+    assert not [
+        p for p in tmp_path.iterdir() if ".staging-" in p.name or ".old-" in p.name or ".lock" in p.name
     ]
-    assert (out / "notes.txt").read_text() == "mine"
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def test_invalid_checkpoints_stop_before_writing(snapshot, tmp_path):
@@ -200,19 +229,19 @@ def test_failure_while_writing_leaves_no_partial_folder(snapshot, tmp_path, monk
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left on device"):
         convert_snapshot(src, out, progress=False)
-    assert ".tmp-" in Path(calls[2]).parent.name  # it was writing into a temporary folder
-    written = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert written == [
-        "decoder",
-        "encoder",
-        "encoder/layer_0",
-        "encoder/layer_0/cfg.json",
-        "encoder/layer_0/sae_weights.safetensors",
-        "encoder/layer_1",
-        "encoder/layer_1/cfg.json",
-        "encoder/layer_1/sae_weights.safetensors",
-    ]
+    # It was writing into the staging folder beside OUT, which is gone again.
+    assert Path(calls[2]).parent.parent.parent.name.startswith(".out.staging-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # A previous complete output survives a failed --force run unchanged.
     monkeypatch.setattr(sae_module, "save_file", real_save)
+    convert_snapshot(src, out, progress=False)
+    before = _tree(out)
+    calls.clear()
+    monkeypatch.setattr(sae_module, "save_file", failing_save)
+    with pytest.raises(OSError, match="No space left on device"):
+        convert_snapshot(src, out, force=True, progress=False)
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     assert torch.equal(
         SAE.load_from_disk(out / "encoder" / "layer_1").W_enc.data,
         torch.load(src / "encoder" / "sae_encoder_01.pt")["W_enc"],

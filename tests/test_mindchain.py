@@ -2,7 +2,9 @@
 forward formula, bit-identical weights, dtype/device, config metadata, the disk loader
 via ``SAE.load_from_disk(converter=...)``, and a clear error for every bad input (code
 pickles, missing keys, wrong/transposed shapes, disagreeing fields, NaN/Inf, truncated
-files, file-name mismatches, no network and no cache)."""
+files, file-name mismatches, no network and no cache), tensor-only files (stack and layer
+from the file name, widths from the shapes), what the metadata marks as assumed, and the
+fallback for legacy (non-zip) torch files, which cannot be memory-mapped."""
 
 from __future__ import annotations
 
@@ -210,7 +212,7 @@ def _nan_at(key: str, value: float):
 
 BAD_CHECKPOINTS = {
     "missing key": (_with(W_dec=None), r"missing keys \['W_dec'\]; the file has \['W_enc', "),
-    "two missing keys": (_with(b_enc=None, d_sae=None), r"missing keys \['d_sae', 'b_enc'\]"),
+    "two missing keys": (_with(b_enc=None, W_dec=None), r"missing keys \['b_enc', 'W_dec'\]"),
     "W_enc transposed": (
         _with(W_enc=lambda ck: ck["W_enc"].T.contiguous()),
         re.escape(
@@ -251,6 +253,15 @@ BAD_CHECKPOINTS = {
         r"layer_type is 'middle', expected one of \['encoder', 'decoder'\]",
     ),
     "negative layer_idx": (_with(layer_idx=-1), "layer_idx is -1, expected an integer >= 0"),
+    "huge layer_idx": (
+        _with(layer_idx=10**30),
+        "layer_idx is 1000000000000000000000000000000, more than the largest accepted value 999",
+    ),
+    "huge d_sae field": (_with(d_sae=2**40), "d_sae is 1099511627776, more than the largest accepted value"),
+    "float64 tensor": (
+        _with(b_dec=lambda ck: ck["b_dec"].double()),
+        re.escape("b_dec has dtype torch.float64; accepted: float32, float16, bfloat16"),
+    ),
     "string d_in": (_with(d_in="640"), "d_in is '640', expected an integer >= 1"),
     "not a dict": ([torch.zeros(3)], "expected a dict of tensors and fields, found a list"),
     "name disagrees": (
@@ -335,3 +346,106 @@ def test_bad_file_through_the_hub(hub_cache):
         )
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         mindchain_huggingface_loader("test-user/bad-mindchain", "encoder/sae_encoder_04.pt")
+
+
+# ------------------------------------------------------------------ tensor-only files
+
+
+def _tensor_only(stack: str, layer: int, d_in: int = D_IN, d_sae: int = D_SAE) -> dict:
+    ck = synthetic.mindchain_checkpoint(stack, layer, d_in, d_sae, seed=7)
+    return {k: ck[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+
+def test_tensor_only_file_through_the_hub(hub_cache):
+    # The card's quick start shows only the four tensors: no layer_type, layer_idx, d_in, d_sae.
+    ck = _tensor_only("decoder", 6)
+    buf = io.BytesIO()
+    torch.save(ck, buf)
+    repo = "test-user/tensor-only-mindchain"
+    synthetic.write_hub_repo(hub_cache, repo, {"decoder/sae_decoder_06.pt": buf.getvalue()})
+    sae = SAE.from_pretrained(
+        release=repo, sae_id="decoder/sae_decoder_06.pt", converter=mindchain_huggingface_loader
+    )
+    for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae, k).data, ck[k]), k
+    m = sae.cfg.metadata
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (D_IN, D_SAE)
+    assert (m.layer_type, m.layer_idx) == ("decoder", 6)
+    assert m.hook_name == "decoder_blocks.6.self_attn.hook_out"
+    assert m.fields_from == {
+        "layer_type": "file name",
+        "layer_idx": "file name",
+        "d_in": "tensor shapes",
+        "d_sae": "tensor shapes",
+    }
+    assert training_history(sae) == {}
+
+
+def test_metadata_marks_assumptions(hub_cache):
+    sae = SAE.from_pretrained(release=RELEASE, sae_id="encoder/layer_1")
+    m = sae.cfg.metadata
+    assert m.training_convention == "unknown"
+    assert set(m.assumed) == {
+        "context_size",
+        "prepend_bos",
+        "exclude_special_tokens",
+        "training_convention",
+        "dataset_path",
+    }
+    assert m.assumed["context_size"].startswith("guess: ")
+    assert m.assumed["prepend_bos"].startswith("guess: ")
+    assert m.assumed["training_convention"].startswith("unknown: the card does not say")
+    assert m.model_class_name == "HookedT5Gemma2"
+    assert m.model_from_pretrained_kwargs == {"dtype": "float16"}
+    assert m.dataset_path is None and m.exclude_special_tokens is False
+    assert m.fields_from["layer_idx"] == "checkpoint"
+
+
+def test_tensor_only_file_without_a_mindchain_name(tmp_path):
+    path = _save(_tensor_only("encoder", 2, 8, 16), tmp_path, "weights.pt")
+    with pytest.raises(
+        MindchainCheckpointError,
+        match=re.escape(
+            f"{path}: cannot tell the stack and layer: the file name is not sae_<encoder|decoder>_<NN>.pt "
+            "and the file has no layer_type and layer_idx fields"
+        ),
+    ):
+        mindchain_disk_loader(path)
+    # With the two fields it loads under any name; widths still come from the shapes.
+    ck = _tensor_only("encoder", 2, 8, 16) | {"layer_type": "encoder", "layer_idx": 2}
+    cfg, state = mindchain_disk_loader(_save(ck, tmp_path, "weights.pt"))
+    assert (cfg["d_in"], cfg["d_sae"], cfg["metadata"]["hook_name"]) == (
+        8,
+        16,
+        "encoder_blocks.2.attn.hook_out",
+    )
+    assert torch.equal(state["W_dec"], ck["W_dec"])
+
+
+def test_legacy_torch_file_falls_back_to_a_full_read(tmp_path):
+    # torch's pre-1.6 format cannot be memory-mapped; it must still load, identically.
+    ck = _good()
+    path = tmp_path / "sae_encoder_03.pt"
+    torch.save(ck, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:2] != b"PK"
+    with pytest.raises(RuntimeError, match="mmap can only be used with files saved with"):
+        torch.load(path, mmap=True, weights_only=True)
+    sae = SAE.load_from_disk(path, converter=mindchain_disk_loader)
+    for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae, k).data, ck[k]), k
+    # ... and the same checks apply to it.
+    torch.save(_with(W_enc=_nan_at("W_enc", float("nan"))), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(
+        MindchainCheckpointError, match=re.escape("W_enc has 1 NaN and 0 Inf values (of 128)")
+    ):
+        mindchain_disk_loader(path)
+
+
+def test_fp16_sum_overflow_is_not_mistaken_for_inf(tmp_path):
+    # The fast check sums each tensor; a large finite fp16 tensor overflows that sum, and
+    # the exact count must then clear it.
+    ck = {k: v.half() for k, v in _tensor_only("encoder", 3, 8, 16).items()}
+    ck["W_enc"] = torch.full((8, 16), 60000.0, dtype=torch.float16)
+    assert not torch.isfinite(ck["W_enc"].sum())
+    cfg, state = mindchain_disk_loader(_save(ck, tmp_path))
+    assert cfg["dtype"] == "float16" and torch.equal(state["W_enc"], ck["W_enc"])

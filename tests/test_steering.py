@@ -210,8 +210,8 @@ def test_top_features_rows(model, hook):
     torch.testing.assert_close(torch.tensor([r.activation for r in rows]), vals)
     strs = model.to_str_tokens(tokens[0])
     for r in rows:
-        # The decoder reads the input shifted right behind its BOS.
-        assert r.token == (strs[r.position] if hook == ENC else (["<bos>", *strs][r.position]))
+        # The position contract: position t of either stack has just read token t.
+        assert r.token == strs[r.position]
     per_token = top_features(model, sae, text, k=2, per_token=True)
     assert len(per_token) == 2 * tokens.shape[1]
     assert [r.position for r in per_token[:4]] == [0, 0, 1, 1]
