@@ -276,6 +276,81 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------------ dashboards (issue 11)
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dashboard",
+        help="feature dashboards (HTML) and a Neuronpedia export for one SAE",
+        description="One streaming pass over a corpus gathers each feature's top activations, quantile "
+        "samples, density and histogram (saved in OUT/stats, resumable), then writes self-contained HTML "
+        "pages (OUT/index.html, OUT/feature_<f>.html) and a Neuronpedia export (OUT/neuronpedia). "
+        "Decoder sites show direct-path logit effects; encoder sites show the effect of ablating the "
+        "feature on the decoder's predictions.",
+    )
+    p.add_argument(
+        "sae", help="RELEASE:SAE_ID (e.g. t5gemma2-270m-attn_out:encoder/layer_5) or a SAELens folder"
+    )
+    p.add_argument(
+        "--dataset", help="HF dataset name or .txt/.jsonl file (default with --stand-in: embedded corpus)"
+    )
+    p.add_argument(
+        "--features", type=int, nargs="+", help="feature indices (default: the densest --n-features)"
+    )
+    p.add_argument("--n-features", type=int, default=20, help="pages to write when --features is not given")
+    p.add_argument("--out", default="out/dashboard", help="output folder")
+    p.add_argument("--model", help="hub id or folder (default: the SAE's model_name)")
+    p.add_argument(
+        "--convention", choices=["prefix_lm", "reconstruct"], help="default: the model's (prefix_lm)"
+    )
+    p.add_argument("--max-rows", type=int, help="stop after this many corpus rows")
+    p.add_argument("--context-size", type=int, default=64, help="tokens per row (one text per row)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    p.add_argument("--top-k", type=int, default=20, help="top examples kept per feature")
+    p.add_argument("--resume", action="store_true", help="continue the statistics saved in OUT/stats")
+    p.add_argument("--overwrite", action="store_true", help="replace the statistics saved in OUT/stats")
+    p.add_argument("--no-neuronpedia", action="store_true", help="skip the Neuronpedia export")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stand-in", action="store_true", help="run offline on the synthetic stand-in")
+
+    def run(a: argparse.Namespace) -> None:
+        from sae_lens_t5gemma.dashboard import run_dashboard
+        from sae_lens_t5gemma.features import StatsConfig
+
+        cfg = StatsConfig(top_k=a.top_k, context_size=a.context_size, batch_size=a.batch_size)
+        index = run_dashboard(
+            a.sae, a.out, a.dataset, a.features, model_name=a.model, stand_in=a.stand_in, convention=a.convention,
+            config=cfg, max_rows=a.max_rows, n_features=a.n_features, resume=a.resume, overwrite=a.overwrite,
+            neuronpedia=not a.no_neuronpedia, device=a.device,
+        )  # fmt: skip
+        print(f"wrote {index}" + (" (SYNTHETIC stand-in)" if a.stand_in else ""))
+
+    p.set_defaults(func=run)
+
+
+def _add_find_features(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "find-features",
+        help="features that fire more on one set of texts than another",
+        description="Rank an SAE's features by the mean peak activation on --with texts minus that on "
+        "--without texts (one text per line in each file). Encoder SAEs read the whole text.",
+    )
+    p.add_argument("sae", help="RELEASE:SAE_ID or a SAELens folder")
+    p.add_argument("--with", dest="with_file", required=True, help="text file: texts with the concept")
+    p.add_argument("--without", dest="without_file", required=True, help="text file: texts without it")
+    p.add_argument("-k", type=int, default=20, help="rows to print")
+    p.add_argument("--model", help="hub id or folder (default: the SAE's model_name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stand-in", action="store_true", help="run offline on the synthetic stand-in")
+
+    def run(a: argparse.Namespace) -> None:
+        from sae_lens_t5gemma.dashboard import run_find_features
+
+        print(run_find_features(a.sae, a.with_file, a.without_file, a.k, model_name=a.model,
+                                stand_in=a.stand_in, device=a.device))  # fmt: skip
+
+    p.set_defaults(func=run)
+
+
 # ------------------------------------------------------------------------------- demo (all)
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded synthetic stand-in (offline)")
@@ -301,7 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="T5Gemma 2 for SAELens: list, inspect and convert the mindchain SAEs; train, compare, diagnose, demo.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_list, _add_inspect, _add_convert, _add_train, _add_compare, _add_diagnose, _add_demo):
+    for add in (
+        _add_list,
+        _add_inspect,
+        _add_convert,
+        _add_train,
+        _add_compare,
+        _add_diagnose,
+        _add_dashboard,
+        _add_find_features,
+        _add_demo,
+    ):
         add(sub)
     return parser
 

@@ -283,7 +283,10 @@ def describe_site(model: Any, hook_name: str) -> tuple[str, int, str, str]:
     if hasattr(model, "canonical_name"):  # HookedT5Gemma2
         s = sites_mod.resolve(model.canonical_name(hook_name))
         key = s.kind.friendly
-        return s.stack, s.layer, key, SITE_WORDS[key]
+        words = SITE_WORDS.get(key, s.kind.description)
+        if s.stack == "decoder" and s.kind.hf_submodule.startswith("self_attn"):
+            words += f" [{sites_mod.MERGED_ATTENTION_NOTE}]"
+        return s.stack, s.layer, key, words
     if hook_name not in model.hook_dict:
         raise ValueError(f"Hook {hook_name!r} does not exist on {model.cfg.model_name}.")
     stack, layer, key = _describe_tl_hook(model, hook_name)
@@ -291,8 +294,10 @@ def describe_site(model: Any, hook_name: str) -> tuple[str, int, str, str]:
 
 
 def _site_width(model: Any, site_key: str) -> int:
-    if site_key == "attn_z":
+    if site_key in ("attn_z", "z_self", "z_cross"):
         return model.cfg.n_heads * model.cfg.d_head
+    if site_key == "mlp_post":
+        return model.cfg.d_mlp
     return model.cfg.d_model
 
 

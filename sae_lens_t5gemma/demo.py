@@ -256,6 +256,32 @@ def section_diagnose(cache: Path, out: Path) -> None:
     print(f"diagnose done in {time.perf_counter() - t0:.1f} s; wrote {out / 'diagnose.txt'}")
 
 
+def section_dashboard(cache: Path, out: Path) -> None:
+    """Issue 11: feature dashboards for one encoder SAE on the embedded corpus, and a Neuronpedia export."""
+    import time
+
+    from sae_lens import SAE
+
+    from sae_lens_t5gemma.dashboard import write_dashboard
+    from sae_lens_t5gemma.features import StatsConfig, corpus_stats
+    from sae_lens_t5gemma.hooked import load_t5gemma2
+    from sae_lens_t5gemma.neuronpedia import export_neuronpedia
+
+    print("\n== dashboard: feature pages for encoder/layer_5 on the embedded corpus (SYNTHETIC) ==")
+    t0 = time.perf_counter()
+    model = load_t5gemma2(synthetic.T5GEMMA2_MODEL)
+    sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5")
+    texts = synthetic.stand_in_texts()
+    stats = corpus_stats(model, {"encoder.5.attn_out": sae}, texts=texts, out=out / "dashboard" / "stats",
+                         config=StatsConfig(top_k=10, context_size=32), overwrite=True, synthetic=True,
+                         sources={"encoder.5.attn_out": "t5gemma2-270m-attn_out:encoder/layer_5"}, progress=False)  # fmt: skip
+    index = write_dashboard(model, sae, stats, out / "dashboard", n_features=6, texts=texts, progress=False)
+    batches = export_neuronpedia(model, sae, stats, out / "dashboard" / "neuronpedia")
+    print(f"{stats.n_tokens('encoder.5.attn_out')} counted positions in {stats.meta['rows_done']} rows "
+          f"({model.convention}); 6 feature pages and {len(batches)} Neuronpedia batch file(s)")  # fmt: skip
+    print(f"dashboard done in {time.perf_counter() - t0:.1f} s (SYNTHETIC); open {index.resolve()}")
+
+
 def run_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +292,13 @@ def run_demo(args: argparse.Namespace) -> None:
             hook_and_steer = functools.partial(
                 section_hook_and_steer, model_name=getattr(args, "model", None)
             )
-            for section in (section_load, hook_and_steer, section_train, section_compare, section_diagnose):
+            for section in (
+                section_load,
+                hook_and_steer,
+                section_train,
+                section_compare,
+                section_diagnose,
+                section_dashboard,
+            ):
                 section(cache, out)
     print(BANNER)

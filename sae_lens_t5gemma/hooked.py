@@ -944,7 +944,7 @@ _SAE_SUFFIXES = (
 )
 
 
-def _refuse_unexpected(where: str, unexpected: dict[str, Any], accepted: tuple[str, ...] = ()) -> None:
+def _refuse_unexpected(where: str, unexpected: dict[str, Any]) -> None:
     if unexpected:
         import inspect
 
@@ -955,7 +955,7 @@ def _refuse_unexpected(where: str, unexpected: dict[str, Any], accepted: tuple[s
         ]
         raise TypeError(
             f"HookedT5Gemma2.{where}() got unexpected keyword(s) {sorted(unexpected)}. Accepted: "
-            f"{[*params, *accepted]}; transformers' own keywords go in hf_kwargs={{...}}."
+            f"{params}; transformers' own keywords go in hf_kwargs={{...}}."
         )
 
 

@@ -151,8 +151,8 @@ def test_convert(hub_cache, capsys, tmp_path):
     assert len(list(out.rglob("sae_weights.safetensors"))) == 36
     rc, _, err = _run(capsys, "convert", str(src), str(out), "--no-progress")
     assert rc == 2 and err.startswith(
-        f"error: {out}: output folder is not empty (4 entries: .sae_lens_t5gemma_convert.json, decoder, "
-        "encoder, pretrained_saes.yaml); pass force=True (--force) to replace an earlier convert output in it"
+        f"error: {out}: output folder is not empty (4 entries: .sae_lens_t5gemma_convert.json, decoder, encoder, "
+        "pretrained_saes.yaml); pass force=True (--force) to replace an earlier convert output in it"
     )
     rc, _, err = _run(capsys, "convert", str(src), str(out), "--force", "--no-progress")
     assert rc == 0 and err == ""

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import sae_lens_t5gemma  # noqa: F401  (registers the mindchain release)
 from sae_lens_t5gemma import compare as C
-from sae_lens_t5gemma import gemma_scope, synthetic
+from sae_lens_t5gemma import gemma_scope, sites, synthetic
 from sae_lens_t5gemma.cli import main
 
 LAYER = 1
@@ -277,7 +277,9 @@ def test_expected_rows_each_naming_its_site(report: C.Report, perfect: dict[str,
     md = report.markdown
     for r in report.rows:
         assert r.layer == LAYER
-        assert r.site_words == C.SITE_WORDS[r.site]
+        merged = r.family == "T5Gemma 2" and r.stack == "decoder" and r.site in ("attn_z", "attn_out")
+        note = f" [{sites.MERGED_ATTENTION_NOTE}]" if merged else ""
+        assert r.site_words == C.SITE_WORDS[r.site] + note
         assert (r.d_in, r.d_sae) == (64, 256 if r.sae_source == "mindchain" else 128)
         assert f"`{r.hook_name}`" in md and r.site_words in md
         assert r.n_tokens > 0 and r.eval_s > 0

@@ -466,3 +466,27 @@ def test_cli_bad_input_exits_2_before_loading(config_only_model, data, tmp_path,
     dataset = [] if "--dataset" in extra else ["--dataset", str(data["txt"])]
     assert main(["train", str(config_only_model), *dataset, "--out", str(tmp_path / "o"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cached_decoder_activations_cover_the_continuation_only(model, tiny_model_dir, data, tmp_path):
+    """prefix_lm: a decoder hook's cache holds positions >= p only (seqpos_slice), never a zero row."""
+    cfg = small(
+        tiny_model_dir,
+        data["txt"],
+        tmp_path / "out",
+        hooks=["decoder.1.attn_out"],
+        training_tokens=8 * BATCH_TOKENS,
+    )
+    paths = training.cache_activations(cfg, tmp_path / "cache", model=model)
+    cached = datasets.load_from_disk(str(paths["decoder.1.attn_out"])).with_format("torch")
+    name = "decoder_blocks.1.self_attn.hook_out"
+    p = CONTEXT // 2
+    assert cached.features[name].shape == (CONTEXT - p, 64)
+    acts = torch.stack([cached[i][name] for i in range(cached.num_rows)])
+    assert acts.shape == (
+        cfg.training_tokens // (CONTEXT - p),
+        CONTEXT - p,
+        64,
+    )  # training tokens = sliced ones
+    assert int((acts == 0).all(-1).sum()) == 0 and acts.abs().sum() > 0
+    assert cached[0]["token_ids"].shape == (CONTEXT - p,)
