@@ -215,15 +215,17 @@ def test_entry_answers_without_heavy_imports(argv, rc, out_start, err_has):
 
 
 def test_list_from_yaml_equals_registered_listing(capsys):
-    from sae_lens_t5gemma.registration import format_releases
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from sae_lens_t5gemma.registration import PACKAGE_RELEASE, hook_names
 
     rc, out, _ = _run(capsys, "list")
-    fast = out.splitlines()
-    # The registered listing starts with the package's releases (registered at import); other
-    # tests of the suite may have registered more after them in this process.
-    registered = format_releases().splitlines()
-    assert rc == 0 and len(fast) == 38 and registered[: len(fast)] == fast
-    assert len(registered) == len(fast) or not registered[len(fast)].startswith(" ")
+    lines = out.splitlines()
+    lookup = get_pretrained_saes_directory()[PACKAGE_RELEASE]
+    assert rc == 0 and lines[0].startswith(f"{PACKAGE_RELEASE}  (repo {lookup.repo_id}, model {lookup.model}")
+    # Row by row what the registered release says (ids, paths, hook names), without the YAML's help.
+    expected = [[i, p, *hook_names(PACKAGE_RELEASE, i)] for i, p in lookup.saes_map.items()]
+    assert [ln.split() for ln in lines[2:]] == expected and len(expected) == 36
 
 
 def test_commands_register_before_running(monkeypatch, capsys):
