@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from sae_lens_t5gemma.sites import site
+from sae_lens_t5gemma.sites import merged_attention_line, site
 
 # The mindchain naming, as in ``mindchain.site_for_filename`` (which imports torch).
 _MINDCHAIN_FILE = re.compile(r"^sae_(encoder|decoder)_(\d+)\.pt$")
@@ -46,4 +46,5 @@ def format_package_releases() -> str:
             "  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
             for r in rows
         ]
+        lines += merged_attention_line([r[2] for r in rows[1:]])
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from sae_lens.loading import pretrained_sae_loaders as _loaders
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
 
 from sae_lens_t5gemma import mindchain
+from sae_lens_t5gemma import sites as sites_mod
 from sae_lens_t5gemma.mindchain import short_repr
 
 LOCAL_LOADER = "sae_lens_t5gemma_local"
@@ -773,6 +774,7 @@ def format_releases(include_all: bool = False) -> str:
             "  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
             for r in rows
         ]
+        lines += sites_mod.merged_attention_line([r[2] for r in rows[1:]])
     if include_all:
         others = [n for n in directory if n not in _OUR_RELEASES]
         lines.append(f"\nSAELens' other releases ({len(others)}):")

@@ -220,3 +220,10 @@ def expand(pattern: str, n_layers: int) -> list[Site]:
             f"Friendly names look like {examples} with layer numbers or '*'."
         )
     return sites
+
+
+def merged_attention_line(hooks: list[str]) -> list[str]:
+    """The note ``list`` prints under a release with decoder attention sites."""
+    if any(h.startswith("decoder_blocks.") and ".self_attn." in h for h in hooks):
+        return [f"  note: {MERGED_ATTENTION_NOTE} (split: hook_z_self / hook_z_cross)"]
+    return []

@@ -225,7 +225,12 @@ def test_list_from_yaml_equals_registered_listing(capsys):
     assert rc == 0 and lines[0].startswith(f"{PACKAGE_RELEASE}  (repo {lookup.repo_id}, model {lookup.model}")
     # Row by row what the registered release says (ids, paths, hook names), without the YAML's help.
     expected = [[i, p, *hook_names(PACKAGE_RELEASE, i)] for i, p in lookup.saes_map.items()]
-    assert [ln.split() for ln in lines[2:]] == expected and len(expected) == 36
+    assert [ln.split() for ln in lines[2:-1]] == expected and len(expected) == 36
+    # The decoder sites are merged attention, and list says so.
+    assert lines[-1] == (
+        "  note: decoder self_attn is merged self+cross attention: one softmax over decoder keys and "
+        "encoder keys (split: hook_z_self / hook_z_cross)"
+    )
 
 
 def test_commands_register_before_running(monkeypatch, capsys):
