@@ -745,8 +745,12 @@ def hook_names(release: str, sae_id: str) -> tuple[str | None, str | None]:
     if lookup.conversion_func == LOCAL_LOADER:
         cfg_file = Path(lookup.repo_id) / path / "cfg.json"
         if cfg_file.is_file():
-            meta = json.loads(cfg_file.read_text()).get("metadata", {})
-            return meta.get("hook_name"), meta.get("hf_hook_name")
+            # A listing must not fail on one broken folder: an unreadable cfg.json names no hook.
+            try:
+                meta = json.loads(cfg_file.read_text(encoding="utf-8")).get("metadata", {})
+                return meta.get("hook_name"), meta.get("hf_hook_name")
+            except (ValueError, AttributeError):
+                return None, None
         s = mindchain.site_for_filename(path)
         return (s.hook_name, s.hf_module) if s else (None, None)
     return None, None

@@ -212,6 +212,12 @@ def test_local_release_of_saelens_folders_with_sparsity(tmp_path):
     assert (
         registration.hook_names("t5g-test-local-folder", "dec1")[0] == "decoder_blocks.1.self_attn.hook_out"
     )
+    # A cfg.json broken after registration names no hook, and list still answers.
+    (tmp_path / "saes" / "dec1" / "cfg.json").write_text("[1, 2]")
+    assert registration.hook_names("t5g-test-local-folder", "dec1") == (None, None)
+    listing = registration.format_releases().splitlines()
+    row = listing.index(next(ln for ln in listing if ln.startswith("t5g-test-local-folder"))) + 2
+    assert listing[row].split() == ["dec1", "dec1", "?", "?"]
 
 
 def test_local_root_must_hold_the_paths(tmp_path):
