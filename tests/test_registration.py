@@ -295,3 +295,12 @@ def test_register_loader_and_release_primitives():
     assert registration.register_release(lookup) is True
     assert registration.register_release(lookup) is False
     assert get_pretrained_saes_directory()["t5g-test-primitive"].conversion_func == "t5g-test-loader"
+
+
+def test_release_carries_the_neuronpedia_ids_the_export_writes(hub_cache):
+    from sae_lens_t5gemma.neuronpedia import mindchain_neuronpedia_ids
+
+    lookup = get_pretrained_saes_directory()["t5gemma2-270m-attn_out"]
+    assert lookup.neuronpedia_id == mindchain_neuronpedia_ids()
+    sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="decoder/layer_3")
+    assert sae.cfg.metadata.neuronpedia_id == "t5gemma-2-270m-270m/3-mindchain-dec-attn-out-4k"
