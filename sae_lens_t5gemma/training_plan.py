@@ -393,8 +393,9 @@ def resolve_dataset_files(dataset: str | Sequence[str] | Path) -> tuple[Path, ..
 
     Raises:
         FileNotFoundError: a path that looks local (a file suffix or a path separator) is missing.
-        ValueError: an unsupported suffix, an empty folder, a mix of text and JSON files, or a
-            JSONL file whose first record has no ``text``/``tokens``/``input_ids`` field.
+        ValueError: an unsupported suffix, an empty folder, a mix of text and JSON files, a line
+            that is not UTF-8, or a JSONL line that is not an object with a ``text``/``tokens``/
+            ``input_ids`` field.
     """
     items = [dataset] if isinstance(dataset, (str, Path)) else list(dataset)
     if not items:
@@ -431,12 +432,23 @@ def resolve_dataset_files(dataset: str | Sequence[str] | Path) -> tuple[Path, ..
 
 
 def _check_local_file(path: Path) -> None:
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    """Every line: UTF-8, and for ``.jsonl`` a JSON object with a text field, so that a bad
+    line fails here, before the model loads, not hours into a run."""
+    kind = _LOCAL_SUFFIXES[path.suffix]
+    seen = False
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"Dataset file {str(path)!r} line {n} is not UTF-8 text ({e.reason} at byte {e.start})"
+                ) from e
             if not line.strip():
                 continue
-            if _LOCAL_SUFFIXES[path.suffix] == "text":
-                return
+            seen = True
+            if kind == "text":
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -446,8 +458,8 @@ def _check_local_file(path: Path) -> None:
                     f"Dataset file {str(path)!r} line {n}: expected a JSON object with a 'text' field "
                     f"(or 'tokens'/'input_ids'), got {line.strip()[:80]!r}"
                 )
-            return
-    raise ValueError(f"Dataset file {str(path)!r} is empty")
+    if not seen:
+        raise ValueError(f"Dataset file {str(path)!r} is empty")
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
@@ -578,7 +590,46 @@ def plan_training(cfg: TrainConfig) -> TrainingPlan:
             raise FileExistsError(
                 f"Output folder {str(out)!r} already holds SAE(s) {taken}; choose another --out or pass overwrite"
             )
+    if files and cfg.disable_concat_sequences:
+        _check_documents_fill_a_row(cfg, files)
     return TrainingPlan(cfg, dims, tuple(sites), files, tuple(dict.fromkeys(s.stack for s in sites)))
+
+
+def _check_documents_fill_a_row(cfg: TrainConfig, files: Sequence[Path], max_docs: int = 2000) -> None:
+    """With one document per row, SAELens skips documents shorter than a row; refuse a dataset
+    whose first documents all are (it would fail only after the model has loaded)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError):
+        return  # no tokenizer to count with here; SAELens reports a too-small dataset itself
+    seen = 0
+    for f in files:
+        with f.open(encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                if f.suffix == ".jsonl":
+                    record = json.loads(line)
+                    ids = record.get("tokens") or record.get("input_ids")
+                    n = (
+                        len(ids)
+                        if ids is not None
+                        else len(tokenizer(record["text"], add_special_tokens=False)["input_ids"])
+                    )
+                else:
+                    n = len(tokenizer(line.rstrip("\n"), add_special_tokens=False)["input_ids"])
+                if n + 1 >= cfg.context_size:  # SAELens prepends BOS to a document that short
+                    return
+                seen += 1
+                if seen >= max_docs:
+                    break
+    raise ValueError(
+        f"Dataset {[str(f) for f in files]}: none of the first {seen} documents reaches context_size="
+        f"{cfg.context_size} tokens, and rows hold one document each (disable_concat_sequences), so "
+        "SAELens would skip them all. Pass --pack (disable_concat_sequences=False) or a smaller --context-size."
+    )
 
 
 # ---------------------------------------------------------------------------- dataset

@@ -154,10 +154,14 @@ def test_bad_dataset_and_model_fail_before_the_model_loads(config_only_model, da
         training.train(small(config_only_model, "someone/no-such-dataset", tmp_path / "out"))  # type: ignore[arg-type]
 
 
-def test_presets_build_sae_lens_configs(tiny_model_dir, data):
+def test_presets_build_sae_lens_configs(tiny_model_dir, tmp_path):
     from sae_lens import BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig
 
-    mind = training.TrainConfig.from_preset("mindchain", model=str(tiny_model_dir), dataset=str(data["txt"]))
+    # Documents longer than the presets' rows (one document per row is their default).
+    long_docs = training.write_text_dataset(
+        [" ".join(synthetic.stand_in_texts())] * 4, tmp_path / "long.jsonl"
+    )
+    mind = training.TrainConfig.from_preset("mindchain", model=str(tiny_model_dir), dataset=str(long_docs))
     plan = training.plan_training(mind)
     assert [s.friendly for s in plan.sites] == [
         "encoder.0.attn_out",
@@ -184,7 +188,7 @@ def test_presets_build_sae_lens_configs(tiny_model_dir, data):
     )
 
     rec = training.TrainConfig.from_preset(
-        "recommended", model=str(tiny_model_dir), hooks=["decoder.*.attn_out"], dataset=str(data["txt"])
+        "recommended", model=str(tiny_model_dir), hooks=["decoder.*.attn_out"], dataset=str(long_docs)
     )
     plan = training.plan_training(rec)
     multi = training.build_multi_runner_config(plan)
@@ -201,12 +205,12 @@ def test_presets_build_sae_lens_configs(tiny_model_dir, data):
                 "recommended",
                 model=str(tiny_model_dir),
                 hooks=[HOOK],
-                dataset=str(data["txt"]),
+                dataset=str(long_docs),
                 architecture="standard",
             )
         )
     with pytest.raises(ValueError, match="Missing hooks"):
-        training.TrainConfig.from_preset("recommended", model=str(tiny_model_dir), dataset=str(data["txt"]))
+        training.TrainConfig.from_preset("recommended", model=str(tiny_model_dir), dataset=str(long_docs))
     # wandb is off unless asked for (SAELens' eval branch then runs against a disabled wandb run).
     assert rec.wandb is False and multi.logger.log_weights_to_wandb is False
 
