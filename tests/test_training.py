@@ -63,7 +63,7 @@ def data(tmp_path_factory) -> dict[str, Path | list[str]]:
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    return load_t5gemma2(tiny_model_dir)
+    return load_t5gemma2(tiny_model_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
