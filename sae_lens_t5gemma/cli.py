@@ -115,7 +115,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="model weights dtype (default auto: bfloat16 on CUDA with bf16 or a CPU with avx512_bf16/amx_bf16, "
         "else float32); SAEs stay float32",
     )
-    p.add_argument("--autocast", action="store_true", help="bfloat16 autocast for the SAE step (SAELens' autocast)")
+    p.add_argument(
+        "--autocast", action="store_true", help="bfloat16 autocast for the SAE step (SAELens' autocast)"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace SAE folders already in --out")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")

@@ -339,7 +339,9 @@ def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
     from sae_lens_t5gemma.hooked import load_t5gemma2
 
     g3 = gemma_scope.load_gemma3()
-    t5 = load_t5gemma2(T5, dtype=torch.float32)  # prefix_lm, as compare's default: the encoder reads tokens[:, :p]
+    t5 = load_t5gemma2(
+        T5, dtype=torch.float32
+    )  # prefix_lm, as compare's default: the encoder reads tokens[:, :p]
     tokens = C.token_batches(g3.tokenizer, synthetic.stand_in_texts(), CTX)[: BATCH * N_BATCHES]
     keep = ~torch.isin(tokens, torch.tensor([0, 1, 2]))  # pad, eos, bos
     p = CTX // 2
