@@ -111,7 +111,16 @@ def build_sae_config(
     if arch == "standard":
         return StandardTrainingSAEConfig(l1_coefficient=cfg.l1, l1_warm_up_steps=warm, **common)  # type: ignore[arg-type]
     if arch == "topk":
-        return TopKTrainingSAEConfig(k=int(cfg.k), use_sparse_activations=cfg.sparse_decode, **common)  # type: ignore[arg-type]
+        if cfg.sparse_decode:
+            # SAELens' sparse backward cannot run its default decoder-norm rescaling (aten::view
+            # on a sparse tensor, torch 2.13), so sparse decode trains without it.
+            return TopKTrainingSAEConfig(
+                k=int(cfg.k),  # type: ignore[arg-type]
+                use_sparse_activations=True,
+                rescale_acts_by_decoder_norm=False,
+                **common,
+            )
+        return TopKTrainingSAEConfig(k=int(cfg.k), **common)  # type: ignore[arg-type]
     if arch == "batchtopk":
         return BatchTopKTrainingSAEConfig(k=float(cfg.k), **common)  # type: ignore[arg-type]
     if arch == "matryoshka":

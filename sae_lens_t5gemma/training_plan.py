@@ -130,7 +130,8 @@ class TrainConfig:
     autocast_lm: bool = False
     """bfloat16 autocast for the model forward while harvesting (SAELens' ``autocast_lm``)."""
     sparse_decode: bool = False
-    """TopK only: SAELens' ``use_sparse_activations`` (sparse decode); float32 without autocast only."""
+    """TopK only: SAELens' ``use_sparse_activations`` (sparse decode; float32 without autocast only).
+    It trains without decoder-norm rescaling, which SAELens' sparse backward cannot run."""
     dataset_split: str = "train"
     """Split of a Hugging Face dataset."""
     streaming: bool = True

@@ -167,11 +167,18 @@ def test_config_fields_reach_sae_lens(tiny_model_dir, data):
     assert training.TrainConfig(hooks=["x"], **base).model_dtype == "auto"
     plan = training.plan_training(cfg)
     run = training.build_runner_config(plan, plan.sites[0])
-    assert (run.autocast, run.autocast_lm, run.sae.use_sparse_activations, run.sae.dtype) == (
+    assert (
+        run.autocast,
+        run.autocast_lm,
+        run.sae.use_sparse_activations,
+        run.sae.dtype,
+        run.sae.rescale_acts_by_decoder_norm,
+    ) == (
         True,
         True,
         True,
         "float32",
+        False,
     )
     multi = training.build_multi_runner_config(
         training.plan_training(training.TrainConfig(hooks=["encoder.*.attn_out"], autocast=True, **base))
