@@ -334,7 +334,7 @@ class TrainingPlan:
         return len(range(self.config.context_size)[slice(start, stop)])
 
     def store_sizing(self, sites: Sequence[Site] | None = None) -> StoreSizing:
-        """Prompts per forward and buffer size for the runner of ``sites`` (default: this plan's).
+        """Prompts per forward and buffer size for the runner of ``sites`` (default: the first stack's).
 
         The runner's activation path holds, per token, the total width W of all its hooks; the
         estimate (:func:`store_bytes`) must fit ``max_memory``. Quality comes first: the mixing
@@ -345,7 +345,9 @@ class TrainingPlan:
             ValueError: not even one prompt per forward and a two-batch buffer fit the budget.
         """
         cfg = self.config
-        sites = tuple(sites if sites is not None else self.sites)
+        if sites is None:  # the first stack's runner (a run over both stacks has one runner per stack)
+            sites = [s for s in self.sites if s.stack == self.sites[0].stack]
+        sites = tuple(sites)
         width = sum(self.dims.d_in(s) for s in sites)
         stack = sites[0].stack
         covered = self.covered_len(stack)

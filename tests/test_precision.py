@@ -286,3 +286,29 @@ def test_sized_buffer_still_mixes_sequences():
     # Unshuffled, a 4096-token batch is 16 whole rows (each 1/16 = 6.25% of it). Mixed, every
     # batch spreads over at least 40 rows and no row supplies more than 3% of it.
     assert min(distinct) >= 40 and max(shares) <= 0.03, (min(distinct), max(shares))
+
+
+def test_cli_train_takes_precision_and_memory(tiny_model_dir, data, monkeypatch, capsys):
+    from sae_lens_t5gemma.cli import main
+
+    seen = []
+    monkeypatch.setattr(training, "run_training", lambda cfg, cache_dir=None: seen.append(cfg))
+    base = [
+        "train",
+        str(tiny_model_dir),
+        "--hook",
+        "encoder.1.attn_out",
+        "--dataset",
+        str(data),
+        "--device",
+        "cpu",
+    ]
+    assert main([*base, "--model-dtype", "bfloat16", "--autocast", "--max-memory", "800MB"]) == 0
+    assert main(base) == 0
+    assert [(c.model_dtype, c.autocast, c.max_memory) for c in seen] == [
+        ("bfloat16", True, "800MB"),
+        ("auto", False, None),
+    ]
+    monkeypatch.undo()
+    assert main([*base, "--max-memory", "lots", "--out", "unused"]) == 2
+    assert "max_memory must be a byte count or a size like '1.5GiB', got 'lots'" in capsys.readouterr().err
