@@ -102,7 +102,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--context-size", type=int)
     p.add_argument("--batch-tokens", type=int, help="SAE batch size in tokens")
-    p.add_argument("--store-batch", type=int, help="sequences per model forward pass")
+    p.add_argument(
+        "--store-batch", type=int, help="sequences per model forward pass (default: sized by --max-memory)"
+    )
+    p.add_argument(
+        "--max-memory",
+        help="memory budget of the activation store per runner, e.g. 1.5GiB or 800MB "
+        "(default: 1/16 of the machine's RAM, at least 512MiB; the model and SAEs come on top)",
+    )
     p.add_argument("--matryoshka-widths", help="comma-separated nested widths, ending at d_sae")
     p.add_argument("--eval-every", type=int, help="in-training eval every N steps")
     p.add_argument("--eval-batches", type=int, help="batches per eval")
@@ -111,7 +118,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="cache activations here first, then train from the cache")
     p.add_argument("--one-pass-per-hook", action="store_true", help="one run per hook, not one shared pass")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--model-dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model weights dtype (default auto: bfloat16 on CUDA with bf16 or a CPU with avx512_bf16/amx_bf16, "
+        "else float32); SAEs stay float32",
+    )
+    p.add_argument(
+        "--autocast", action="store_true", help="bfloat16 autocast for the SAE step (SAELens' autocast)"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace SAE folders already in --out")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
@@ -142,6 +157,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             context_size=a.context_size, train_batch_size_tokens=a.batch_tokens, store_batch_size_prompts=a.store_batch,
             matryoshka_widths=widths, eval_every_n_steps=a.eval_every, n_eval_batches=a.eval_batches, out=a.out,
             release_name=a.release_name, device=device, model_dtype=a.model_dtype, seed=a.seed,
+            max_memory=a.max_memory, autocast=a.autocast or None,
             multi_hook=False if a.one_pass_per_hook else None, overwrite=a.overwrite or None, wandb=a.wandb or None,
             convention=a.convention, prefix_len=a.prefix_len, disable_concat_sequences=False if a.pack else None,
         )  # fmt: skip

@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 # Written into every trained SAE's metadata: how the hooked model feeds T5Gemma 2, so a
 # reader of the SAE knows which activations it was trained on.
 from sae_lens_t5gemma.training_plan import (  # noqa: F401 (re-exported: the training API in one import)
-    _NORM_ESTIMATE_BYTES,
     ARCHITECTURES,
     INPUT_CONVENTION_KEY,
     PRESETS,
@@ -112,6 +111,15 @@ def build_sae_config(
     if arch == "standard":
         return StandardTrainingSAEConfig(l1_coefficient=cfg.l1, l1_warm_up_steps=warm, **common)  # type: ignore[arg-type]
     if arch == "topk":
+        if cfg.sparse_decode:
+            # SAELens' sparse backward cannot run its default decoder-norm rescaling (aten::view
+            # on a sparse tensor, torch 2.13), so sparse decode trains without it.
+            return TopKTrainingSAEConfig(
+                k=int(cfg.k),  # type: ignore[arg-type]
+                use_sparse_activations=True,
+                rescale_acts_by_decoder_norm=False,
+                **common,
+            )
         return TopKTrainingSAEConfig(k=int(cfg.k), **common)  # type: ignore[arg-type]
     if arch == "batchtopk":
         return BatchTopKTrainingSAEConfig(k=float(cfg.k), **common)  # type: ignore[arg-type]
@@ -150,19 +158,22 @@ def _logger_config(cfg: TrainConfig, run_name: str):
     )
 
 
-def _runner_common(plan: TrainingPlan, run_name: str, stack: str) -> dict[str, Any]:
+def _runner_common(plan: TrainingPlan, run_name: str, sites: Sequence[Site]) -> dict[str, Any]:
     """The runner-config fields that single- and multi-hook runs (of one stack) share."""
     cfg = plan.config
     steps = cfg.training_tokens // cfg.train_batch_size_tokens
+    sizing = plan.store_sizing(sites)
     return dict(
         model_name=plan.dims.name,
         model_class_name="HookedT5Gemma2",
         dataset_path=plan.dataset_label,
         streaming=cfg.streaming,
         context_size=cfg.context_size,
-        n_batches_in_buffer=plan.n_batches_in_buffer,
+        n_batches_in_buffer=sizing.n_batches_in_buffer,
         training_tokens=cfg.training_tokens,
-        store_batch_size_prompts=cfg.store_batch_size_prompts,
+        store_batch_size_prompts=sizing.store_batch_size_prompts,
+        autocast=cfg.autocast,
+        autocast_lm=cfg.autocast_lm,
         device=cfg.device,
         seed=cfg.seed,
         dtype=cfg.dtype,
@@ -176,7 +187,7 @@ def _runner_common(plan: TrainingPlan, run_name: str, stack: str) -> dict[str, A
         lr_warm_up_steps=cfg.lr_warm_up_steps,
         lr_decay_steps=int(steps * cfg.lr_decay_fraction),
         train_batch_size_tokens=cfg.train_batch_size_tokens,
-        seqpos_slice=plan.seqpos_slice(stack),
+        seqpos_slice=plan.seqpos_slice(sites[0].stack),
         disable_concat_sequences=cfg.disable_concat_sequences,
     )
 
@@ -199,7 +210,7 @@ def build_runner_config(plan: TrainingPlan, site: Site, output_path: str | Path 
         n_batches_for_norm_estimate=min(cfg.n_batches_for_norm_estimate, max(1, plan.total_steps)),
         output_path=str(out),
         verbose=False,
-        **_runner_common(plan, f"{site.friendly}-{cfg.architecture}-{cfg.d_sae}", site.stack),
+        **_runner_common(plan, f"{site.friendly}-{cfg.architecture}-{cfg.d_sae}", (site,)),
         **extra,
     )
 
@@ -221,17 +232,15 @@ def build_multi_runner_config(plan: TrainingPlan):
         )
         for s in plan.sites
     }
-    # Norm estimation keeps every batch of every hook in memory at once: cap it.
-    bytes_per_batch = cfg.train_batch_size_tokens * sum(plan.dims.d_in(s) for s in plan.sites) * 4
-    n_norm = max(
-        1, min(cfg.n_batches_for_norm_estimate, plan.total_steps, _NORM_ESTIMATE_BYTES // bytes_per_batch)
-    )
+    # Norm estimation keeps every batch of every hook in memory at once: the sizing caps it
+    # by what max_memory leaves after the store (a mean norm over one 4096-token batch is
+    # already within a fraction of a percent).
     return MultiSAETrainingRunnerConfig(
         saes=saes,
         hook_names={s.friendly: s.hook_name for s in plan.sites},
-        n_batches_for_norm_estimate=n_norm,
+        n_batches_for_norm_estimate=plan.store_sizing().n_batches_for_norm_estimate,
         output_path=str(plan.out),
-        **_runner_common(plan, f"multi-{len(saes)}-{cfg.architecture}-{cfg.d_sae}", stack),
+        **_runner_common(plan, f"multi-{len(saes)}-{cfg.architecture}-{cfg.d_sae}", plan.sites),
     )
 
 
@@ -400,8 +409,23 @@ class TrainingResult:
 def _load_model(plan: TrainingPlan):
     from sae_lens_t5gemma.hooked import load_t5gemma2
 
-    dtype = getattr(torch, plan.config.model_dtype)
-    return load_t5gemma2(plan.config.model, device=plan.config.device, dtype=dtype)
+    # "auto" resolves per device in load_t5gemma2 (bfloat16 where it runs fast).
+    return load_t5gemma2(plan.config.model, device=plan.config.device, dtype=plan.config.model_dtype)
+
+
+def _cast_multi_hook_activations(store: Any) -> None:
+    """Make the multi-hook store hand SAELens activations in the store's dtype.
+
+    SAELens' single-hook ``get_activations`` copies into a float32 tensor, but
+    ``get_multi_hook_activations`` passes the model's dtype through; a bfloat16 model would
+    then feed bfloat16 rows (with bfloat16 rounding in the mixing buffer) to float32 SAEs.
+    """
+    harvest = store.get_multi_hook_activations
+
+    def cast(batch_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {h: t.to(store.dtype) for h, t in harvest(batch_tokens).items()}
+
+    store.get_multi_hook_activations = cast
 
 
 def _check_model(model: Any, plan: TrainingPlan) -> None:
@@ -514,6 +538,7 @@ def _train_multi(plan: TrainingPlan, model: Any, dataset: Any, keep_initial: boo
     runner_cfg = build_multi_runner_config(plan)
     with _quiet_runner_setup():
         runner = MultiSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=model)
+    _cast_multi_hook_activations(runner.activations_store)
     recorder = MultiEvalRecorder(
         model, runner.activations_store, plan.config.n_eval_batches, plan.config.eval_batch_size_prompts
     )
@@ -598,7 +623,8 @@ def build_cache_config(plan: TrainingPlan, site: Site, cache_dir: str | Path, sh
 
     cfg = plan.config
     d_in = plan.dims.d_in(site)
-    batch_tokens = cfg.store_batch_size_prompts * cfg.context_size
+    prompts = plan.store_sizing((site,)).store_batch_size_prompts
+    batch_tokens = prompts * cfg.context_size
     bytes_per_token = d_in * torch.finfo(getattr(torch, cfg.dtype)).bits // 8
     # SAELens sizes its shards in GB; pick a whole number of model batches per shard.
     per_shard = max(1, min(cfg.training_tokens, shard_tokens) // batch_tokens) * batch_tokens
@@ -606,7 +632,7 @@ def build_cache_config(plan: TrainingPlan, site: Site, cache_dir: str | Path, sh
         dataset_path=plan.dataset_label,
         model_name=plan.dims.name,
         model_class_name="HookedT5Gemma2",
-        model_batch_size=cfg.store_batch_size_prompts,
+        model_batch_size=prompts,
         hook_name=site.hook_name,
         d_in=d_in,
         training_tokens=cfg.training_tokens,

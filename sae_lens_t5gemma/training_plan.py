@@ -39,8 +39,6 @@ ARCHITECTURES: dict[str, str] = {
 _K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
 _LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json"}
 _RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# The multi-hook runner keeps its norm-estimation batches for every hook in memory at once.
-_NORM_ESTIMATE_BYTES = 2 * 1024**3
 
 
 # ----------------------------------------------------------------------------- config
@@ -85,11 +83,17 @@ class TrainConfig:
     """Tokens per sequence fed to the model."""
     train_batch_size_tokens: int = 4096
     """SAE batch size, in tokens."""
-    store_batch_size_prompts: int = 16
-    """Sequences per model forward pass while harvesting activations."""
+    store_batch_size_prompts: int | None = None
+    """Sequences per model forward pass while harvesting activations; None sizes it from the total
+    width of a runner's hooks and ``max_memory`` (at most 16; see ``TrainingPlan.store_sizing``)."""
     n_batches_in_buffer: int | None = None
-    """Activation buffer, in sequences (SAELens: n_batches_in_buffer x context_size tokens);
-    None picks enough for four SAE batches (at least 16). Must hold at least one SAE batch."""
+    """Activation mixing buffer, in sequences (SAELens: n_batches_in_buffer x the covered length of a
+    row); None holds four SAE batches, or down to two when ``max_memory`` demands. Must hold at
+    least one SAE batch."""
+    max_memory: int | str | None = None
+    """Memory budget of the activation store per runner (harvest copies, mixing buffer and the
+    norm-estimation batches), in bytes or as ``"1.5GiB"``/``"800MB"``. None: 1/16 of the machine's
+    RAM, at least 512 MiB (1.5 GiB on a 24 GiB machine). The model and the SAEs come on top."""
     normalize_activations: str = "expected_average_only_in"
     """SAELens input normalisation. The default rescales inputs to norm sqrt(d_in) during
     training and folds the factor into the saved weights: attention outputs are small, and
@@ -117,9 +121,17 @@ class TrainConfig:
     device: str = "cpu"
     """Device for the model and the SAEs."""
     dtype: str = "float32"
-    """SAE and activation dtype."""
-    model_dtype: str = "float32"
-    """Model weights dtype (float32 or bfloat16)."""
+    """SAE and activation dtype (float32 unless asked: activations are cast to it before SAELens sees them)."""
+    model_dtype: str = "auto"
+    """Model weights dtype: float32, bfloat16, float16, or auto (bfloat16 where the device runs it
+    fast, float32 elsewhere; see ``hooked.fast_bf16``)."""
+    autocast: bool = False
+    """bfloat16 autocast for the SAE step (SAELens' ``autocast``); SAE weights stay in ``dtype``."""
+    autocast_lm: bool = False
+    """bfloat16 autocast for the model forward while harvesting (SAELens' ``autocast_lm``)."""
+    sparse_decode: bool = False
+    """TopK only: SAELens' ``use_sparse_activations`` (sparse decode; float32 without autocast only).
+    It trains without decoder-norm rescaling, which SAELens' sparse backward cannot run."""
     dataset_split: str = "train"
     """Split of a Hugging Face dataset."""
     streaming: bool = True
@@ -225,7 +237,7 @@ def preset_recommended() -> dict[str, Any]:
     """
     return dict(
         architecture="batchtopk", d_sae=16384, k=40, lr=3e-4, context_size=512,
-        train_batch_size_tokens=4096, store_batch_size_prompts=16, training_tokens=100_000_000,
+        train_batch_size_tokens=4096, training_tokens=100_000_000,
         lr_decay_fraction=0.2, exclude_special_tokens=True,
     )  # fmt: skip
 
@@ -316,13 +328,127 @@ class TrainingPlan:
     def total_steps(self) -> int:
         return self.config.training_tokens // self.config.train_batch_size_tokens
 
+    def covered_len(self, stack: str) -> int:
+        """Positions per row that a stack's SAEs train on (the length of its ``seqpos_slice``)."""
+        start, stop = (*self.seqpos_slice(stack), None)[:2]
+        return len(range(self.config.context_size)[slice(start, stop)])
+
+    def store_sizing(self, sites: Sequence[Site] | None = None) -> StoreSizing:
+        """Prompts per forward and buffer size for the runner of ``sites`` (default: the first stack's).
+
+        The runner's activation path holds, per token, the total width W of all its hooks; the
+        estimate (:func:`store_bytes`) must fit ``max_memory``. Quality comes first: the mixing
+        buffer keeps four SAE batches if it can, then three, then two (never fewer), and only
+        then the prompts per forward shrink (16, 8, 4, 2, 1).
+
+        Raises:
+            ValueError: not even one prompt per forward and a two-batch buffer fit the budget.
+        """
+        cfg = self.config
+        if sites is None:  # the first stack's runner (a run over both stacks has one runner per stack)
+            sites = [s for s in self.sites if s.stack == self.sites[0].stack]
+        sites = tuple(sites)
+        width = sum(self.dims.d_in(s) for s in sites)
+        stack = sites[0].stack
+        covered = self.covered_len(stack)
+        budget = memory_budget(cfg.max_memory)
+        batch = cfg.train_batch_size_tokens
+        if cfg.n_batches_in_buffer is not None:
+            buffers = [cfg.n_batches_in_buffer]
+        else:
+            buffers = [math.ceil(n * batch / covered) for n in (4, 3, 2)]
+        prompts = [cfg.store_batch_size_prompts] if cfg.store_batch_size_prompts else [16, 8, 4, 2, 1]
+        tried = []
+        for n_buf in buffers:
+            for p in prompts:
+                need = store_bytes(width, p, cfg.context_size, covered, n_buf * covered, batch)
+                tried.append(need)
+                if need <= budget:
+                    n_norm = max(1, min(cfg.n_batches_for_norm_estimate, self.total_steps))
+                    # SAELens' multi-hook runner keeps every norm-estimation batch of every hook at once.
+                    n_norm = max(1, min(n_norm, (budget - need) // (batch * width * 4) or 1))
+                    return StoreSizing(p, n_buf, width, budget, need, n_norm)
+        raise ValueError(
+            f"max_memory={_gib(budget)} is too small for the activation store of {len(sites)} hook(s) "
+            f"({width} floats per token, {sites[0].friendly}...): it needs at least {_gib(min(tried))} "
+            f"(1 prompt per forward, a buffer of two SAE batches of {batch} tokens). Raise max_memory, "
+            "lower train_batch_size_tokens, or train fewer hooks per run."
+        )
+
     @property
     def n_batches_in_buffer(self) -> int:
-        cfg = self.config
-        if cfg.n_batches_in_buffer is not None:
-            return cfg.n_batches_in_buffer
-        # Four SAE batches: the mixing buffer shuffles tokens across sequences within it.
-        return max(16, math.ceil(4 * cfg.train_batch_size_tokens / cfg.context_size))
+        """The buffer of the plan's first stack (see :meth:`store_sizing`)."""
+        return self.store_sizing().n_batches_in_buffer
+
+
+@dataclass(frozen=True)
+class StoreSizing:
+    """How one runner's activation store is sized (see :meth:`TrainingPlan.store_sizing`)."""
+
+    store_batch_size_prompts: int
+    n_batches_in_buffer: int
+    width: int
+    """Total width of the runner's hooks (floats per token)."""
+    budget_bytes: int
+    estimate_bytes: int
+    """The store's estimated peak (:func:`store_bytes`), within ``budget_bytes``."""
+    n_batches_for_norm_estimate: int
+
+
+# Copies of one forward's activations alive at once in SAELens' multi-hook path: the hook cache,
+# the device move/reshape of the sliced view, the special-token mask, and the per-hook concatenation.
+_FORWARD_COPIES = 4
+# The mixing buffer: torch.cat([kept, new]) and the shuffled copy both exist next to the old buffer.
+_BUFFER_COPIES = 2
+# The model's own transient activations per token of a forward (float32 MLP and attention
+# intermediates of one layer, T5Gemma 2 270m widths), bytes: small next to many hooks' caches.
+_MODEL_BYTES_PER_TOKEN = 64 * 1024
+
+
+def store_bytes(width: int, prompts: int, context: int, covered: int, buffer_tokens: int, batch: int) -> int:
+    """Estimated peak bytes of SAELens' activation path for hooks of total ``width`` floats per token.
+
+    ``prompts`` x ``context`` tokens per forward (``covered`` of each row kept), a mixing buffer
+    of ``buffer_tokens``, SAE batches of ``batch`` tokens; activations in float32 (4 bytes).
+    Checked against measured peaks by ``benchmarks/bench_training.py``.
+    """
+    forward = prompts * context
+    kept = prompts * covered
+    acts = 4 * width * (_FORWARD_COPIES * forward + _BUFFER_COPIES * (buffer_tokens + kept) + batch)
+    return acts + _MODEL_BYTES_PER_TOKEN * forward
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def memory_budget(max_memory: int | str | None) -> int:
+    """``max_memory`` in bytes; None: 1/16 of the machine's RAM, at least 512 MiB.
+
+    Raises:
+        ValueError: not a positive byte count or a size like ``"1.5GiB"``.
+    """
+    if max_memory is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 8 * 2**30  # no sysconf (not POSIX): assume a small machine
+        return max(512 * 2**20, total // 16)
+    if isinstance(max_memory, bool):
+        raise ValueError(f"max_memory must be a byte count or a size like '1.5GiB', got {max_memory!r}")
+    if isinstance(max_memory, (int, float)):
+        value = float(max_memory)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]i?[bB]|[bB]|)\s*", str(max_memory))
+        if not m:
+            raise ValueError(f"max_memory must be a byte count or a size like '1.5GiB', got {max_memory!r}")
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not value >= 1:
+        raise ValueError(f"max_memory must be positive, got {max_memory!r}")
+    return int(value)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def read_model_dims(model: str) -> ModelDims:
@@ -467,13 +593,16 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ValueError(f"Unknown architecture {cfg.architecture!r}: expected one of {list(ARCHITECTURES)}")
     positive = {
         "d_sae": cfg.d_sae, "training_tokens": cfg.training_tokens, "context_size": cfg.context_size,
-        "train_batch_size_tokens": cfg.train_batch_size_tokens, "store_batch_size_prompts": cfg.store_batch_size_prompts,
+        "train_batch_size_tokens": cfg.train_batch_size_tokens,
         "eval_every_n_steps": cfg.eval_every_n_steps, "n_eval_batches": cfg.n_eval_batches,
         "n_batches_for_norm_estimate": cfg.n_batches_for_norm_estimate,
     }  # fmt: skip
+    if cfg.store_batch_size_prompts is not None:
+        positive["store_batch_size_prompts"] = cfg.store_batch_size_prompts
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    memory_budget(cfg.max_memory)
     if not cfg.lr > 0:
         raise ValueError(f"lr must be positive, got {cfg.lr!r}")
     if cfg.training_tokens < cfg.train_batch_size_tokens:
@@ -530,9 +659,15 @@ def _check_numbers(cfg: TrainConfig) -> None:
         "constant_norm_rescale",
     ):
         raise ValueError(f"Unknown normalize_activations {cfg.normalize_activations!r}")
-    for name in ("dtype", "model_dtype"):
-        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(cfg, name)!r}")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"model_dtype must be auto, float32, bfloat16 or float16, got {cfg.model_dtype!r}")
+    if cfg.sparse_decode and cfg.architecture != "topk":
+        raise ValueError(
+            f"sparse_decode is SAELens' TopK option (use_sparse_activations); architecture {cfg.architecture!r} "
+            "has none"
+        )
     if cfg.release_name is not None:
         _check_release_name(cfg.release_name)
     if cfg.convention not in ("prefix_lm", "reconstruct"):

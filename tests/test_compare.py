@@ -211,7 +211,7 @@ def test_gemma3_through_transformer_lens_equals_transformers(gemma_hub: Path) ->
     torch.testing.assert_close(cache[f"blocks.{LAYER}.hook_resid_post"], hf_out.hidden_states[LAYER + 1])
 
     # The T5Gemma 2 side of a transfer: its hook_z has the same [batch, pos, heads, d_head] layout.
-    t5 = load_t5gemma2(T5, convention="reconstruct")  # the encoder reads the whole row
+    t5 = load_t5gemma2(T5, dtype=torch.float32, convention="reconstruct")  # the encoder reads the whole row
     enc_layer = t5.hf_model.model.encoder.text_model.layers[LAYER]
     handle = enc_layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.update(z5=a[0]))
     _, cache5 = t5.run_with_cache(tokens, names_filter=[f"encoder_blocks.{LAYER}.attn.hook_z"])
@@ -341,7 +341,9 @@ def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
     from sae_lens_t5gemma.hooked import load_t5gemma2
 
     g3 = gemma_scope.load_gemma3()
-    t5 = load_t5gemma2(T5)  # prefix_lm, as compare's default: the encoder reads tokens[:, :p]
+    t5 = load_t5gemma2(
+        T5, dtype=torch.float32
+    )  # prefix_lm, as compare's default: the encoder reads tokens[:, :p]
     tokens = C.token_batches(g3.tokenizer, synthetic.stand_in_texts(), CTX)[: BATCH * N_BATCHES]
     keep = ~torch.isin(tokens, torch.tensor([0, 1, 2]))  # pad, eos, bos
     p = CTX // 2

@@ -23,7 +23,7 @@ BOS, EOS, PAD = 2, 1, 0
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> HookedT5Gemma2:
-    return load_t5gemma2(tiny_model_dir)
+    return load_t5gemma2(tiny_model_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ HOOK = "decoder_blocks.1.self_attn.hook_out"
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    return load_t5gemma2(tiny_model_dir)
+    return load_t5gemma2(tiny_model_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ N_LAYERS = 2
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> HookedT5Gemma2:
-    return load_t5gemma2(tiny_model_dir, convention="reconstruct")
+    return load_t5gemma2(tiny_model_dir, dtype=torch.float32, convention="reconstruct")
 
 
 def recon_labels(tokens: torch.Tensor) -> torch.Tensor:

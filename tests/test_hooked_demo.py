@@ -21,7 +21,7 @@ from sae_lens_t5gemma.steering import top_features
 def test_section_hook_and_steer(hub_cache, tmp_path, capsys):
     with synthetic.offline_hub(hub_cache):
         section_hook_and_steer(hub_cache, tmp_path)
-        model = load_t5gemma2(synthetic.T5GEMMA2_MODEL)
+        model = load_t5gemma2(synthetic.T5GEMMA2_MODEL, dtype=torch.float32)
         sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5")
     printed = capsys.readouterr().out
     assert "(SYNTHETIC), SAE encoder/layer_5 at encoder_blocks.5.attn.hook_out" in printed

@@ -30,7 +30,7 @@ DEC_HOOK = "decoder_blocks.0.self_attn.hook_z"
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> HookedT5Gemma2:
-    return load_t5gemma2(tiny_model_dir)
+    return load_t5gemma2(tiny_model_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

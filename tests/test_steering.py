@@ -24,7 +24,9 @@ DEC = "decoder_blocks.1.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> HookedT5Gemma2:
-    return load_t5gemma2(tiny_model_dir, convention="reconstruct")  # references read the whole row
+    return load_t5gemma2(
+        tiny_model_dir, dtype=torch.float32, convention="reconstruct"
+    )  # references read the whole row
 
 
 @pytest.fixture(scope="module")

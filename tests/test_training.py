@@ -63,7 +63,7 @@ def data(tmp_path_factory) -> dict[str, Path | list[str]]:
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    return load_t5gemma2(tiny_model_dir)
+    return load_t5gemma2(tiny_model_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def small(model_dir: Path, dataset: Path, out: Path, **overrides) -> training.Tr
         model=str(model_dir), hooks=[HOOK], dataset=str(dataset), out=str(out), architecture="topk", k=8,
         d_sae=128, training_tokens=100 * BATCH_TOKENS, train_batch_size_tokens=BATCH_TOKENS, context_size=CONTEXT,
         store_batch_size_prompts=STORE_BATCH, lr=3e-3, eval_every_n_steps=1000, n_eval_batches=1,
-        eval_batch_size_prompts=4, n_batches_for_norm_estimate=10,
+        eval_batch_size_prompts=4, n_batches_for_norm_estimate=10, model_dtype="float32",
         # The stand-in sentences are shorter than a context: pack them (one document per row would skip all).
         disable_concat_sequences=False,
     )  # fmt: skip
