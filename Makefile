@@ -36,6 +36,10 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/bench_hooks.py
 	$(PY) benchmarks/bench_multi_hook_training.py
+	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_precision.py
+	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_cli.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -160,7 +160,15 @@ def test_bf16_model_trains_two_hooks_in_one_runner(
 
 
 def test_config_fields_reach_sae_lens(tiny_model_dir, data):
-    base = dict(model=str(tiny_model_dir), dataset=str(data), architecture="topk", k=8, d_sae=64)
+    # The short stand-in sentences fill no 512-token row one document at a time: pack them.
+    base = dict(
+        model=str(tiny_model_dir),
+        dataset=str(data),
+        architecture="topk",
+        k=8,
+        d_sae=64,
+        disable_concat_sequences=False,
+    )
     cfg = training.TrainConfig(
         hooks=["encoder.1.attn_out"], autocast=True, autocast_lm=True, sparse_decode=True, **base
     )
