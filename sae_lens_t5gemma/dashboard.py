@@ -229,14 +229,9 @@ def write_dashboard(
         wanted = {e.row for f in features for e in stats.top_examples(key, f)}
         rows = rows_by_index(model, dataset, wanted, stats.meta["config"]["context_size"], texts=texts,
                              split=stats.meta.get("split", "train"))  # fmt: skip
-    vectors = None
-    if info.stack == "decoder":
-        from sae_lens_t5gemma.features import logit_effect_vectors
+    from sae_lens_t5gemma.features import decoder_logit_vectors
 
-        try:
-            vectors = logit_effect_vectors(model, sae)
-        except ValueError:
-            vectors = None
+    vectors = decoder_logit_vectors(model, sae, info.stack)
     common = {"meta": stats.meta, "info": _info_view(info), "synthetic": synthetic}
     index_rows = []
     for i, f in enumerate(tqdm(features, desc="dashboard pages", unit="page", disable=not progress)):

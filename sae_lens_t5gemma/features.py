@@ -824,6 +824,19 @@ def logit_effect_vectors(model: HookedT5Gemma2, sae: SAE[Any]) -> tuple[torch.Te
 
 
 @torch.no_grad()
+def decoder_logit_vectors(
+    model: HookedT5Gemma2, sae: SAE[Any], stack: str
+) -> tuple[torch.Tensor, str] | None:
+    """:func:`logit_effect_vectors` for a decoder site, or None where there are none (encoder
+    sites, and sites with no linear path to the residual stream)."""
+    if stack != "decoder":
+        return None
+    try:
+        return logit_effect_vectors(model, sae)
+    except ValueError:
+        return None
+
+
 def logit_effects(
     model: HookedT5Gemma2,
     sae: SAE[Any],
@@ -1014,5 +1027,5 @@ def log10_density(density: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "FORMAT", "SEGMENTS", "StatsConfig", "SAEInfo", "Example", "FeatureStats", "FeatureEffect", "TokenEffect",
     "FeatureMatch", "corpus_stats", "iter_rows", "tokenize_row", "feature_acts", "sae_info", "logit_effects",
-    "logit_effect_vectors", "ablation_effects", "rows_by_index", "find_features", "text_peaks", "log10_density",
+    "logit_effect_vectors", "decoder_logit_vectors", "ablation_effects", "rows_by_index", "find_features", "text_peaks", "log10_density",
 ]  # fmt: skip

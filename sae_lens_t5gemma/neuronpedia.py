@@ -243,7 +243,12 @@ def export_neuronpedia(
     Returns:
         The batch files written.
     """
-    from sae_lens_t5gemma.features import ablation_effects, logit_effect_vectors, logit_effects, rows_by_index
+    from sae_lens_t5gemma.features import (
+        ablation_effects,
+        decoder_logit_vectors,
+        logit_effects,
+        rows_by_index,
+    )
 
     key = key or (stats.keys[0] if len(stats.keys) == 1 else None)
     if key is None:
@@ -270,12 +275,7 @@ def export_neuronpedia(
         else ("ablation effects" if ablation else "empty (encoder site, no ablation run)"),
         "segments": {},
     }  # fmt: skip
-    vectors = None
-    if info.stack == "decoder":
-        try:
-            vectors = logit_effect_vectors(model, sae)
-        except ValueError:
-            vectors = None
+    vectors = decoder_logit_vectors(model, sae, info.stack)
     paths = []
     for b in range(0, max(len(chosen), 1), features_per_batch):
         batch_features = []
