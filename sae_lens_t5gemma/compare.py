@@ -332,16 +332,27 @@ def token_batches(tokenizer: Any, texts: Sequence[str], context_size: int) -> to
 
 
 def _evaluate(
-    model: Any, sae: Any, hook_name: str, tokens: torch.Tensor, batch_size: int, dense_threshold: float
+    model: Any,
+    sae: Any,
+    hook_name: str,
+    tokens: torch.Tensor,
+    batch_size: int,
+    dense_threshold: float,
+    convention: str,
+    prefix_len: int | None,
 ) -> tuple[dict[str, float], str]:
-    """Metrics over covered positions (:func:`evaluation.evaluate_sae`) and the task they were scored on."""
+    """Metrics over covered positions (:func:`evaluation.evaluate_sae`) and the task they were scored on.
+
+    A model without T5Gemma 2's conventions (Gemma 3) is scored on the same targets as T5Gemma 2
+    under ``convention``: under ``prefix_lm`` the continuation after ``prefix_len`` (or ``n // 2``).
+    """
     from sae_lens_t5gemma.evaluation import evaluate_sae
 
     n = tokens.shape[1]
     if hasattr(model, "covered_mask"):
         task, score_from = f"T5Gemma 2 {model.describe_convention()}", None
-    elif _T5_CONVENTION.get("convention") == "prefix_lm":
-        score_from = _T5_CONVENTION["split"](n)
+    elif convention == "prefix_lm":
+        score_from = prefix_len or max(1, n // 2)
         task = f"next-token prediction, scored on the prefix_lm continuation (targets at positions >= {score_from})"
     else:
         task, score_from = "next-token prediction, every target", None
@@ -354,11 +365,6 @@ def _evaluate(
         score_from=score_from,
     )
     return metrics, task
-
-
-# The T5Gemma 2 convention of the current compare() run, so that Gemma 3 rows are scored on
-# the same continuation targets (set by compare(); one run at a time).
-_T5_CONVENTION: dict[str, Any] = {}
 
 
 def _special_ids(tokenizer: Any) -> list[int]:
@@ -426,7 +432,6 @@ def compare(
 
     if convention not in CONVENTIONS:
         raise ValueError(f"Unknown convention {convention!r}: expected one of {sorted(CONVENTIONS)}")
-    _T5_CONVENTION.update(convention=convention, split=lambda n: prefix_len or max(1, n // 2))
 
     models: dict[str, tuple[Any, str]] = {}
     tokens: dict[str, torch.Tensor] = {}
@@ -472,7 +477,9 @@ def compare(
             )
         sae.cfg.metadata.hook_name = hook  # where run_evals hooks it (a transfer changes it)
         t0 = time.perf_counter()
-        metrics, task = _evaluate(model, sae, hook, tokens[model_name], batch_size, dense_threshold)
+        metrics, task = _evaluate(
+            model, sae, hook, tokens[model_name], batch_size, dense_threshold, convention, prefix_len
+        )
         eval_s = time.perf_counter() - t0
         role = _role(hook, home_hook, model_name, home_model, family)
         rows.append(

@@ -180,11 +180,10 @@ def section_train(cache: Path, out: Path) -> None:
             "encoder.5.attn_out": "encoder_blocks.5.attn.hook_out",
             "decoder.5.attn_out": "decoder_blocks.5.self_attn.hook_out",
         }
-        model.prefix_len = cfg.context_size // 2
-        acts = training.collect_activations(
-            model, [" ".join(held_out)] * 2, list(hooks.values()), cfg.context_size
-        )
-        model.prefix_len = None
+        with model.fed(prefix_len=cfg.context_size // 2):  # the split training uses
+            acts = training.collect_activations(
+                model, [" ".join(held_out)] * 2, list(hooks.values()), cfg.context_size
+            )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*exhausted.*")  # 20 sentences: many epochs, by design
             result = training.train(cfg, model=model, keep_initial=True)

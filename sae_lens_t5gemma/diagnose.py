@@ -100,9 +100,9 @@ def _activations(
         _, cache = model.run_with_cache(tokens, names_filter=[hook], decoder_input_ids=dec, return_type=None)
         keep = ~torch.isin(dec, special)
     else:
-        model.convention = convention
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
-        keep = model.covered_mask(tokens, "decoder") & ~torch.isin(tokens, special)
+        with model.fed(convention):
+            _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
+            keep = model.covered_mask(tokens, "decoder") & ~torch.isin(tokens, special)
     x = cache[hook]
     return x.reshape(*x.shape[:2], -1)[keep]
 
@@ -123,32 +123,26 @@ def diagnose(
     from sae_lens_t5gemma.mindchain import final_l0, training_history
 
     special = torch.tensor(special_token_ids(model.tokenizer))
-    before = model.convention
     rows: list[DiagnosisRow] = []
-    try:
-        for sae_id, sae in saes.items():
-            hook = model.canonical_name(sae.cfg.metadata.hook_name)
-            if not hook.startswith("decoder_blocks."):
-                raise ValueError(f"SAE {sae_id} reads {hook}: diagnose compares decoder SAEs only")
-            for conv in CANDIDATES:
-                x = torch.cat(
-                    [_activations(model, t.to(model.cfg.device), hook, conv, special) for t in batches]
+    for sae_id, sae in saes.items():
+        hook = model.canonical_name(sae.cfg.metadata.hook_name)
+        if not hook.startswith("decoder_blocks."):
+            raise ValueError(f"SAE {sae_id} reads {hook}: diagnose compares decoder SAEs only")
+        for conv in CANDIDATES:
+            x = torch.cat([_activations(model, t.to(model.cfg.device), hook, conv, special) for t in batches])
+            feats = sae.encode(x.to(sae.dtype))
+            recon = sae.decode(feats)
+            rows.append(
+                DiagnosisRow(
+                    sae_id=sae_id,
+                    layer=int(hook.split(".")[1]),
+                    convention=conv,
+                    l0=float((feats > 0).sum(-1).float().mean()),
+                    mse=float(((recon - x.to(recon.dtype)) ** 2).mean()),
+                    history_l0=final_l0(training_history(sae)),
+                    n_tokens=x.shape[0],
                 )
-                feats = sae.encode(x.to(sae.dtype))
-                recon = sae.decode(feats)
-                rows.append(
-                    DiagnosisRow(
-                        sae_id=sae_id,
-                        layer=int(hook.split(".")[1]),
-                        convention=conv,
-                        l0=float((feats > 0).sum(-1).float().mean()),
-                        mse=float(((recon - x.to(recon.dtype)) ** 2).mean()),
-                        history_l0=final_l0(training_history(sae)),
-                        n_tokens=x.shape[0],
-                    )
-                )
-    finally:
-        model.convention = before
+            )
     return Diagnosis(rows, synthetic)
 
 

@@ -908,7 +908,6 @@ def ablation_effects(model: HookedT5Gemma2, sae: SAE[Any], feature: int, example
 
     if not examples:
         return FeatureEffect("ablation", [], [], "no examples: the feature never fired", None, 0)
-    saved_prefix = model.prefix_len
     total = None
     kl_sum, n_pred = 0.0, 0
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -916,10 +915,9 @@ def ablation_effects(model: HookedT5Gemma2, sae: SAE[Any], feature: int, example
     by_split: dict[int | None, list[int]] = {}
     for e in examples:
         by_split.setdefault(e.split, []).append(e.row)
-    try:
-        for split, row_ids in by_split.items():
-            if model.convention == "prefix_lm":
-                model.prefix_len = split
+    for split, row_ids in by_split.items():
+        # Each example was counted under its row's split: score it under the same one.
+        with model.fed(prefix_len=split if model.convention == "prefix_lm" else model.prefix_len):
             row_ids = list(dict.fromkeys(row_ids))
             tokens, mask = _pad_batch([rows[r] for r in row_ids], pad_id, model.cfg.device)
             clean = model(tokens, attention_mask=mask)
@@ -935,8 +933,6 @@ def ablation_effects(model: HookedT5Gemma2, sae: SAE[Any], feature: int, example
             n_pred += lp.shape[0]
             diff = (lp - lq).sum(0).cpu()
             total = diff if total is None else total + diff
-    finally:
-        model.prefix_len = saved_prefix
     text = (
         f"Feature {feature} set to 0 at every position of each top example's row (error term kept); mean over "
         f"{n_pred} continuation predictions of log p(clean) - log p(ablated). Positive: the feature promotes the token."
@@ -980,19 +976,16 @@ def text_peaks(model: HookedT5Gemma2, sae: SAE[Any], texts: Sequence[str], batch
     if not texts:
         raise ValueError("No texts given")
     stack = sites_mod.resolve(check_sae_fits(model, sae)).stack
-    saved = model.convention
-    if stack == "encoder" and encoder_reads_whole_text:
-        model.convention = "reconstruct"
+    # An encoder SAE may let the encoder read the whole text: under reconstruct it reads the row.
+    whole = stack == "encoder" and encoder_reads_whole_text
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     peaks = []
-    try:
+    with model.fed("reconstruct" if whole else None):
         for i in range(0, len(texts), batch_size):
             rows = [tokenize_row(model, t, model.cfg.n_ctx) for t in texts[i : i + batch_size]]
             tokens, mask = _pad_batch(rows, pad_id, model.cfg.device)
             (acts,), _, _ = feature_acts(model, [sae], tokens, mask)
             peaks.append(acts.amax(1))
-    finally:
-        model.convention = saved
     return torch.cat(peaks)
 
 

@@ -69,6 +69,7 @@ CONVENTIONS: dict[str, str] = {
 }
 """Each convention, described as it is recorded in SAE metadata and report rows."""
 DEFAULT_CONVENTION: Convention = "prefix_lm"
+_KEEP: Any = object()  # "leave as it is" for HookedT5Gemma2.fed
 _KIND_ORDER = {k.friendly: i for i, k in enumerate(sites_mod.SITE_KINDS)}
 _STACK_ORDER = {s: i for i, s in enumerate(sites_mod.STACKS)}
 
@@ -373,6 +374,24 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             raise ValueError("prefix_len='random': run a forward first, covered_mask uses its split")
         pos = torch.arange(n, device=tokens.device)
         return mask & ((pos < p) if stack == "encoder" else (pos >= p))
+
+    @contextmanager
+    def fed(self, convention: str | None = None, prefix_len: Any = _KEEP) -> Iterator[HookedT5Gemma2]:
+        """Run a block under another convention and/or ``prefix_len``; the model's own come back after.
+
+        Example:
+            >>> with model.fed(prefix_len=tokens.shape[1]):  # the encoder reads the whole row
+            ...     _, cache = model.run_with_cache(tokens, names_filter=[hook])
+        """
+        before = self.convention, self.prefix_len
+        try:
+            if convention is not None:
+                self.convention = convention
+            if prefix_len is not _KEEP:
+                self.prefix_len = prefix_len
+            yield self
+        finally:
+            self.convention, self.prefix_len = before
 
     def describe_convention(self) -> str:
         """One line for metadata and report rows: the convention, its split and what it means."""

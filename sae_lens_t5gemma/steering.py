@@ -15,6 +15,7 @@ during ``generate()``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -636,14 +637,11 @@ def top_features(
     name = check_sae_fits(model, sae)
     tokens = model.to_tokens(text)
     s = model._sites[name]
-    before = model.prefix_len
-    if s.stack == "encoder" and model.convention == "prefix_lm":
-        model.prefix_len = tokens.shape[1]
-    try:
+    # Encoder sites: the encoder reads the whole text (prefix_len = n), as it reads a prompt.
+    whole = model.fed(prefix_len=tokens.shape[1]) if s.stack == "encoder" else contextlib.nullcontext()
+    with whole:
         _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
         covered = model.covered_mask(tokens, s.stack)[0]
-    finally:
-        model.prefix_len = before
     x = cache[name][0]
     feats = sae.encode(_sae_input(sae, x).to(sae.device))
     if feats.ndim == 3:  # hook_z-reshaping SAEs keep no head axis in feature space; be safe

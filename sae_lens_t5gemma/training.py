@@ -272,22 +272,19 @@ class EvalRecorder:
         sae.eval()
         # An encoder-only run lets the encoder read whole rows (prefix_len = n): nothing is left
         # for the decoder to predict, so CE/KL are scored with the default split (n // 2).
-        split = getattr(self.model, "prefix_len", None)
-        full_row = split is not None and split == store.context_size
-        if full_row:
-            self.model.prefix_len = None
+        full_row = getattr(self.model, "prefix_len", None) == store.context_size
+        feeding = self.model.fed(prefix_len=None) if full_row else nullcontext()
         try:
-            return evaluate_sae(
-                self.model,
-                sae,
-                batches,
-                exclude_special_tokens=store.exclude_special_tokens is not None,
-                activation_scaler=scaler,
-            )
+            with feeding:
+                return evaluate_sae(
+                    self.model,
+                    sae,
+                    batches,
+                    exclude_special_tokens=store.exclude_special_tokens is not None,
+                    activation_scaler=scaler,
+                )
         finally:
             sae.train(was_training)
-            if full_row:
-                self.model.prefix_len = split
 
     def __call__(self, sae: SAE[Any], data_provider: Any, activation_scaler: Any) -> dict[str, Any]:
         """SAELens' single-SAE ``Evaluator`` signature."""
@@ -494,16 +491,11 @@ def _merge(plan: TrainingPlan, results: list[TrainingResult]) -> TrainingResult:
 @contextlib.contextmanager
 def _fed_as_planned(model: Any, plan: TrainingPlan) -> Iterator[None]:
     """Set the model's convention and split to the plan's for the run (they fix the seqpos_slice)."""
-    if not hasattr(model, "convention"):
+    if not hasattr(model, "fed"):
         yield
         return
-    before = model.convention, model.prefix_len
-    model.convention = plan.config.convention
-    model.prefix_len = plan.split
-    try:
+    with model.fed(plan.config.convention, plan.split):
         yield
-    finally:
-        model.convention, model.prefix_len = before
 
 
 def _train_single_sites(

@@ -303,3 +303,17 @@ def test_top_features_under_prefix_lm(model, split):
     enc = top_features(model, _sae("encoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
     assert sorted({r.position for r in enc}) == list(range(n))  # the encoder reads the whole text
     assert model.prefix_len == P  # restored
+
+
+def test_fed_runs_a_block_under_another_feeding_and_restores(model, tokens, split):
+    with model.fed("reconstruct", prefix_len=None) as m:
+        assert (m.convention, m.prefix_len) == ("reconstruct", None)
+        assert model.covered_mask(tokens, "encoder").all()
+    assert (model.convention, model.prefix_len) == ("prefix_lm", P)
+    with pytest.raises(RuntimeError, match="boom"), model.fed(prefix_len=N):
+        assert model.covered_mask(tokens, "encoder").all()  # the encoder reads the whole row
+        raise RuntimeError("boom")
+    assert (model.convention, model.prefix_len) == ("prefix_lm", P)
+    with pytest.raises(ValueError, match="Unknown convention 'copy'"), model.fed("copy"):
+        pass
+    assert model.convention == "prefix_lm"
