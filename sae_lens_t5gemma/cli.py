@@ -171,10 +171,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="side-by-side eval report against Gemma Scope 2",
-        description="Evaluate (model, SAE) pairs on the same texts with SAELens' run_evals and write "
-        "report.md, results.csv/json, transfer.csv and PNG plots. --layers builds the standard set: "
-        "mindchain encoder/decoder SAEs on T5Gemma 2, Gemma Scope 2 every-layer SAEs on Gemma 3 270M, and "
-        "the Gemma Scope 2 hook_z/resid_post SAEs transferred onto T5Gemma 2's encoder.",
+        description="Evaluate (model, SAE) pairs on the same documents and write report.md (findings first), "
+        "results/transfer/feature_transfer tables and PNG plots. --layers builds the standard set: mindchain "
+        "encoder/decoder SAEs on T5Gemma 2; every Gemma Scope 2 every-layer variant (small and big L0) on Gemma 3 "
+        "270M; and each of them transferred onto T5Gemma 2's encoder and decoder, read feature by feature with a "
+        "norm-matched and a causal-encoder control. One document per row unless --pack.",
     )
     p.add_argument("--layers", type=int, nargs="+", default=[], help="layers for the standard comparison")
     p.add_argument(
@@ -187,7 +188,30 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--local-sae", action="append", default=[], metavar="FOLDER", help="a SAELens SAE folder (repeatable)"
     )
-    p.add_argument("--gemma-scope-variant", default="width_16k_l0_small", help="Gemma Scope 2 id suffix")
+    p.add_argument(
+        "--gemma-scope-variant",
+        default="all",
+        help="Gemma Scope 2 id suffix (e.g. width_16k_l0_small), or 'all' (default): every variant of --gemma-scope-widths",
+    )
+    p.add_argument(
+        "--gemma-scope-widths", nargs="+", default=["16k"], help="widths for --gemma-scope-variant all"
+    )
+    p.add_argument(
+        "--transfer-stacks",
+        nargs="+",
+        default=["encoder", "decoder"],
+        choices=["encoder", "decoder"],
+        help="T5Gemma 2 stacks the Gemma Scope 2 SAEs are transferred onto",
+    )
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="pack documents into rows (SAELens' way); default one document per row: packed rows let the "
+        "bidirectional encoder read later documents",
+    )
+    p.add_argument(
+        "--min-fires", type=int, default=5, help="fires on Gemma 3 for a feature's correlation to count"
+    )
     p.add_argument(
         "--gemma-scope-sites",
         nargs="+",
@@ -199,7 +223,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-decoder", action="store_true", help="mindchain encoder SAEs only")
     p.add_argument("--no-transfer", action="store_true", help="no Gemma Scope 2 SAEs on T5Gemma 2")
     p.add_argument("--texts", help="text file, one text per line (default: the embedded corpus)")
-    p.add_argument("--context-size", type=int, default=128, help="tokens per sequence")
+    p.add_argument(
+        "--context-size",
+        type=int,
+        help="tokens per row (default 128; 32 with --stand-in, whose documents are 21-38 tokens long)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
     p.add_argument("--n-batches", type=int, default=None, help="batches to evaluate on (default: all)")
     p.add_argument(
@@ -235,16 +263,22 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
             gemma_scope_variant=a.gemma_scope_variant,
             transfer=not a.no_transfer,
             local_saes=a.local_sae,
+            gemma_scope_widths=a.gemma_scope_widths,
+            transfer_stacks=a.transfer_stacks,
         ) + [Pair.parse(spec) for spec in a.pair]
         if not pairs:
             raise ValueError("nothing to compare: give --layers, --pair or --local-sae")
         texts = read_texts(a.texts) if a.texts else None
+        if a.stand_in:
+            import torch
+
+            torch.set_num_threads(1)  # tiny stand-in models: one thread is fastest
         with stand_in_hub() if a.stand_in else contextlib.nullcontext():
             report = compare(
                 pairs,
                 texts,
                 a.out,
-                context_size=a.context_size,
+                context_size=a.context_size or (32 if a.stand_in else 128),
                 batch_size=a.batch_size,
                 n_batches=a.n_batches,
                 device=a.device,
@@ -252,6 +286,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                 banner=BANNER if a.stand_in else None,
                 convention=a.convention,
                 prefix_len=a.prefix_len,
+                pack=a.pack,
+                synthetic=a.stand_in,
+                min_fires=a.min_fires,
             )
         print(report.summary())
 

@@ -49,15 +49,20 @@ from sae_lens_t5gemma.report import (  # noqa: F401 (re-exported: the comparison
     CE_KL_CAVEAT,
     HONEST_SITES_NOTE,
     SITE_WORDS,
+    SYNTHETIC_PREFIX,
     Report,
     Row,
     TransferRow,
+    matched_variants,
     write_report,
 )
 from sae_lens_t5gemma.synthetic import GEMMA_SCOPE_RELEASES, T5GEMMA2_MODEL
+from sae_lens_t5gemma.transfer import FeatureTransfer, ev_kept
 
 MINDCHAIN_RELEASE = PACKAGE_RELEASE
-DEFAULT_GEMMA_SCOPE_VARIANT = "width_16k_l0_small"
+DEFAULT_GEMMA_SCOPE_VARIANT = (
+    "all"  # every variant of the width: the L0 sweep, matched per layer in the report
+)
 
 
 # TransformerLens hook suffix -> site key (for models with Gemma's sandwich norms, the
@@ -70,8 +75,20 @@ _TL_SUFFIXES = {
     "hook_mlp_out": "mlp_out",
     "hook_resid_post": "resid_post",
 }
-# T5Gemma 2 encoder site kinds that are the same activation as a Gemma 3 site key.
-TRANSFERABLE = ("resid_pre", "attn_z", "resid_mid", "resid_post")
+# Gemma 3 site key -> the T5Gemma 2 site kind reading the same activation. Gemma 3's
+# hook_attn_out / hook_mlp_out sit after the post-sublayer norm, so they map onto T5Gemma 2's
+# post-norm sites (hook_attn_out_normed / hook_mlp_out_normed), not onto its o_proj / MLP outputs.
+TRANSFER_KINDS = {
+    "resid_pre": "resid_pre",
+    "attn_z": "attn_z",
+    "resid_mid": "resid_mid",
+    "resid_post": "resid_post",
+    "attn_out_normed": "attn_out_normed",
+    "mlp_out_normed": "mlp_out_normed",
+}
+# The decoder's self_attn merges self- and cross-attention: its z and attention output are not
+# Gemma 3's self-attention, so attention sites transfer onto the encoder only.
+_ENCODER_ONLY_KINDS = ("attn_z", "attn_out_normed")
 # The TransformerLens hook each Gemma Scope 2 site's SAEs read (SAELens' gemma_3 loader).
 _GEMMA_SCOPE_HOOKS = {"attn_out": "attn.hook_z", "resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
 
@@ -114,18 +131,46 @@ class Pair:
         return cls(sae=parts["sae"], model=parts.get("model") or None, hook_name=parts.get("hook") or None)
 
 
-def transfer_hook(gemma3_hook: str) -> str | None:
-    """The T5Gemma 2 encoder hook reading the same activation as a Gemma 3 (TransformerLens) hook.
+def transfer_hook(gemma3_hook: str, stack: str = "encoder") -> str | None:
+    """The T5Gemma 2 hook reading the same activation as a Gemma 3 (TransformerLens) hook.
 
-    ``blocks.5.attn.hook_z`` -> ``encoder_blocks.5.attn.hook_z``; ``blocks.5.hook_resid_post``
-    -> ``encoder_blocks.5.hook_resid_post``. None where T5Gemma 2 has no such site: Gemma 3's
-    ``hook_attn_out``/``hook_mlp_out`` are taken after the post-sublayer norm, T5Gemma 2's before it.
+    ``blocks.5.attn.hook_z`` -> ``encoder_blocks.5.attn.hook_z``; ``blocks.5.hook_mlp_out``
+    (after post_feedforward_layernorm, as Gemma Scope 2's mlp_out SAEs read it) ->
+    ``encoder_blocks.5.hook_mlp_out_normed``. With ``stack="decoder"``, the decoder's hook, or
+    None for attention sites (the decoder's self_attn merges self- and cross-attention).
+    None where T5Gemma 2 has no such site.
     """
     parts = gemma3_hook.split(".")
-    key = _TL_SUFFIXES.get(".".join(parts[2:]))
-    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or key not in TRANSFERABLE:
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
         return None
-    return sites_mod.site("encoder", int(parts[1]), key).hook_name
+    key = _TL_SUFFIXES.get(".".join(parts[2:]))
+    if key in ("attn_out", "mlp_out"):  # Gemma 3 has sandwich norms: these hooks are post-norm
+        key += "_normed"
+    kind = TRANSFER_KINDS.get(key or "")
+    if kind is None or (stack == "decoder" and kind in _ENCODER_ONLY_KINDS):
+        return None
+    return sites_mod.site(stack, int(parts[1]), kind).hook_name
+
+
+def gemma_scope_variants(site: str, layer: int, widths: Sequence[str] = ("16k",)) -> list[str]:
+    """Every Gemma Scope 2 every-layer id at ``layer`` with a width in ``widths``, by expected L0.
+
+    Read from SAELens' own release YAML: ``layer_5_width_16k_l0_small`` (L0 10-20) and
+    ``..._l0_big`` (60-150) for the ``-all`` releases.
+    """
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory()[GEMMA_SCOPE_RELEASES[site]]
+    ids = [
+        i
+        for i in lookup.saes_map
+        if i.startswith(f"layer_{layer}_") and any(f"_width_{w}_" in i for w in widths)
+    ]
+    if not ids:
+        raise ValueError(
+            f"{GEMMA_SCOPE_RELEASES[site]} has no SAE at layer {layer} with a width in {list(widths)}."
+        )
+    return sorted(ids, key=lambda i: (lookup.expected_l0.get(i) or 0, i))
 
 
 def standard_pairs(
@@ -137,13 +182,18 @@ def standard_pairs(
     transfer: bool = True,
     local_saes: Sequence[str | Path] = (),
     t5gemma2_model: str = T5GEMMA2_MODEL,
+    gemma_scope_widths: Sequence[str] = ("16k",),
+    transfer_stacks: Sequence[str] = ("encoder", "decoder"),
 ) -> list[Pair]:
     """The usual comparison at some layers.
 
     Per layer: the mindchain encoder (and decoder) SAE on T5Gemma 2; the Gemma Scope 2
-    every-layer SAEs (``gemma_scope_variant``, e.g. ``width_16k_l0_small``) at
-    ``gemma_scope_sites`` on Gemma 3; and, with ``transfer``, those of them whose site exists
-    in T5Gemma 2's encoder (hook_z and resid_post) applied there. Then each local folder.
+    every-layer SAEs at ``gemma_scope_sites`` on Gemma 3: with ``gemma_scope_variant="all"``
+    (default) every variant of ``gemma_scope_widths`` (small and big L0, so the report can
+    match each T5Gemma 2 SAE to the variant nearest in L0 and plot the L0 sweep), else the
+    one named (e.g. ``width_16k_l0_small``); and, with ``transfer``, each of them applied at
+    the same activation of T5Gemma 2's ``transfer_stacks`` (:func:`transfer_hook`). Then each
+    local folder.
     """
     pairs: list[Pair] = []
     for layer in layers:
@@ -155,11 +205,17 @@ def standard_pairs(
                 raise ValueError(
                     f"Unknown Gemma Scope 2 site {gs_site!r}: expected one of {sorted(GEMMA_SCOPE_RELEASES)}."
                 )
-            spec = f"{GEMMA_SCOPE_RELEASES[gs_site]}:layer_{layer}_{gemma_scope_variant}"
-            pairs.append(Pair(spec))
-            target = transfer_hook(f"blocks.{layer}.{_GEMMA_SCOPE_HOOKS[gs_site]}")
-            if transfer and target is not None:
-                pairs.append(Pair(spec, t5gemma2_model, target))
+            if gemma_scope_variant == "all":
+                ids = gemma_scope_variants(gs_site, layer, gemma_scope_widths)
+            else:
+                ids = [f"layer_{layer}_{gemma_scope_variant}"]
+            for sae_id in ids:
+                spec = f"{GEMMA_SCOPE_RELEASES[gs_site]}:{sae_id}"
+                pairs.append(Pair(spec))
+                for stack in transfer_stacks if transfer else ():
+                    target = transfer_hook(f"blocks.{layer}.{_GEMMA_SCOPE_HOOKS[gs_site]}", stack)
+                    if target is not None:
+                        pairs.append(Pair(spec, t5gemma2_model, target))
     pairs += [Pair(str(p)) for p in local_saes]
     return pairs
 
@@ -305,10 +361,12 @@ def _site_width(model: Any, site_key: str) -> int:
 
 
 def token_batches(tokenizer: Any, texts: Sequence[str], context_size: int) -> torch.Tensor:
-    """``[n_seq, context_size]`` token ids: the texts concatenated, as SAELens' store does.
+    """``[n_seq, context_size]`` token ids: the texts packed, as SAELens' store does (``--pack``).
 
     Each text is tokenised without special tokens; sequences start with BOS and texts are
     separated by BOS (SAELens' defaults). Trailing tokens that do not fill a sequence are dropped.
+    A row then holds several documents: T5Gemma 2's bidirectional encoder sees *later* ones too,
+    which a causal Gemma 3 never does; :func:`document_batches` is the default for that reason.
     """
     from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
@@ -328,49 +386,47 @@ def token_batches(tokenizer: Any, texts: Sequence[str], context_size: int) -> to
     return torch.stack(seqs)
 
 
-# --------------------------------------------------------------------------- evaluate
+def document_batches(
+    tokenizer: Any, texts: Sequence[str], context_size: int, min_tokens: int
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """One document per row: ``[BOS] + ids[: context_size - 1]``, right-padded with PAD.
 
+    No row holds two documents, so no position can attend to another document (the
+    bidirectional encoder included). Padding sits at the end of a row: causal models and the
+    decoder never read it before a real token, it is a special token (left out of every metric
+    and target), and documents with fewer than ``min_tokens`` tokens (BOS included) are dropped
+    so that, under ``prefix_lm``, the encoder's prefix holds no padding.
 
-def _evaluate(
-    model: Any,
-    sae: Any,
-    hook_name: str,
-    tokens: torch.Tensor,
-    batch_size: int,
-    dense_threshold: float,
-    convention: str,
-    prefix_len: int | None,
-) -> tuple[dict[str, float], str]:
-    """Metrics over covered positions (:func:`evaluation.evaluate_sae`) and the task they were scored on.
+    Returns:
+        ``(tokens, counts)``: counts of ``documents``, ``kept``, ``too_short`` and ``truncated``.
 
-    A model without T5Gemma 2's conventions (Gemma 3) is scored on the same targets as T5Gemma 2
-    under ``convention``: under ``prefix_lm`` the continuation after ``prefix_len`` (or ``n // 2``).
+    Raises:
+        ValueError: no document is long enough (the message gives the lengths).
     """
-    from sae_lens_t5gemma.evaluation import evaluate_sae
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("document_batches needs a tokenizer with a pad token (PAD is masked as special).")
+    rows, lengths, truncated = [], [], 0
+    for text in texts:
+        ids = [bos, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        lengths.append(len(ids))
+        if len(ids) < min_tokens:
+            continue
+        truncated += len(ids) > context_size
+        ids = ids[:context_size]
+        rows.append(ids + [pad] * (context_size - len(ids)))
+    if not rows:
+        raise ValueError(
+            f"No document has at least {min_tokens} tokens (BOS included; needed for a prefix of "
+            f"{min_tokens - 1} real tokens and a continuation); lengths are {min(lengths)}-{max(lengths)}. "
+            "Give a smaller context size, longer texts, or pack documents (pack=True / --pack)."
+        )
+    counts = {"documents": len(lengths), "kept": len(rows), "too_short": len(lengths) - len(rows),
+              "truncated": truncated}  # fmt: skip
+    return torch.tensor(rows, dtype=torch.long), counts
 
-    n = tokens.shape[1]
-    if hasattr(model, "covered_mask"):
-        task, score_from = f"T5Gemma 2 {model.describe_convention()}", None
-    elif convention == "prefix_lm":
-        score_from = prefix_len or max(1, n // 2)
-        task = f"next-token prediction, scored on the prefix_lm continuation (targets at positions >= {score_from})"
-    else:
-        task, score_from = "next-token prediction, every target", None
-    metrics = evaluate_sae(
-        model,
-        sae,
-        tokens.split(batch_size),
-        hook_name,
-        dense_threshold=dense_threshold,
-        score_from=score_from,
-    )
-    return metrics, task
 
-
-def _special_ids(tokenizer: Any) -> list[int]:
-    from sae_lens.util import get_special_token_ids
-
-    return list(get_special_token_ids(tokenizer))
+# --------------------------------------------------------------------------- evaluate
 
 
 def compare(
@@ -388,26 +444,38 @@ def compare(
     progress: bool = True,
     convention: str = "prefix_lm",
     prefix_len: int | None = None,
+    pack: bool = False,
+    synthetic: bool = False,
+    min_fires: int = 5,
+    top_k: int = 10,
 ) -> Report:
     """Evaluate (model, SAE) pairs on the same texts and write a side-by-side report.
 
     Args:
         pairs: :class:`Pair` objects or spec strings (see :meth:`Pair.parse`). A transfer
             pair whose SAE is not also evaluated on its home model gets that pair added.
-        texts: the evaluation texts (default: the embedded stand-in corpus).
-        out_dir: where ``report.md``, ``results.csv``, ``results.json`` and the PNGs go.
-        context_size: tokens per sequence.
-        batch_size: sequences per batch.
+        texts: the evaluation documents (default: the embedded stand-in corpus).
+        out_dir: where ``report.md``, the CSV/JSON tables and the PNGs go.
+        context_size: tokens per row.
+        batch_size: rows per batch.
         n_batches: batches to evaluate on (default: every whole batch the texts give).
         dense_threshold: a feature is dense if it fires on more than this fraction of tokens.
         banner: a line put at the top of the report (e.g. the synthetic stand-in warning).
-        progress: show a progress bar over the pairs.
+        progress: progress bars over the pairs and over each evaluation's batches.
         convention: T5Gemma 2's input convention (``prefix_lm`` or ``reconstruct``). Under
             ``prefix_lm`` Gemma 3 rows are scored on the same continuation targets.
         prefix_len: the ``prefix_lm`` split (default ``context_size // 2``).
+        pack: pack documents into rows (SAELens' way) instead of one document per row.
+            Packed rows let the bidirectional encoder read later documents.
+        synthetic: the data are the synthetic stand-in: every finding and plot says so.
+        min_fires: fires on Gemma 3 for a feature's transfer correlation to be scored.
+        top_k: best and worst carried features listed per transfer.
 
     Metrics are computed over covered positions only (:mod:`sae_lens_t5gemma.evaluation`);
-    each row's ``task`` says what its CE/KL numbers were scored on.
+    each row's ``task`` says what its CE/KL numbers were scored on. Each Gemma 3 -> T5Gemma 2
+    transfer is also read feature by feature (:func:`~sae_lens_t5gemma.transfer.feature_transfer`),
+    with a norm-matched and (encoder) a causal-mask control, and its home SAE is re-scored on
+    Gemma 3 on the transfer's own task, so the two ΔCE columns compare like with like.
 
     Returns:
         The :class:`Report`; its ``files`` name what was written.
@@ -419,44 +487,53 @@ def compare(
     """
     from tqdm.auto import tqdm
 
+    from sae_lens_t5gemma.hooked import CONVENTIONS
     from sae_lens_t5gemma.synthetic import stand_in_texts
 
     pairs = [p if isinstance(p, Pair) else Pair.parse(p) for p in pairs]
     if not pairs:
         raise ValueError("compare needs at least one (model, SAE) pair.")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"Unknown convention {convention!r}: expected one of {sorted(CONVENTIONS)}")
     for p in pairs:
         _check_sae_spec(p.sae)
     texts = list(texts) if texts is not None else stand_in_texts()
     pairs = _add_home_pairs(pairs)
-    from sae_lens_t5gemma.hooked import CONVENTIONS
+    split = prefix_len or context_size // 2
+    # prefix_lm: the encoder's prefix must hold no padding; reconstruct: the encoder reads the
+    # whole row, so only full rows carry no padding.
+    min_tokens = split + 1 if convention == "prefix_lm" else context_size
 
-    if convention not in CONVENTIONS:
-        raise ValueError(f"Unknown convention {convention!r}: expected one of {sorted(CONVENTIONS)}")
-
-    models: dict[str, tuple[Any, str]] = {}
-    tokens: dict[str, torch.Tensor] = {}
+    run = _Run(models={}, tokens={}, saes={}, batch_size=batch_size, dense_threshold=dense_threshold,
+               convention=convention, prefix_len=prefix_len, progress=progress)  # fmt: skip
+    doc_counts: dict[str, dict[str, int]] = {}
     rows: list[Row] = []
     for pair in tqdm(pairs, desc="SAE pairs", unit="pair", disable=not progress):
         t0 = time.perf_counter()
-        sae, source = _load_sae(pair.sae, device)
+        sae, source = run.sae(pair.sae, device)
         load_s = time.perf_counter() - t0
         home_model = sae.cfg.metadata.model_name or ""
         home_hook = sae.cfg.metadata.hook_name
         model_name = pair.model or home_model
         if not model_name:
             raise ValueError(f"SAE {pair.sae}: its config names no model; give the pair a model.")
-        if model_name not in models:
-            models[model_name] = _load_model(model_name, device, dtype)
-            if hasattr(models[model_name][0], "covered_mask"):
-                models[model_name][0].convention = convention
-                models[model_name][0].prefix_len = prefix_len
-            seqs = token_batches(models[model_name][0].tokenizer, texts, context_size)
-            # Whole batches only: reconstruction and sparsity/variance metrics then read the same sequences.
+        if model_name not in run.models:
+            model, family = _load_model(model_name, device, dtype)
+            if hasattr(model, "covered_mask"):
+                model.convention, model.prefix_len = convention, prefix_len
+            run.models[model_name] = (model, family)
+            if pack:
+                seqs = token_batches(model.tokenizer, texts, context_size)
+            else:
+                seqs, doc_counts[model_name] = document_batches(
+                    model.tokenizer, texts, context_size, min_tokens
+                )
+            # Whole batches only: reconstruction and sparsity/variance metrics then read the same rows.
             keep = (seqs.shape[0] // batch_size) * batch_size
             if n_batches is not None:
                 keep = min(keep, n_batches * batch_size)
-            tokens[model_name] = seqs[:keep]
-        model, family = models[model_name]
+            run.tokens[model_name] = seqs[:keep]
+        model, family = run.models[model_name]
         hook = pair.hook_name or home_hook
         try:
             stack, layer, key, words = describe_site(model, hook)
@@ -470,16 +547,13 @@ def compare(
                 f"SAE {pair.sae} (d_in={sae.cfg.d_in}) does not fit {hook} on {model_name}, "
                 f"which is {width} wide ({words})."
             )
-        if tokens[model_name].shape[0] == 0:
+        if run.tokens[model_name].shape[0] == 0:
             raise ValueError(
-                f"The texts give fewer than batch_size={batch_size} sequences of {context_size} tokens "
+                f"The texts give fewer than batch_size={batch_size} rows of {context_size} tokens "
                 f"for {model_name}: nothing to evaluate on."
             )
-        sae.cfg.metadata.hook_name = hook  # where run_evals hooks it (a transfer changes it)
         t0 = time.perf_counter()
-        metrics, task = _evaluate(
-            model, sae, hook, tokens[model_name], batch_size, dense_threshold, convention, prefix_len
-        )
+        metrics, task = run.evaluate(model_name, sae, hook)
         eval_s = time.perf_counter() - t0
         role = _role(hook, home_hook, model_name, home_model, family)
         rows.append(
@@ -505,14 +579,75 @@ def compare(
             )
         )
 
-    setup = _setup(texts, tokens, context_size, batch_size, device, dense_threshold)
-    setup["convention"] = convention
-    setup["prefix_len"] = prefix_len or "n // 2"
-    transfer = _transfer_rows(rows)
-    notes = _notes(rows)
-    report = Report(rows=rows, transfer=transfer, setup=setup, notes=notes)
-    write_report(report, out_dir, title=title, banner=banner)
+    setup = _setup(texts, run.tokens, context_size, batch_size, device, dense_threshold)
+    setup.update(
+        convention=convention,
+        prefix_len=prefix_len or "n // 2",
+        rows="packed documents (--pack)" if pack else "one document per row, right-padded, padding masked",
+        documents=doc_counts,
+        synthetic=synthetic,
+        min_fires=min_fires,
+    )
+    transfer, features = _transfer_rows(rows, run, min_fires, top_k)
+    report = Report(rows=rows, transfer=transfer, setup=setup, notes=_notes(rows), features=features)
+    write_report(report, out_dir, title=title, banner=banner, synthetic=synthetic)
     return report
+
+
+@dataclass
+class _Run:
+    """What one :func:`compare` call has loaded: models, their token rows, SAEs; and how it scores."""
+
+    models: dict[str, tuple[Any, str]]
+    tokens: dict[str, torch.Tensor]
+    saes: dict[str, tuple[Any, str]]
+    batch_size: int
+    dense_threshold: float
+    convention: str
+    prefix_len: int | None
+    progress: bool
+
+    def sae(self, spec: str, device: str) -> tuple[Any, str]:
+        if spec not in self.saes:
+            self.saes[spec] = _load_sae(spec, device)
+        return self.saes[spec]
+
+    def batches(self, model_name: str) -> list[torch.Tensor]:
+        return list(self.tokens[model_name].split(self.batch_size))
+
+    def evaluate(
+        self, model_name: str, sae: Any, hook: str, site_span: tuple[int | None, int | None] | None = None
+    ) -> tuple[dict[str, float], str]:
+        """Metrics over covered positions (:func:`evaluation.evaluate_sae`) and the task they were scored on.
+
+        A model without T5Gemma 2's conventions (Gemma 3) is scored on the same targets as T5Gemma 2
+        under ``prefix_lm``: the continuation after ``prefix_len`` (or ``n // 2``); ``site_span``
+        splices it only where a T5Gemma 2 stack reads (a transfer's matched task).
+        """
+        from sae_lens_t5gemma.evaluation import evaluate_sae
+
+        model = self.models[model_name][0]
+        n = self.tokens[model_name].shape[1]
+        if hasattr(model, "covered_mask"):
+            task, score_from = f"T5Gemma 2 {model.describe_convention()}", None
+        elif self.convention == "prefix_lm":
+            score_from = self.prefix_len or max(1, n // 2)
+            task = f"next-token prediction, scored on the prefix_lm continuation (targets at positions >= {score_from})"
+        else:
+            task, score_from = "next-token prediction, every target", None
+        if site_span is not None:
+            task = "matched"  # the caller names it
+        metrics = evaluate_sae(
+            model,
+            sae,
+            self.batches(model_name),
+            hook,
+            dense_threshold=self.dense_threshold,
+            score_from=score_from,
+            progress=self.progress,
+            site_span=site_span,
+        )
+        return metrics, task
 
 
 def _role(hook: str, home_hook: str, model_name: str, home_model: str, family: str) -> str:
@@ -562,8 +697,26 @@ def _setup(
     }
 
 
-def _transfer_rows(rows: list[Row]) -> list[TransferRow]:
-    out = []
+def matched_task(stack: str, p: int, n: int) -> str:
+    """The task both ΔCE columns of a prefix_lm transfer row are scored on, in words."""
+    where = (
+        f"positions t < {p} (T5Gemma 2's encoder prefix)"
+        if stack == "encoder"
+        else (f"positions t >= {p} (T5Gemma 2's decoder continuation)")
+    )
+    return (
+        f"continuation targets t >= {p} of {n}-token rows, context = tokens before the target; "
+        f"SAE spliced at {where}, non-special tokens"
+    )
+
+
+def _transfer_rows(
+    rows: list[Row], run: _Run, min_fires: int, top_k: int
+) -> tuple[list[TransferRow], list[FeatureTransfer]]:
+    """One TransferRow per transfer (and a FeatureTransfer where both sides share token ids)."""
+    from sae_lens_t5gemma.transfer import feature_transfer
+
+    out, features = [], []
     for r in rows:
         if r.role != "transfer":
             continue
@@ -577,31 +730,60 @@ def _transfer_rows(rows: list[Row]) -> list[TransferRow]:
         ]
         native_text = "; ".join(
             f"{n.sae} ({n.site}, {'same site' if n.site == r.site else 'different site'}: "
-            f"EV {n.explained_variance:.3f}, CE score {n.ce_loss_score:.3f})"
+            f"EV {n.explained_variance:.3f}, L0 {n.l0:.1f})"
             for n in natives
         )
-        out.append(
-            TransferRow(
-                sae=r.sae,
-                layer=r.layer,
-                site=r.site,
-                target_model=r.model,
-                target_hook=r.hook_name,
-                home_model=home.model,
-                home_hook=home.hook_name,
-                ev_target=r.explained_variance,
-                ev_home=home.explained_variance,
-                ev_carried=r.explained_variance / home.explained_variance
-                if home.explained_variance > 0
-                else None,
-                ce_score_target=r.ce_loss_score,
-                ce_score_home=home.ce_loss_score,
-                l0_target=r.l0,
-                l0_home=home.l0,
-                natives=native_text or "none evaluated",
-            )
+        row = TransferRow(
+            sae=r.sae,
+            layer=r.layer,
+            site=r.site,
+            target_model=r.model,
+            target_stack=r.stack,
+            target_hook=r.hook_name,
+            home_model=home.model,
+            home_hook=home.hook_name,
+            task_target=r.task,
+            task_home=home.task,
+            n_tokens=r.n_tokens,
+            ev_target=r.explained_variance,
+            ev_home=home.explained_variance,
+            l0_target=r.l0,
+            l0_home=home.l0,
+            ce_increase_target=r.ce_increase,
+            natives=native_text or "none evaluated",
         )
-    return out
+        target_model, home_model = run.models[r.model][0], run.models[home.model][0]
+        same_ids = torch.equal(run.tokens[r.model], run.tokens[home.model])
+        if hasattr(target_model, "covered_mask") and same_ids:
+            sae = run.sae(r.sae, "cpu")[0]
+            ft = feature_transfer(
+                home_model,
+                target_model,
+                sae,
+                run.batches(r.model),
+                r.hook_name,
+                home_hook=home.hook_name,
+                sae_name=r.sae,
+                min_fires=min_fires,
+                top_k=top_k,
+                progress=run.progress,
+            )
+            features.append(ft)
+            row.n_tokens, row.ev_target, row.ev_home = ft.n_tokens, ft.ev_target, ft.ev_home
+            row.l0_target, row.l0_home = ft.l0_target, ft.l0_home
+            for name in ("norm_ratio", "ev_norm_matched", "l0_norm_matched", "ev_causal", "ev_kept_causal",
+                         "corr_median", "corr_frac_above_0_5", "corr_frac_above_0_9", "corr_median_causal"):  # fmt: skip
+                setattr(row, name, getattr(ft, name))
+            if run.convention == "prefix_lm":
+                n = run.tokens[r.model].shape[1]
+                p = target_model.split_point(n)
+                span = (0, p) if r.stack == "encoder" else (p, None)
+                metrics, _ = run.evaluate(home.model, sae, home.hook_name, site_span=span)
+                row.task_target = row.task_home = matched_task(r.stack, p, n)
+                row.ce_increase_home = metrics["ce_increase"]
+        row.ev_kept = ev_kept(row.ev_target, row.ev_home)
+        out.append(row)
+    return out, features
 
 
 def _notes(rows: list[Row]) -> list[str]:

@@ -218,7 +218,10 @@ def section_compare(cache: Path, out: Path) -> None:
 
     from sae_lens_t5gemma.compare import compare, standard_pairs
 
-    print("\n== compare: mindchain vs Gemma Scope 2; Gemma Scope 2 on T5Gemma 2's encoder (SYNTHETIC) ==")
+    print(
+        "\n== compare: mindchain vs Gemma Scope 2; Gemma Scope 2 transferred onto T5Gemma 2's encoder and decoder, "
+        "feature by feature, with controls (SYNTHETIC) =="
+    )
     t0 = time.perf_counter()
     # The cache holds T5Gemma 2 + mindchain; Gemma 3 and Gemma Scope 2 stand-ins join it here.
     synthetic.write_gemma3_stand_in_hub(cache)
@@ -231,8 +234,13 @@ def section_compare(cache: Path, out: Path) -> None:
         n_batches=2,
         banner=BANNER,
         progress=False,
+        synthetic=True,
+        min_fires=1,
     )
     print(report.summary())
+    print("findings:")
+    for sentence in report.findings:
+        print(f"  - {sentence}")
     print(
         f"compared {len(report.rows)} pairs in {time.perf_counter() - t0:.1f} s; see {report.files['report']}"
     )

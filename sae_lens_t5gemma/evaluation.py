@@ -48,13 +48,19 @@ def special_token_ids(tokenizer: Any) -> list[int]:
 
 
 def position_masks(
-    model: Any, tokens: torch.Tensor, hook_name: str, special_ids: list[int], score_from: int | None = None
+    model: Any,
+    tokens: torch.Tensor,
+    hook_name: str,
+    special_ids: list[int],
+    score_from: int | None = None,
+    site_span: tuple[int | None, int | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sae_mask [batch, n], prediction_mask [batch, n - 1])`` for one token batch.
 
     ``sae_mask`` marks the positions the SAE is evaluated and spliced at. ``prediction_mask[:, t]``
     marks the predictions of token ``t + 1`` that count for CE/KL: continuation targets that
-    are not special tokens.
+    are not special tokens. ``site_span = (start, end)`` further restricts ``sae_mask`` to
+    positions ``start <= t < end`` (e.g. Gemma 3 spliced only where T5Gemma 2's encoder reads).
     """
     special = torch.isin(tokens, torch.tensor(special_ids, device=tokens.device))
     stack = _stack_of(model, hook_name)
@@ -66,6 +72,10 @@ def position_masks(
     else:
         covered = model.covered_mask(tokens, stack)
         target_ok = model.covered_mask(tokens, "decoder")
+    if site_span is not None:
+        in_span = torch.zeros_like(covered)
+        in_span[:, slice(*site_span)] = True
+        covered = covered & in_span
     return covered & ~special, (target_ok & ~special)[:, 1:]
 
 
@@ -91,6 +101,7 @@ def evaluate_sae(
     compute_downstream: bool = True,
     progress: bool = False,
     activation_scaler: Any = None,
+    site_span: tuple[int | None, int | None] | None = None,
 ) -> dict[str, Any]:
     """Reconstruction and downstream metrics of ``sae`` over covered positions only.
 
@@ -108,6 +119,8 @@ def evaluate_sae(
         progress: show a progress bar.
         activation_scaler: SAELens' ``ActivationScaler`` of an SAE in training (inputs scaled
             before encoding, reconstructions unscaled), as ``run_evals`` takes it.
+        site_span: ``(start, end)``: evaluate and splice the SAE only at positions
+            ``start <= t < end`` (of the covered ones), e.g. to match another model's site.
 
     Returns:
         ``explained_variance`` (1 - Σ‖x - x̂‖² / Σ‖x - x̄‖² over all covered tokens), ``mse``
@@ -118,13 +131,11 @@ def evaluate_sae(
     """
     hook = hook_name or sae.cfg.metadata.hook_name
     special = special_token_ids(model.tokenizer) if exclude_special_tokens else []
-    acc: dict[str, Any] = dict(
-        n=0, sum_x=None, sum_x2=0.0, sse=0.0, cos=0.0, l0=0.0, l1=0.0, l2r=0.0, fires=None
-    )
+    recon_stats = ReconStats()
     down = dict(n=0, clean=0.0, sae=0.0, abl=0.0, kl_sae=0.0, kl_abl=0.0)
     for tokens in tqdm(batches, desc=f"eval {hook}", disable=not progress, leave=False):
         tokens = tokens.to(model.cfg.device)
-        sae_mask, pred_mask = position_masks(model, tokens, hook, special, score_from)
+        sae_mask, pred_mask = position_masks(model, tokens, hook, special, score_from, site_span)
         if compute_downstream:
             (clean_logits, clean_loss), cache = model.run_with_cache(
                 tokens, names_filter=[hook], return_type="both", loss_per_token=True
@@ -139,18 +150,7 @@ def evaluate_sae(
         feats = sae.encode(scale(x_in.to(sae.dtype)))
         recon_full = unscale(sae.decode(feats)).reshape(x_full.shape).to(x_full.dtype)
         sel = sae_mask.to(x_full.device)
-        x, recon, f = _flat(x_full)[sel].float(), _flat(recon_full)[sel].float(), _flat(feats)[sel].float()
-        if x.shape[0]:
-            acc["n"] += x.shape[0]
-            acc["sum_x"] = x.sum(0) if acc["sum_x"] is None else acc["sum_x"] + x.sum(0)
-            acc["sum_x2"] += float((x**2).sum())
-            acc["sse"] += float(((x - recon) ** 2).sum())
-            acc["cos"] += float(F.cosine_similarity(x, recon, dim=-1).sum())
-            acc["l0"] += float((f > 0).sum())
-            acc["l1"] += float(f.abs().sum())
-            acc["l2r"] += float((recon.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
-            fires = (f > 0).sum(0)
-            acc["fires"] = fires if acc["fires"] is None else acc["fires"] + fires
+        recon_stats.add(_flat(x_full)[sel], _flat(recon_full)[sel], _flat(feats)[sel])
         if not compute_downstream:
             continue
         mask_b = sel.view(*sel.shape, *([1] * (x_full.ndim - 2)))
@@ -177,37 +177,71 @@ def evaluate_sae(
         down["abl"] += float(abl_loss[pm].sum())
         down["kl_sae"] += float(_kl(clean_logits[:, :-1][pm], sae_logits[:, :-1][pm]).sum())
         down["kl_abl"] += float(_kl(clean_logits[:, :-1][pm], abl_logits[:, :-1][pm]).sum())
-    return _summarise(acc, down, sae.cfg.d_sae, dense_threshold, compute_downstream)
+    out = recon_stats.summary(sae.cfg.d_sae, dense_threshold)
+    if compute_downstream:
+        out.update(_downstream(down))
+    return out
 
 
-def _summarise(
-    acc: dict[str, Any], down: dict[str, Any], d_sae: int, dense_threshold: float, downstream: bool
-) -> dict[str, Any]:
-    n = acc["n"]
-    if n == 0:
-        raise ValueError("No covered, non-special token in the batches: nothing to evaluate.")
-    mean = acc["sum_x"] / n
-    total_var = acc["sum_x2"] - n * float((mean**2).sum())
-    density = acc["fires"].float() / n
-    out: dict[str, Any] = {
-        "n_tokens": n,
-        "explained_variance": 1.0 - acc["sse"] / total_var if total_var > 0 else float("nan"),
-        "mse": acc["sse"] / n,
-        "cossim": acc["cos"] / n,
-        "l0": acc["l0"] / n,
-        "l1": acc["l1"] / n,
-        "l2_ratio": acc["l2r"] / n,
-        "dead_frac": float((density == 0).float().mean()),
-        "dense_frac": float((density > dense_threshold).float().mean()),
-    }
-    if not downstream:
-        return out
+class ReconStats:
+    """Streaming sums for SAELens' reconstruction metrics over any number of token rows.
+
+    ``add(x, recon, feats)`` takes ``[tokens, d_in]`` inputs and reconstructions and
+    ``[tokens, d_sae]`` feature activations; :meth:`summary` gives explained variance
+    (1 - Σ‖x - x̂‖² / Σ‖x - x̄‖², over all tokens added), MSE per token, cosine, L0, L1,
+    L2 ratio and the dead / dense fractions. Memory does not grow with the token count.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum_x: torch.Tensor | None = None
+        self.sum_x2 = self.sse = self.cos = self.l0 = self.l1 = self.l2r = 0.0
+        self.fires: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, recon: torch.Tensor, f: torch.Tensor) -> None:
+        """Add rows (any float dtype; accumulated in float32 / Python floats)."""
+        if not x.shape[0]:
+            return
+        x, recon, f = x.float(), recon.float(), f.float()
+        self.n += x.shape[0]
+        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        self.sum_x2 += float((x**2).sum())
+        self.sse += float(((x - recon) ** 2).sum())
+        self.cos += float(F.cosine_similarity(x, recon, dim=-1).sum())
+        self.l0 += float((f > 0).sum())
+        self.l1 += float(f.abs().sum())
+        self.l2r += float((recon.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
+        fires = (f > 0).sum(0)
+        self.fires = fires if self.fires is None else self.fires + fires
+
+    def summary(self, d_sae: int, dense_threshold: float = 0.1) -> dict[str, Any]:
+        """The metrics; ValueError when no row was added."""
+        n = self.n
+        if n == 0 or self.sum_x is None or self.fires is None:
+            raise ValueError("No covered, non-special token in the batches: nothing to evaluate.")
+        mean = self.sum_x / n
+        total_var = self.sum_x2 - n * float((mean**2).sum())
+        density = self.fires.float() / n
+        return {
+            "n_tokens": n,
+            "explained_variance": 1.0 - self.sse / total_var if total_var > 0 else float("nan"),
+            "mse": self.sse / n,
+            "cossim": self.cos / n,
+            "l0": self.l0 / n,
+            "l1": self.l1 / n,
+            "l2_ratio": self.l2r / n,
+            "dead_frac": float((density == 0).float().mean()),
+            "dense_frac": float((density > dense_threshold).float().mean()),
+        }
+
+
+def _downstream(down: dict[str, Any]) -> dict[str, Any]:
     m = down["n"]
     if m == 0:
         raise ValueError("No continuation target in the batches: nothing to score CE/KL on.")
     clean, with_sae, abl = down["clean"] / m, down["sae"] / m, down["abl"] / m
     kl_sae, kl_abl = down["kl_sae"] / m, down["kl_abl"] / m
-    out.update(
+    return dict(
         n_predictions=m,
         ce_loss_without_sae=clean,
         ce_loss_with_sae=with_sae,
@@ -218,4 +252,3 @@ def _summarise(
         kl_div_with_ablation=kl_abl,
         kl_div_score=(kl_abl - kl_sae) / kl_abl if kl_abl > 0 else float("nan"),
     )
-    return out

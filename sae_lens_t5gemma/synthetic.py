@@ -362,8 +362,13 @@ def gemma_scope_config(site: str, layer: int, d_sae: int, l0: float) -> dict[str
     }
 
 
-def gemma_scope_params(d_in: int, d_sae: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random JumpReLU parameters in Gemma Scope 2's layout (``w_enc`` is [d_in, d_sae])."""
+def gemma_scope_params(
+    d_in: int, d_sae: int, seed: int = 0, threshold_scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Random JumpReLU parameters in Gemma Scope 2's layout (``w_enc`` is [d_in, d_sae]).
+
+    ``threshold_scale`` raises the thresholds (a sparser SAE: lower L0).
+    """
     g = torch.Generator().manual_seed(seed)
     w_dec = torch.randn(d_sae, d_in, generator=g)
     w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
@@ -372,7 +377,7 @@ def gemma_scope_params(d_in: int, d_sae: int, seed: int = 0) -> dict[str, torch.
         "w_dec": w_dec,
         "b_enc": torch.zeros(d_sae),
         "b_dec": torch.zeros(d_in),
-        "threshold": torch.rand(d_sae, generator=g) * 0.5,
+        "threshold": torch.rand(d_sae, generator=g) * 0.5 * threshold_scale,
     }
 
 
@@ -407,7 +412,13 @@ def write_gemma_scope_repo(
             layer = int(sae_id.split("_")[1])
             if layer >= n_layers:
                 continue
-            params = gemma_scope_params(d_in[site], d_sae, seed=seed * 10007 + s_index * 1009 + layer)
+            # Variants differ as the real ones do: the small-L0 variant (expected L0 below 50)
+            # gets thresholds 3x higher, so it fires less often; each variant its own seed.
+            variant_seed = int(hashlib.sha1(sae_id.encode()).hexdigest()[:6], 16)
+            params = gemma_scope_params(
+                d_in[site], d_sae, seed=seed * 10007 + s_index * 1009 + variant_seed,
+                threshold_scale=3.0 if l0 < 50 else 1.0,
+            )  # fmt: skip
             payload[f"{folder}/params.safetensors"] = save_safetensors(params)
             config = gemma_scope_config(site, layer, d_sae, l0)
             payload[f"{folder}/config.json"] = json.dumps(config, indent=2).encode()

@@ -4,14 +4,17 @@ Covers: the Gemma Scope 2 fake hub cache (layout from SAELens' own YAML, loaded 
 SAELens' real ``gemma_3`` loader, tensor shapes read from the local cache offline); Gemma 3
 through TransformerLens (config equal to TransformerLens' own for the real dimensions,
 logits and hook_z equal to transformers'); ``compare``'s report, CSV, JSON and PNGs, with
-every row naming its site, the transfer rows, a perfect SAE scoring 1, metrics equal to a
-direct computation on Gemma 3 and on T5Gemma 2's hook_z; the CLI and its errors.
+every row naming its site; the transfer rows (encoder and decoder, post-norm mlp_out sites,
+feature correlations, controls), no row mixing tasks, matched-variant choice, findings and
+SYNTHETIC labels; a perfect SAE scoring 1; metrics and the matched Gemma 3 ΔCE equal to a
+direct computation; the CLI and its errors.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -77,7 +80,15 @@ def report(gemma_hub: Path, perfect: dict[str, Path], tmp_path_factory: pytest.T
     pairs = C.standard_pairs([LAYER], local_saes=[perfect["resid_post"], perfect["attn_z"]])
     out = tmp_path_factory.mktemp("compare")
     return C.compare(
-        pairs, out_dir=out, context_size=CTX, batch_size=BATCH, n_batches=N_BATCHES, banner="SYNTHETIC"
+        pairs,
+        out_dir=out,
+        context_size=CTX,
+        batch_size=BATCH,
+        n_batches=N_BATCHES,
+        banner="SYNTHETIC",
+        synthetic=True,
+        min_fires=1,
+        progress=False,
     )
 
 
@@ -233,8 +244,9 @@ def test_gemma3_through_transformer_lens_equals_transformers(gemma_hub: Path) ->
 def test_report_writes_every_file(report: C.Report) -> None:
     names = {p.name for p in report.files.values()}
     assert names == {
-        "report.md", "results.csv", "results.json", "transfer.csv",
-        "l0_vs_explained_variance.png", "ce_loss_score_by_layer.png", "encoder_vs_decoder.png",
+        "report.md", "results.csv", "results.json", "transfer.csv", "feature_transfer.csv",
+        "l0_sweep.png", "ce_loss_score_by_layer.png", "encoder_vs_decoder.png", "transfer_by_layer.png",
+        "transfer_encoder_vs_decoder.png", "norm_ratio_by_layer.png",
     }  # fmt: skip
     for path in report.files.values():
         assert path.is_file() and path.stat().st_size > 0
@@ -243,37 +255,50 @@ def test_report_writes_every_file(report: C.Report) -> None:
     with open(report.files["csv"]) as f:
         csv_rows = list(csv.DictReader(f))
     data = json.loads(report.files["json"].read_text())
-    assert len(csv_rows) == len(data["rows"]) == len(report.rows) == 9
+    assert len(csv_rows) == len(data["rows"]) == len(report.rows) == 20
     for row, csv_row, json_row in zip(report.rows, csv_rows, data["rows"], strict=True):
         assert csv_row["hook_name"] == json_row["hook_name"] == row.hook_name
         assert float(csv_row["explained_variance"]) == pytest.approx(row.explained_variance, rel=1e-12)
     assert data["setup"]["same_tokens_for_all_models"] is True
     assert set(data["setup"]["sequences"].values()) == {BATCH * N_BATCHES}
+    assert data["setup"]["rows"] == "one document per row, right-padded, padding masked"
+    assert data["setup"]["documents"][T5] == {"documents": 25, "kept": 25, "too_short": 0, "truncated": 10}
     with open(report.files["transfer_csv"]) as f:
-        assert len(list(csv.DictReader(f))) == 2
+        assert len(list(csv.DictReader(f))) == 10
+    with open(report.files["feature_transfer_csv"]) as f:
+        carried = list(csv.DictReader(f))
+    assert len(carried) == sum(len(ft.best) + len(ft.worst) for ft in report.features) == 10 * 2 * 10
+    assert len(data["feature_transfer"]) == 10
+
+
+def _variants(release: str) -> list[str]:
+    return [f"{release}:layer_{LAYER}_width_16k_l0_{v}" for v in ("small", "big")]
 
 
 def test_expected_rows_each_naming_its_site(report: C.Report, perfect: dict[str, Path]) -> None:
     got = {(r.sae, r.model, r.role, r.stack, r.hook_name, r.site) for r in report.rows}
     g3 = synthetic.GEMMA3_MODEL
-    assert got == {
+    want = {
         (MC_ENC, T5, "native", "encoder", f"encoder_blocks.{LAYER}.attn.hook_out", "attn_out"),
         (MC_DEC, T5, "native", "decoder", f"decoder_blocks.{LAYER}.self_attn.hook_out", "attn_out"),
-        (GS_ATT, g3, "native", "decoder-only", f"blocks.{LAYER}.attn.hook_z", "attn_z"),
-        (GS_ATT, T5, "transfer", "encoder", f"encoder_blocks.{LAYER}.attn.hook_z", "attn_z"),
-        (GS_RES, g3, "native", "decoder-only", f"blocks.{LAYER}.hook_resid_post", "resid_post"),
-        (GS_RES, T5, "transfer", "encoder", f"encoder_blocks.{LAYER}.hook_resid_post", "resid_post"),
-        (GS_MLP, g3, "native", "decoder-only", f"blocks.{LAYER}.hook_mlp_out", "mlp_out_normed"),
-        (
-            str(perfect["resid_post"]),
-            T5,
-            "native",
-            "encoder",
-            f"encoder_blocks.{LAYER}.hook_resid_post",
-            "resid_post",
-        ),
+        (str(perfect["resid_post"]), T5, "native", "encoder", f"encoder_blocks.{LAYER}.hook_resid_post", "resid_post"),
         (str(perfect["attn_z"]), T5, "native", "encoder", f"encoder_blocks.{LAYER}.attn.hook_z", "attn_z"),
-    }
+    }  # fmt: skip
+    for att in _variants("gemma-scope-2-270m-pt-att-all"):
+        want |= {
+            (att, g3, "native", "decoder-only", f"blocks.{LAYER}.attn.hook_z", "attn_z"),
+            (att, T5, "transfer", "encoder", f"encoder_blocks.{LAYER}.attn.hook_z", "attn_z"),
+        }  # the decoder's attention is merged: no decoder transfer
+    for res in _variants("gemma-scope-2-270m-pt-res-all"):
+        want |= {(res, g3, "native", "decoder-only", f"blocks.{LAYER}.hook_resid_post", "resid_post")}
+        want |= {
+            (res, T5, "transfer", s, f"{s}_blocks.{LAYER}.hook_resid_post", "resid_post")
+            for s in ("encoder", "decoder")
+        }
+    for mlp in _variants("gemma-scope-2-270m-pt-mlp-all"):
+        want |= {(mlp, g3, "native", "decoder-only", f"blocks.{LAYER}.hook_mlp_out", "mlp_out_normed")}
+        want |= {(mlp, T5, "transfer", s, f"{s}_blocks.{LAYER}.hook_mlp_out_normed", "mlp_out_normed") for s in ("encoder", "decoder")}  # fmt: skip
+    assert got == want
     md = report.markdown
     for r in report.rows:
         assert r.layer == LAYER
@@ -283,27 +308,79 @@ def test_expected_rows_each_naming_its_site(report: C.Report, perfect: dict[str,
         assert (r.d_in, r.d_sae) == (64, 256 if r.sae_source == "mindchain" else 128)
         assert f"`{r.hook_name}`" in md and r.site_words in md
         assert r.n_tokens > 0 and r.eval_s > 0
+    # The stand-in's small-L0 variant is sparser than its big one, as the real ones are.
+    small, big = (report.find(v, synthetic.GEMMA3_MODEL) for v in _variants("gemma-scope-2-270m-pt-res-all"))
+    assert small.l0 < big.l0
     assert "o_proj input" in C.SITE_WORDS["attn_z"] and "o_proj output" in C.SITE_WORDS["attn_out"]
     assert C.HONEST_SITES_NOTE in md and C.CE_KL_CAVEAT not in md  # prefix_lm: no copy-task caveat
     assert "## Tasks" in md and "T5Gemma 2 prefix_lm (p = n // 2)" in md
-    assert "> **SYNTHETIC**" in md
+    assert md.index("> **SYNTHETIC**") < md.index("## Findings") < md.index("## Setup")
 
 
-def test_transfer_rows_set_each_sae_beside_its_home_and_the_natives(report: C.Report) -> None:
-    by_site = {t.site: t for t in report.transfer}
-    assert set(by_site) == {"attn_z", "resid_post"}  # no T5Gemma 2 site equals Gemma 3's normed mlp_out
-    for key, spec in (("attn_z", GS_ATT), ("resid_post", GS_RES)):
-        t = by_site[key]
-        home = report.find(spec, synthetic.GEMMA3_MODEL, "native")
-        there = report.find(spec, T5, "transfer")
-        assert (t.sae, t.layer, t.target_hook, t.home_hook) == (spec, LAYER, there.hook_name, home.hook_name)
-        assert (t.ev_home, t.ev_target) == (home.explained_variance, there.explained_variance)
-        assert (t.ce_score_home, t.l0_target) == (home.ce_loss_score, there.l0)
-        expected = there.explained_variance / home.explained_variance if home.explained_variance > 0 else None
-        assert t.ev_carried == expected
-        assert f"{MC_ENC} (attn_out, different site" in t.natives
-        assert "(attn_out, different site" in t.natives and "same site" in t.natives
-        assert MC_DEC not in t.natives  # the decoder is another stack
+def test_transfer_rows_match_tasks_positions_and_feature_reads(report: C.Report) -> None:
+    assert len(report.transfer) == len(report.features) == 10
+    for t, ft in zip(report.transfer, report.features, strict=True):
+        home = report.find(t.sae, synthetic.GEMMA3_MODEL, "native")
+        there = next(r for r in report.rows if r.sae == t.sae and r.hook_name == t.target_hook)
+        assert (t.target_hook, t.home_hook, t.target_stack) == (ft.target_hook, home.hook_name, there.stack)
+        # No row mixes tasks: both ΔCE columns were scored on one matched task.
+        assert t.same_task and t.task_target == C.matched_task(t.target_stack, CTX // 2, CTX)
+        assert t.ce_increase_target == there.ce_increase and t.ce_increase_home is not None
+        # EV on the target comes from the same positions as the covered-position eval of the row.
+        assert t.n_tokens == ft.n_tokens == there.n_tokens
+        assert t.ev_target == pytest.approx(there.explained_variance, rel=1e-4, abs=1e-5)
+        assert t.l0_target == pytest.approx(there.l0, rel=1e-5)
+        assert (t.ev_home, t.norm_ratio, t.corr_median) == (ft.ev_home, ft.norm_ratio, ft.corr_median)
+        assert t.ev_kept == C.ev_kept(t.ev_target, t.ev_home)
+        assert 0.0 < t.norm_ratio < 10.0 and -1.0 <= t.corr_median <= 1.0
+        if t.target_stack == "encoder":
+            # The stand-in's Gemma 3 holds the T5Gemma 2 encoder's weights: causally, they agree.
+            assert t.corr_median_causal == pytest.approx(1.0, abs=1e-4)
+            assert t.ev_causal == pytest.approx(t.ev_home, abs=1e-4)
+        else:
+            assert t.ev_causal is None and t.corr_median_causal is None
+        assert f"{MC_ENC if t.target_stack == 'encoder' else MC_DEC} (attn_out, different site" in t.natives
+    md = report.markdown
+    assert "## Feature-level transfer and controls" in md and "### Best and worst carried features" in md
+    assert "(differ)" not in md  # every transfer row on one task
+    transfer_table = md[md.index("## Transfer:") : md.index("Tasks:\n")]
+    for line in transfer_table.splitlines():
+        if line.startswith("| gemma-scope"):
+            assert line.rstrip(" |").rsplit("| ", 1)[-1] in ("T1", "T2")  # one task per row
+
+
+def test_findings_are_generated_from_the_numbers_and_marked_synthetic(report: C.Report) -> None:
+    assert report.findings and all(f.startswith(C.SYNTHETIC_PREFIX) for f in report.findings)
+    enc_res = [t for t in report.transfer if t.site == "resid_post" and t.target_stack == "encoder"]
+    median = sorted(t.corr_median for t in enc_res)
+    want = (median[0] + median[1]) / 2
+    line = next(f for f in report.findings if "resid_post SAEs on T5Gemma 2's encoder" in f)
+    assert f"median feature correlation with Gemma 3 {want:.2f}" in line
+    causal = next(f for f in report.findings if "Run causally" in f)
+    assert "to 1.00" in causal
+    assert any(f"at most {max(r.n_tokens for r in report.rows):,} tokens" in f for f in report.findings)
+    for f in report.findings:
+        assert f"- {f}" in report.markdown
+
+
+def _pink_fraction(path: Path) -> float:
+    """Share of pixels in the SYNTHETIC watermark's colour (light red on white)."""
+    from matplotlib.image import imread
+
+    img = imread(path)[..., :3]
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    return float(((r > 0.95) & (g > 0.7) & (g < 0.93) & (abs(g - b) < 0.05)).mean())
+
+
+def test_matched_variants_pick_the_nearest_l0(report: C.Report) -> None:
+    matches = C.matched_variants(report.rows)
+    enc = [m for m in matches if m["sae"] == MC_ENC]
+    assert {m["gemma_scope_site"] for m in enc} == {"attn_z", "resid_post", "mlp_out_normed"}
+    for m in enc:
+        candidates = [r for r in report.rows if r.family == "Gemma 3" and r.site == m["gemma_scope_site"]]
+        nearest = min(candidates, key=lambda r: abs(math.log(r.l0 / m["l0"])))
+        assert m["gemma_scope_sae"] == nearest.sae and m["candidates"] == 2
+    assert "## Matched sparsity" in report.markdown
 
 
 def test_perfect_sae_scores_one(report: C.Report, perfect: dict[str, Path]) -> None:
@@ -316,7 +393,7 @@ def test_perfect_sae_scores_one(report: C.Report, perfect: dict[str, Path]) -> N
         assert abs(r.ce_increase) < 1e-5
         assert r.ce_loss_score == pytest.approx(1.0, abs=1e-3)
         assert r.kl_div_score == pytest.approx(1.0, abs=1e-3)
-        assert r.ce_loss_with_ablation != pytest.approx(r.ce_loss_without_sae, abs=1e-3)
+        assert abs(r.ce_loss_with_ablation - r.ce_loss_without_sae) > 1e-5  # the ablation is felt
 
 
 def _direct(acts: torch.Tensor, keep: torch.Tensor, sae) -> dict[str, float]:
@@ -344,9 +421,11 @@ def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
     t5 = load_t5gemma2(
         T5, dtype=torch.float32
     )  # prefix_lm, as compare's default: the encoder reads tokens[:, :p]
-    tokens = C.token_batches(g3.tokenizer, synthetic.stand_in_texts(), CTX)[: BATCH * N_BATCHES]
-    keep = ~torch.isin(tokens, torch.tensor([0, 1, 2]))  # pad, eos, bos
     p = CTX // 2
+    tokens, _ = C.document_batches(g3.tokenizer, synthetic.stand_in_texts(), CTX, min_tokens=p + 1)
+    tokens = tokens[: BATCH * N_BATCHES]
+    keep = ~torch.isin(tokens, torch.tensor([0, 1, 2]))  # pad, eos, bos
+    assert not bool(keep.all())  # short documents are padded
     encoder_part = torch.arange(CTX) < p
     for spec, model, hook, where in (
         (GS_RES, g3, f"blocks.{LAYER}.hook_resid_post", keep),
@@ -376,6 +455,20 @@ def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
     row = report.find("t5gemma2-270m-attn_out:encoder/layer_1", T5)
     assert row.ce_loss_without_sae == pytest.approx(float(t5_loss[scored].mean()), rel=1e-5)
     assert row.task.startswith("T5Gemma 2 prefix_lm (p = n // 2)")
+    # The transfer's matched Gemma 3 ΔCE: the SAE spliced at prefix positions only, scored on
+    # the continuation, as T5Gemma 2's encoder transfer is.
+    release, sae_id = GS_RES.split(":")
+    sae = SAE.from_pretrained(release=release, sae_id=sae_id)
+    hook = f"blocks.{LAYER}.hook_resid_post"
+    splice_at = (keep & encoder_part).unsqueeze(-1)
+
+    def splice(act: torch.Tensor, hook) -> torch.Tensor:
+        return torch.where(splice_at, sae.decode(sae.encode(act)), act)
+
+    spliced = g3.run_with_hooks(tokens, fwd_hooks=[(hook, splice)], return_type="loss", loss_per_token=True)
+    t = next(t for t in report.transfer if t.sae == GS_RES and t.target_stack == "encoder")
+    want = float(spliced[scored].mean() - loss[scored].mean())
+    assert t.ce_increase_home == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 # -------------------------------------------------------------------------- pairs, CLI
@@ -390,21 +483,36 @@ def test_pair_specs_and_standard_pairs() -> None:
         C.Pair.parse(f"sae={GS_RES},layer=3")
     with pytest.raises(ValueError, match="names no SAE"):
         C.Pair.parse(f"model={T5}")
-    pairs = C.standard_pairs([4], decoder=False, gemma_scope_sites=("attn_out", "mlp_out"))
+    pairs = C.standard_pairs(
+        [4],
+        decoder=False,
+        gemma_scope_sites=("attn_out", "mlp_out"),
+        gemma_scope_variant="width_16k_l0_small",
+    )
+    att, mlp = (
+        "gemma-scope-2-270m-pt-att-all:layer_4_width_16k_l0_small",
+        "gemma-scope-2-270m-pt-mlp-all:layer_4_width_16k_l0_small",
+    )
     assert pairs == [
         C.Pair("t5gemma2-270m-attn_out:encoder/layer_4", T5),
-        C.Pair("gemma-scope-2-270m-pt-att-all:layer_4_width_16k_l0_small"),
-        C.Pair(
-            "gemma-scope-2-270m-pt-att-all:layer_4_width_16k_l0_small", T5, "encoder_blocks.4.attn.hook_z"
-        ),
-        C.Pair("gemma-scope-2-270m-pt-mlp-all:layer_4_width_16k_l0_small"),
+        C.Pair(att),
+        C.Pair(att, T5, "encoder_blocks.4.attn.hook_z"),  # no decoder transfer: merged attention
+        C.Pair(mlp),
+        C.Pair(mlp, T5, "encoder_blocks.4.hook_mlp_out_normed"),
+        C.Pair(mlp, T5, "decoder_blocks.4.hook_mlp_out_normed"),
+    ]
+    everything = C.standard_pairs([4], mindchain=False, gemma_scope_sites=("resid_post",), transfer=False)
+    assert [p.sae for p in everything] == [
+        "gemma-scope-2-270m-pt-res-all:layer_4_width_16k_l0_small",
+        "gemma-scope-2-270m-pt-res-all:layer_4_width_16k_l0_big",
     ]
     with pytest.raises(ValueError, match="Unknown Gemma Scope 2 site 'resid'"):
         C.standard_pairs([4], gemma_scope_sites=("resid",))
     assert C.transfer_hook("blocks.7.attn.hook_z") == "encoder_blocks.7.attn.hook_z"
     assert C.transfer_hook("blocks.7.hook_resid_post") == "encoder_blocks.7.hook_resid_post"
-    assert C.transfer_hook("blocks.7.hook_mlp_out") is None  # post-norm in Gemma 3, pre-norm in T5Gemma 2
-    assert C.transfer_hook("blocks.7.hook_attn_out") is None
+    # post-norm in Gemma 3: T5Gemma 2's post-norm site, not its MLP output
+    assert C.transfer_hook("blocks.7.hook_mlp_out") == "encoder_blocks.7.hook_mlp_out_normed"
+    assert C.transfer_hook("blocks.7.hook_resid_mid.x") is None
 
 
 def test_cli_compare_transfer_pair(
@@ -414,7 +522,7 @@ def test_cli_compare_transfer_pair(
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(synthetic.stand_in_texts()[:12]) + "\n\n")
     rc = main(["compare", "--pair", spec, "--texts", str(texts), "--context-size", "16", "--n-batches", "1",
-               "--out", str(tmp_path / "out")])  # fmt: skip
+               "--convention", "reconstruct", "--out", str(tmp_path / "out")])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0
     data = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -425,7 +533,18 @@ def test_cli_compare_transfer_pair(
     ]
     assert data["setup"]["n_texts"] == 12 and data["setup"]["context_size"] == 16
     assert "transfer T5Gemma 2 encoder" in out and "report.md" in out
-    assert (tmp_path / "out" / "encoder_vs_decoder.png").is_file()
+    # reconstruct is a copy task Gemma 3 cannot do: the transfer row keeps the tasks apart.
+    (t,) = data["transfer"]
+    assert t["task_target"].startswith("T5Gemma 2 reconstruct") and t["ce_increase_home"] is None
+    assert t["task_home"] == "next-token prediction, every target"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "T1 vs T2 (differ)" in md and "| n/a | T1 vs T2 (differ) |" in md
+    # Full rows only under reconstruct (the encoder would read padding): 12 documents, some too short.
+    docs = data["setup"]["documents"][T5]
+    assert docs["kept"] + docs["too_short"] == 12 and docs["kept"] >= 4
+    # Real (non-synthetic) runs carry no SYNTHETIC label, stand-in runs do.
+    assert not any(f.startswith(C.SYNTHETIC_PREFIX) for f in data["findings"])
+    assert _pink_fraction(tmp_path / "out" / "transfer_by_layer.png") < 0.002
 
 
 @pytest.mark.parametrize(
@@ -501,3 +620,9 @@ def test_hook_z_width_differs_from_d_model_as_on_the_real_model(tmp_path: Path) 
         ("gemma-scope-2-270m-pt-att-all", T5, "attn_z"): 128,
     }
     assert "| 128 | 32 |" in rep.markdown and "| 64 | 32 |" in rep.markdown
+
+
+def test_every_plot_of_a_stand_in_run_carries_the_synthetic_label(report: C.Report) -> None:
+    for key, path in report.files.items():
+        if path.suffix == ".png":
+            assert _pink_fraction(path) > 0.01, key  # the diagonal SYNTHETIC watermark

@@ -48,14 +48,18 @@ def test_quickstart_runs(tmp_path: Path) -> None:
 def test_compare_notebook_runs(tmp_path: Path) -> None:
     out = _run("compare_with_gemma_scope.ipynb", tmp_path)
     assert "SYNTHETIC stand-in hub" in out
-    report = tmp_path / "out" / "compare_notebook" / "report.md"
-    text = report.read_text()
-    assert "## Transfer: Gemma Scope 2 SAEs on the T5Gemma 2 encoder" in text
+    folder = tmp_path / "out" / "compare_notebook"
+    text = (folder / "report.md").read_text()
+    assert "## Transfer: Gemma Scope 2 SAEs on T5Gemma 2" in text
+    assert "## Feature-level transfer and controls" in text and "## Matched sparsity" in text
     for hook in (
         "encoder_blocks.9.attn.hook_z",
+        "decoder_blocks.9.hook_mlp_out_normed",
         "blocks.9.attn.hook_z",
         "decoder_blocks.3.self_attn.hook_out",
     ):
         assert f"`{hook}`" in text
-    assert (tmp_path / "out" / "compare_notebook" / "encoder_vs_decoder.png").is_file()
-    assert "transfer T5Gemma 2 encoder" in out
+    assert "- SYNTHETIC (random stand-in weights, not the real models): Run causally" in out
+    for name in ("transfer_by_layer", "transfer_encoder_vs_decoder", "norm_ratio_by_layer", "l0_sweep"):
+        assert (folder / f"{name}.png").is_file()
+    assert "one document per row, right-padded, padding masked" in out
