@@ -245,8 +245,10 @@ VISION_SHAPE_NOTE = (
     "vision sites are per image: SigLIP layers [n_images, n_patches, d_vision], "
     "projector [n_images, mm_tokens_per_image, d_model]; not the [batch, n] text positions"
 )
-HF_VISION = "model.encoder.vision_tower.vision_model"
-HF_VISION_LAYERS = f"{HF_VISION}.encoder.layers"
+# transformers 5.23 builds the tower as a SiglipVisionModel without the ``vision_model`` level
+# that older releases (and the checkpoints' own weight names) have; both spellings resolve.
+HF_VISION = "model.encoder.vision_tower"
+HF_VISION_LEGACY = "model.encoder.vision_tower.vision_model"
 HF_MM_PROJECTOR = "model.encoder.multi_modal_projector"
 VISION_BLOCKS = "vision_blocks"
 
@@ -260,7 +262,8 @@ class VisionSiteKind:
     """Hook suffix: under ``vision_blocks.N`` for per-layer kinds, else the whole name."""
     per_layer: bool
     hf_submodule: str
-    """Module path below the SigLIP layer (per-layer kinds) or the full module path."""
+    """Module path below the SigLIP layer (per-layer kinds), or the full module path where
+    ``{tower}`` stands for the vision tower's path."""
     hf_io: Literal["input", "output"]
     description: str
     tl_alias: str
@@ -274,7 +277,7 @@ VISION_SITE_KINDS: tuple[VisionSiteKind, ...] = (
     VisionSiteKind("attn_out",   "hook_attn_out",   True,  "self_attn.out_proj", "output", "SigLIP attention output (out_proj; added to the residual as is, SigLIP has no post-norm) [n_images, n_patches, d_vision]", "vision_encoder.encoder_layers.{n}.hook_attn_out"),
     VisionSiteKind("mlp_out",    "hook_mlp_out",    True,  "mlp",               "output", "SigLIP MLP output (added to the residual as is) [n_images, n_patches, d_vision]", "vision_encoder.encoder_layers.{n}.hook_mlp_out"),
     VisionSiteKind("resid_post", "hook_resid_post", True,  "",                  "output", "SigLIP residual leaving the layer [n_images, n_patches, d_vision]", "vision_encoder.encoder_layers.{n}.hook_resid_post"),
-    VisionSiteKind("vision_out", "hook_vision_out", False, f"{HF_VISION}.post_layernorm", "output", "the tower's output after its post_layernorm, what the projector reads [n_images, n_patches, d_vision]", "vision_encoder.hook_vision_out"),
+    VisionSiteKind("vision_out", "hook_vision_out", False, "{tower}.post_layernorm", "output", "the tower's output after its post_layernorm, what the projector reads [n_images, n_patches, d_vision]", "vision_encoder.hook_vision_out"),
     VisionSiteKind("mm_proj_out", "hook_mm_proj_out", False, HF_MM_PROJECTOR,      "output", "multimodal projector output: the image's soft tokens that replace its placeholders [n_images, mm_tokens_per_image, d_model]", "vision_projector.hook_out"),
 )
 # fmt: on
@@ -293,13 +296,21 @@ class VisionSite:
         """The canonical name, e.g. ``vision_blocks.3.hook_resid_post`` or ``hook_mm_proj_out``."""
         return f"{VISION_BLOCKS}.{self.layer}.{self.kind.hook}" if self.kind.per_layer else self.kind.hook
 
+    def _hf(self, tower: str) -> str:
+        if not self.kind.per_layer:
+            return self.kind.hf_submodule.format(tower=tower)
+        path = f"{tower}.encoder.layers.{self.layer}"
+        return f"{path}.{self.kind.hf_submodule}" if self.kind.hf_submodule else path
+
     @property
     def hf_module(self) -> str:
-        """transformers module path (transformers >= 5)."""
-        if not self.kind.per_layer:
-            return self.kind.hf_submodule
-        path = f"{HF_VISION_LAYERS}.{self.layer}"
-        return f"{path}.{self.kind.hf_submodule}" if self.kind.hf_submodule else path
+        """transformers module path in today's layout (transformers 5.23)."""
+        return self._hf(HF_VISION)
+
+    @property
+    def hf_module_legacy(self) -> str:
+        """The path with the tower's ``vision_model`` level (older transformers, checkpoint names)."""
+        return self._hf(HF_VISION_LEGACY)
 
     @property
     def friendly(self) -> str:
@@ -328,9 +339,10 @@ def _vision_table(n_layers: int) -> dict[str, VisionSite]:
         table[s.hook_name] = s
         table[s.friendly] = s
         table[s.tl_alias] = s
-        table[f"{s.hf_module}.{s.kind.hf_io}"] = s
-        if s.kind.hf_io == "output":
-            table.setdefault(s.hf_module, s)
+        for path in (s.hf_module, s.hf_module_legacy):
+            table[f"{path}.{s.kind.hf_io}"] = s
+            if s.kind.hf_io == "output":
+                table.setdefault(path, s)
     return table
 
 

@@ -445,7 +445,7 @@ def write_gemma3_stand_in_hub(cache_dir: str | Path, seed: int = 0) -> Path:
 # per image: the real models make 4096 patches pooled 4x4 to 256 tokens (image 896, patch 14).
 TINY_VISION_POOLED: dict[str, Any] = dict(
     hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-    image_size=56, patch_size=14,
+    image_size=56, patch_size=14, vision_use_head=False,  # Gemma 3's tower has no pooling head
 )  # fmt: skip
 STAND_IN_MM_TOKENS = 4
 # Gemma 3's image tokens (the processor writes "\n\n<boi>" + <image>*mm_tokens + "<eoi>\n\n").
