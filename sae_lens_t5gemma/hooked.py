@@ -818,7 +818,9 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
                     handles.append(target.register_forward_pre_hook(pre_hook, with_kwargs=True))
                 else:
 
-                    def out_hook(_mod: nn.Module, _args: Any, output: torch.Tensor, through: Any = through) -> Any:
+                    def out_hook(
+                        _mod: nn.Module, _args: Any, output: torch.Tensor, through: Any = through
+                    ) -> Any:
                         new = through(output)
                         return None if new is output else new
 

@@ -314,7 +314,11 @@ class VisionSite:
 
     @property
     def friendly(self) -> str:
-        return f"vision.{self.layer}.{self.kind.friendly}" if self.kind.per_layer else f"vision.{self.kind.friendly}"
+        return (
+            f"vision.{self.layer}.{self.kind.friendly}"
+            if self.kind.per_layer
+            else f"vision.{self.kind.friendly}"
+        )
 
     @property
     def tl_alias(self) -> str:
@@ -365,5 +369,9 @@ def resolve_vision(name: str, n_layers: int | None = None) -> VisionSite | None:
     valid = _vision_table(n_layers if n_layers is not None else layer + 1)
     close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.6)
     where = f" (the vision tower has {n_layers} layers)" if n_layers is not None else ""
-    hint = f" Close matches: {close}." if close else f" Vision sites look like {[s.hook_name for s in vision_sites(1)]}."
+    hint = (
+        f" Close matches: {close}."
+        if close
+        else f" Vision sites look like {[s.hook_name for s in vision_sites(1)]}."
+    )
     raise ValueError(f"Unknown T5Gemma 2 vision hook name {name!r}{where}.{hint}")
