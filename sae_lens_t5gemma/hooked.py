@@ -594,9 +594,15 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         return self.tokenizer.decode(tokens.tolist())
 
     def to_str_tokens(self, input: str | torch.Tensor, prepend_bos: bool | None = None) -> list[str]:
-        """One string per token of a text or a 1-D id tensor."""
+        """One string per token of a text or a 1-D id tensor (image placeholders show as ``<img>``)."""
         ids = self.to_tokens(input, prepend_bos=prepend_bos)[0] if isinstance(input, str) else input
-        return [self.tokenizer.decode([i]) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+        return [self.token_string(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+
+    def token_string(self, token_id: int) -> str:
+        """The text of one token; an image placeholder is ``sites.IMAGE_TOKEN_LABEL`` (``<img>``)."""
+        if token_id == self.image_token_id:
+            return sites_mod.IMAGE_TOKEN_LABEL
+        return self.tokenizer.decode([token_id])
 
     def _prepare_inputs(
         self,

@@ -44,8 +44,7 @@ POSITIONS: dict[str, str] = {
     "both": "every real (unpadded) position",
 }
 HARVEST_CONVENTION = "encoder reads the whole row (image + text), as in generation"
-IMAGE_TOKEN_LABEL = "<img>"
-"""How dashboards and feature tables show an image placeholder position."""
+IMAGE_TOKEN_LABEL = sites_mod.IMAGE_TOKEN_LABEL
 
 
 def position_mask(
@@ -315,3 +314,70 @@ def train_sae(
     sae.eval()
     fvu_after, l0_after = _scores(sae, rows)
     return ImageSAEResult(sae, harvested, architecture, d_sae, fvu_before, fvu_after, l0_after)
+
+
+@torch.no_grad()
+def top_features_with_images(
+    model: HookedT5Gemma2,
+    sae: Any,
+    inputs: Mapping[str, torch.Tensor],
+    k: int = 10,
+    per_token: bool = False,
+    row: int = 0,
+) -> list[Any]:
+    """:func:`steering.top_features` for an image+text row: image positions show as ``<img>``.
+
+    Args:
+        model: the hooked model.
+        sae: an SAE on an encoder site (the encoder reads the whole row, image and text).
+        inputs: a processor output (``input_ids``, ``pixel_values``, optionally ``attention_mask``).
+        k: how many rows (overall), or per position if ``per_token``.
+        per_token: the top ``k`` features of every position instead of the top ``k`` overall.
+        row: which row of ``inputs`` to report.
+
+    Returns:
+        ``FeatureHit`` rows sorted by activation; ``token`` is ``<img>`` at image positions.
+    """
+    from sae_lens_t5gemma.steering import FeatureHit, _sae_input, check_sae_fits
+
+    hook = getattr(sae.cfg.metadata, "hook_name", None)
+    if hook is not None and sites_mod.resolve_vision(hook) is not None:
+        raise ValueError(
+            f"SAE hooks {hook!r}, a vision-tower site: its activations are per image patch, not per token"
+        )
+    name = check_sae_fits(model, sae)
+    if model._sites[name].stack != "encoder":
+        raise ValueError(f"SAE hooks {name!r}: the decoder never reads images; use steering.top_features")
+    tokens = inputs["input_ids"].to(model.cfg.device)
+    mask = inputs.get("attention_mask")
+    with model.fed(prefix_len=tokens.shape[1]):
+        _, cache = model.run_with_cache(
+            tokens,
+            pixel_values=inputs["pixel_values"],
+            attention_mask=mask,
+            names_filter=[name],
+            return_type=None,
+        )
+    real = (
+        torch.ones_like(tokens[row], dtype=torch.bool) if mask is None else mask[row].bool().to(tokens.device)
+    )
+    feats = sae.encode(_sae_input(sae, cache[name][row]).to(sae.device))
+    feats = feats.reshape(feats.shape[0], -1) * real[:, None].to(feats.device)
+    strs = model.to_str_tokens(tokens[row])
+    hits: list[Any] = []
+    if per_token:
+        vals, idx = feats.topk(min(k, feats.shape[-1]), dim=-1)
+        for p in real.nonzero().flatten().tolist():
+            hits += [
+                FeatureHit(p, strs[p], int(i), float(v))
+                for v, i in zip(vals[p].tolist(), idx[p].tolist(), strict=True)
+                if v > 0
+            ]
+        return hits
+    vals, flat = feats.flatten().topk(min(k, feats.numel()))
+    for v, fi in zip(vals.tolist(), flat.tolist(), strict=True):
+        if v <= 0:
+            break
+        p, f = divmod(fi, feats.shape[-1])
+        hits.append(FeatureHit(p, strs[p], f, float(v)))
+    return hits

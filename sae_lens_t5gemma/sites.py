@@ -251,6 +251,8 @@ HF_VISION = "model.encoder.vision_tower"
 HF_VISION_LEGACY = "model.encoder.vision_tower.vision_model"
 HF_MM_PROJECTOR = "model.encoder.multi_modal_projector"
 VISION_BLOCKS = "vision_blocks"
+IMAGE_TOKEN_LABEL = "<img>"
+"""How token lists, feature tables and dashboards show an image placeholder position."""
 
 
 @dataclass(frozen=True)
