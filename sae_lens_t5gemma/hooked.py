@@ -1,7 +1,7 @@
 """``HookedT5Gemma2``: a TransformerLens ``HookedRootModule`` around transformers' T5Gemma 2.
 
 SAELens' ActivationsStore, runners and evals drive a ``HookedRootModule``. This module wraps
-a ``T5Gemma2ForConditionalGeneration`` (text path only) so that they can:
+a ``T5Gemma2ForConditionalGeneration`` so that they can:
 
 - Hook points carry TransformerBridge's names (``encoder_blocks.5.attn.hook_out``,
   ``decoder_blocks.3.self_attn.hook_z``, ...). They are derived from :mod:`sites`, the
@@ -10,6 +10,10 @@ a ``T5Gemma2ForConditionalGeneration`` (text path only) so that they can:
 - The transformers model is run unchanged. For each hook point that has a hook attached
   (or an SAE spliced in), a PyTorch forward (pre-)hook on the matching transformers module
   routes the tensor through the ``HookPoint``; whatever the hook returns flows on.
+- Images (``pixel_values=``, as transformers' processor prepares them) go to the encoder's
+  SigLIP tower. Its hook points (``vision_blocks.N.hook_resid_post``, ``hook_mm_proj_out``,
+  ... from :data:`sites.VISION_SITE_KINDS`) are per image, outside the position contract
+  below; :meth:`HookedT5Gemma2.image_token_mask` marks where the image tokens sit.
 - The forward pass runs only what is needed. Without logits or loss asked for, an
   encoder-only run stops right after the deepest hooked site (a private exception raised
   from the hook), and a run with decoder hooks runs the encoder fully, the decoder up to

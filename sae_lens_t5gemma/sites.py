@@ -12,6 +12,11 @@ Every site of the text path has:
 
 Everything else (hook registration, aliases, CLI parsing, SAE metadata) is derived from
 ``SITE_KINDS`` below, so a site is described in exactly one place.
+
+The encoder's SigLIP vision tower has its own table, ``VISION_SITE_KINDS`` (per SigLIP layer:
+``vision_blocks.N.hook_resid_pre/attn_out/mlp_out/resid_post``; once: ``hook_vision_out`` and
+the multimodal projector's ``hook_mm_proj_out``). Vision activations are per image, not per
+token, so they stay out of ``all_sites`` and the text position contract.
 """
 
 from __future__ import annotations
