@@ -652,6 +652,8 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         # The encoder alone reads images: a random split falls after the last image token.
         first = 1 if image is None else max(1, _last_true(image) + 1)
         if self.prefix_len == "random":
+            if n < 2:
+                raise ValueError("prefix_len='random' needs rows of at least 2 tokens")
             if n - first < 1:
                 raise ValueError(
                     f"prefix_len='random' needs a split in [{first}, {n - 1}] (after the last image "

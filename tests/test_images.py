@@ -218,6 +218,8 @@ def test_prefix_lm_refuses_images_past_the_split(stand_in, batch):
             model(tokens, pixel_values=pv, return_type=None)
             splits.append(model.last_prefix_len)
     assert min(splits) >= 12 and max(splits) <= 22
+    with model.fed(prefix_len="random"), pytest.raises(ValueError, match=r"needs a split in \[12, 11\]"):
+        model(tokens[:, :12], pixel_values=pv, return_type=None)  # row 1's image ends the row
 
 
 def test_image_count_errors(stand_in, batch):
