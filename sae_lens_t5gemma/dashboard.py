@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sae_lens_t5gemma.features import Example, FeatureEffect, FeatureStats, SAEInfo
+from sae_lens_t5gemma.sites import IMAGE_TOKEN_LABEL
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -70,7 +71,10 @@ def rendered_tokens(example: Example, max_act: float) -> list[dict[str, Any]]:
             "color": f"rgba(255, 140, 0, {alpha:.3f})" if alpha > 0 else "transparent",
             "seg_class": _SEG_CLASS.get(seg, ""),
             "center": i == example.center,
-            "title": f"{tok!r}: activation {act:.4g}" + (f" · {seg}" if seg else ""),
+            "title": ("image token · " if tok == IMAGE_TOKEN_LABEL else "")
+            + f"{tok!r}: activation {act:.4g}"
+            + (f" · {seg}" if seg else ""),
+            "image": tok == IMAGE_TOKEN_LABEL,
             "split_before": seg == "decoder continuation" and prev == "encoder input",
         })  # fmt: skip
     return out

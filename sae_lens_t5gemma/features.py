@@ -493,7 +493,7 @@ def corpus_stats(
             for bank in ("top", "sample"):
                 for tid in acc.t[f"{bank}_tokens"].unique().tolist():
                     if tid >= 0 and tid not in strings:
-                        strings[tid] = model.tokenizer.decode([tid])
+                        strings[tid] = model.token_string(tid)  # image placeholders: <img>
 
     for row in rows_iter:
         if max_rows is not None and row_index >= max_rows:

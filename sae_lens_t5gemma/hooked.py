@@ -1,7 +1,7 @@
 """``HookedT5Gemma2``: a TransformerLens ``HookedRootModule`` around transformers' T5Gemma 2.
 
 SAELens' ActivationsStore, runners and evals drive a ``HookedRootModule``. This module wraps
-a ``T5Gemma2ForConditionalGeneration`` (text path only) so that they can:
+a ``T5Gemma2ForConditionalGeneration`` so that they can:
 
 - Hook points carry TransformerBridge's names (``encoder_blocks.5.attn.hook_out``,
   ``decoder_blocks.3.self_attn.hook_z``, ...). They are derived from :mod:`sites`, the
@@ -10,6 +10,10 @@ a ``T5Gemma2ForConditionalGeneration`` (text path only) so that they can:
 - The transformers model is run unchanged. For each hook point that has a hook attached
   (or an SAE spliced in), a PyTorch forward (pre-)hook on the matching transformers module
   routes the tensor through the ``HookPoint``; whatever the hook returns flows on.
+- Images (``pixel_values=``, as transformers' processor prepares them) go to the encoder's
+  SigLIP tower. Its hook points (``vision_blocks.N.hook_resid_post``, ``hook_mm_proj_out``,
+  ... from :data:`sites.VISION_SITE_KINDS`) are per image, outside the position contract
+  below; :meth:`HookedT5Gemma2.image_token_mask` marks where the image tokens sit.
 - The forward pass runs only what is needed. Without logits or loss asked for, an
   encoder-only run stops right after the deepest hooked site (a private exception raised
   from the hook), and a run with decoder hooks runs the encoder fully, the decoder up to
@@ -167,7 +171,8 @@ class T5Gemma2ActivationCache(ActivationCache):
     def __getitem__(self, key: Any) -> torch.Tensor:
         if isinstance(key, str) and key not in self.cache_dict:
             try:
-                canonical = sites_mod.resolve(key).hook_name
+                vision = sites_mod.resolve_vision(key)
+                canonical = vision.hook_name if vision is not None else sites_mod.resolve(key).hook_name
             except ValueError:
                 canonical = None
             if canonical is not None and canonical in self.cache_dict:
@@ -179,7 +184,9 @@ class T5Gemma2ActivationCache(ActivationCache):
         if key in self.cache_dict:
             return True
         try:
-            return sites_mod.resolve(str(key)).hook_name in self.cache_dict
+            vision = sites_mod.resolve_vision(str(key))
+            site = vision if vision is not None else sites_mod.resolve(str(key))
+            return site.hook_name in self.cache_dict
         except ValueError:
             return False
 
@@ -255,6 +262,17 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             name: self._find_hf_module(sites_mod.site(s.stack, s.layer, "resid_pre"))
             for name, s in self._sites.items()
         }
+        # Vision-tower hook points: per image, outside the text position contract (sites.py).
+        self._vision_sites: dict[str, sites_mod.VisionSite] = {}
+        self._vision_modules: dict[str, nn.Module] = {}
+        self._n_vision_layers = 0
+        vision_config = getattr(config.encoder, "vision_config", None)
+        if vision_config is not None and _has_module(hf_model, sites_mod.HF_VISION):
+            self._n_vision_layers = vision_config.num_hidden_layers
+            for vs in sites_mod.vision_sites(self._n_vision_layers):
+                self._vision_sites[vs.hook_name] = vs
+                self._vision_modules[vs.hook_name] = self._find_hf_module(vs)
+                self._add_hook_point(vs.hook_name)
         self.setup()
 
     # ------------------------------------------------------------------ structure
@@ -271,14 +289,15 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
                 # A ModuleList where the next part is a layer index, so ``encoder_blocks[5]`` works.
                 if parts[i + 1].isdigit():
                     stack = "encoder" if part.startswith("encoder") else "decoder"
-                    child = nn.ModuleList(_Container() for _ in range(self._n_layers[stack]))
+                    n = self._n_vision_layers if part == sites_mod.VISION_BLOCKS else self._n_layers[stack]
+                    child = nn.ModuleList(_Container() for _ in range(n))
                 else:
                     child = _Container()
                 parent.add_module(part, child)
             parent = child
         parent.add_module(parts[-1], HookPoint())
 
-    def _find_hf_module(self, s: Site) -> nn.Module:
+    def _find_hf_module(self, s: Site | sites_mod.VisionSite) -> nn.Module:
         for path in (s.hf_module, s.hf_module_legacy):
             try:
                 return self.hf_model.get_submodule(path)
@@ -375,6 +394,61 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         pos = torch.arange(n, device=tokens.device)
         return mask & ((pos < p) if stack == "encoder" else (pos >= p))
 
+    @property
+    def image_token_id(self) -> int | None:
+        """The id of the image placeholder token (``config.image_token_id``); None without a vision tower."""
+        return self.hf_model.config.image_token_id if self._vision_sites else None
+
+    def image_token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[batch, n]`` bool: the positions of image placeholder tokens (``image_token_id``).
+
+        The encoder reads each image's ``mm_tokens_per_image`` soft tokens (the projector's
+        output, ``hook_mm_proj_out``) at these positions, in order, so an encoder activation
+        ``cache[hook][mask]`` is an image token's. Text positions are
+        ``covered_mask(tokens, "encoder") & ~image_token_mask(tokens)`` (and the attention mask).
+        Only the encoder reads images: under ``prefix_lm`` they must sit before the split (the
+        forward refuses otherwise); the decoder never sees them (under ``reconstruct`` it reads
+        the placeholder ids as plain tokens).
+
+        Raises:
+            ValueError: the model has no vision tower.
+        """
+        if self.image_token_id is None:
+            raise ValueError("This model has no vision tower, so no image tokens.")
+        tokens = tokens if tokens.ndim == 2 else tokens.unsqueeze(0)
+        return tokens == self.image_token_id
+
+    def _check_images(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+        """The image-token mask of ``tokens`` after checking it against ``pixel_values``."""
+        if self.image_token_id is None:
+            if pixel_values is not None:
+                raise ValueError("pixel_values given, but this model has no vision tower.")
+            return None
+        image = self.image_token_mask(tokens)
+        n_tokens = int(image.sum())
+        if pixel_values is None:
+            if n_tokens:
+                raise ValueError(
+                    f"The tokens hold {n_tokens} image placeholder tokens (image_token_id="
+                    f"{self.image_token_id}) but no pixel_values were given: pass the processor's "
+                    "pixel_values=, or remove the placeholders."
+                )
+            return None
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be [n_images, channels, height, width] as the processor makes "
+                f"them, not shape {tuple(pixel_values.shape)}"
+            )
+        per_image = self.hf_model.config.encoder.mm_tokens_per_image
+        if n_tokens != pixel_values.shape[0] * per_image:
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} images, which need "
+                f"{pixel_values.shape[0] * per_image} image placeholder tokens ({per_image} each, "
+                f"image_token_id={self.image_token_id}); the tokens hold {n_tokens}. Build the row "
+                "with the model's processor."
+            )
+        return image
+
     @contextmanager
     def fed(self, convention: str | None = None, prefix_len: Any = _KEEP) -> Iterator[HookedT5Gemma2]:
         """Run a block under another convention and/or ``prefix_len``; the model's own come back after.
@@ -414,6 +488,11 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         for suffix in _SAE_SUFFIXES:
             if name.endswith("." + suffix):
                 return f"{self.canonical_name(name[: -len(suffix) - 1])}.{suffix}"
+        vs = sites_mod.resolve_vision(name, n_layers=self._n_vision_layers)
+        if vs is not None:
+            if vs.hook_name not in self._vision_sites:
+                raise ValueError(f"Hook {name!r}: this model has no vision tower.")
+            return vs.hook_name
         s = sites_mod.resolve(name, n_layers=self.cfg.n_layers)
         if s.layer >= self._n_layers[s.stack]:
             raise ValueError(f"Hook {name!r}: the {s.stack} has only {self._n_layers[s.stack]} layers.")
@@ -519,9 +598,15 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         return self.tokenizer.decode(tokens.tolist())
 
     def to_str_tokens(self, input: str | torch.Tensor, prepend_bos: bool | None = None) -> list[str]:
-        """One string per token of a text or a 1-D id tensor."""
+        """One string per token of a text or a 1-D id tensor (image placeholders show as ``<img>``)."""
         ids = self.to_tokens(input, prepend_bos=prepend_bos)[0] if isinstance(input, str) else input
-        return [self.tokenizer.decode([i]) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+        return [self.token_string(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+
+    def token_string(self, token_id: int) -> str:
+        """The text of one token; an image placeholder is ``sites.IMAGE_TOKEN_LABEL`` (``<img>``)."""
+        if token_id == self.image_token_id:
+            return sites_mod.IMAGE_TOKEN_LABEL
+        return self.tokenizer.decode([token_id])
 
     def _prepare_inputs(
         self,
@@ -531,6 +616,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         attention_mask: torch.Tensor | None,
         decoder_input_ids: torch.Tensor | None,
         labels: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
     ) -> _Feed:
         if isinstance(input, torch.Tensor):
             tokens = (input if input.ndim == 2 else input.unsqueeze(0)).to(self.cfg.device)
@@ -545,6 +631,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
                     f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens {tuple(tokens.shape)}"
                 )
         self.last_prefix_len = None
+        image = self._check_images(tokens, pixel_values)
         if decoder_input_ids is not None or labels is not None:
             # Real source/target pairs: transformers' own semantics, no position contract.
             if decoder_input_ids is None:
@@ -555,17 +642,33 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
 
         n = tokens.shape[1]
         targets = tokens if attention_mask is None else tokens.masked_fill(attention_mask == 0, -100)
+        if image is not None:
+            targets = targets.masked_fill(image, -100)  # a placeholder is no text to predict
         no_target = torch.full_like(tokens[:, :1], -100)
         if self.convention == "reconstruct":
             spans = {"encoder": _Span(0, n), "decoder": _Span(0, n)}
             dec_labels = torch.cat([targets[:, 1:], no_target], dim=1)
             return _Feed(tokens, tokens, attention_mask, tokens, dec_labels, spans)
+        # The encoder alone reads images: a random split falls after the last image token.
+        first = 1 if image is None else max(1, _last_true(image) + 1)
         if self.prefix_len == "random":
             if n < 2:
                 raise ValueError("prefix_len='random' needs rows of at least 2 tokens")
-            p = int(torch.randint(1, n, (1,), generator=self._split_rng))
+            if n - first < 1:
+                raise ValueError(
+                    f"prefix_len='random' needs a split in [{first}, {n - 1}] (after the last image "
+                    f"token and before the row's end); rows of {n} tokens leave none"
+                )
+            p = int(torch.randint(first, n, (1,), generator=self._split_rng))
         else:
             p = self.split_point(n)
+        if image is not None and p < first:
+            raise ValueError(
+                f"An image placeholder token sits at position {first - 1}, at or after the prefix_lm "
+                f"split p={p}: only the encoder (tokens[:, :p]) reads images, the decoder cannot. "
+                f"Put the images before the split: model.prefix_len >= {first} (e.g. "
+                f"`with model.fed(prefix_len={first}): ...`)."
+            )
         self.last_prefix_len = p
         bos = torch.full_like(tokens[:, :1], self.hf_model.config.decoder.bos_token_id)
         spans = {"encoder": _Span(0, n), "decoder": _Span(p - 1, n)}
@@ -691,6 +794,54 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             ]
         raise AssertionError(f"unhandled site kind {kind}")
 
+    def _active_vision(self) -> dict[str, nn.Module]:
+        """Vision hook points that have hooks attached."""
+        active = {}
+        for name in self._vision_sites:
+            module = self.mod_dict[name]
+            if module.fwd_hooks or module.bwd_hooks:
+                active[name] = module
+        return active
+
+    @contextmanager
+    def _vision_routing(self, active: dict[str, nn.Module], stop_after: str | None = None) -> Iterator[None]:
+        """Send each hooked vision site's tensor through its hook point (per image: no padding)."""
+        handles = []
+
+        def routed(name: str, hook_module: nn.Module) -> Any:
+            def through(x: torch.Tensor) -> torch.Tensor:
+                new = hook_module(x)
+                if name == stop_after:
+                    raise _StopForward
+                return new
+
+            return through
+
+        try:
+            for name, hook_module in active.items():
+                target, through = self._vision_modules[name], routed(name, hook_module)
+                if self._vision_sites[name].kind.hf_io == "input":
+
+                    def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict, through: Any = through) -> Any:
+                        x, args, kwargs = _hidden_states(args, kwargs)
+                        new = through(x)
+                        return None if new is x else _with_hidden_states(args, kwargs, new)
+
+                    handles.append(target.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                else:
+
+                    def out_hook(
+                        _mod: nn.Module, _args: Any, output: torch.Tensor, through: Any = through
+                    ) -> Any:
+                        new = through(output)
+                        return None if new is output else new
+
+                    handles.append(target.register_forward_hook(out_hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     @contextmanager
     def _attention_routing(self, active: dict[str, nn.Module], stop_after: str | None) -> Iterator[None]:
         """Route the attention-internal sites (patterns, z_self, z_cross) of each hooked layer."""
@@ -783,6 +934,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         decoder_input_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         stop_at_layer: int | None = None,
+        pixel_values: torch.Tensor | None = None,
         hf_kwargs: dict[str, Any] | None = None,
         **unexpected: Any,
     ) -> Any:
@@ -806,6 +958,10 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             stop_at_layer: as SAELens passes it (hook layer + 1): run no decoder layer at or past
                 it, and no encoder layer past it unless decoder hooks need the whole encoder.
                 The output is then ``None``.
+            pixel_values: images ``[n_images, 3, H, W]`` as transformers' processor prepares them
+                (all images of the batch, in row order); ``input`` must hold
+                ``mm_tokens_per_image`` placeholder tokens per image, inside the encoder's part
+                (under ``prefix_lm``: before the split). See :meth:`image_token_mask`.
             hf_kwargs: extra keywords for transformers' forward (documented there).
 
         Returns:
@@ -818,15 +974,20 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         _refuse_unexpected("forward", unexpected)
         if return_type not in (None, "logits", "loss", "both"):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r}")
-        feed = self._prepare_inputs(
-            input, prepend_bos, padding_side, attention_mask, decoder_input_ids, labels
-        )
         hf_kwargs = dict(hf_kwargs or {})
+        if pixel_values is None:
+            pixel_values = hf_kwargs.pop("pixel_values", None)
+        feed = self._prepare_inputs(
+            input, prepend_bos, padding_side, attention_mask, decoder_input_ids, labels, pixel_values
+        )
+        if pixel_values is not None:
+            hf_kwargs["pixel_values"] = pixel_values.to(self.cfg.device, self.cfg.dtype)
         active = self._active_sites()
+        vision = self._active_vision()
         self._spans, self._enc_len = feed.spans, feed.enc_ids.shape[1]
         try:
             if return_type is not None and stop_at_layer is None:
-                with self._routing(active):
+                with self._routing(active), self._vision_routing(vision):
                     out = self.hf_model(
                         input_ids=feed.enc_ids,
                         attention_mask=feed.enc_mask,
@@ -836,10 +997,15 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
                     )
                 return self._outputs(out.logits, feed, return_type, loss_per_token)
             stack, stop_after = self._plan(active, stop_at_layer)
+            vision_stop = None
+            if stack is None and vision and pixel_values is not None:
+                # Only vision hooks: the tower runs inside the encoder, before its text layers.
+                stack = "encoder"
+                vision_stop = max(vision, key=lambda n: self._vision_sites[n].order)
             if stack is None:
                 return None
             try:
-                with self._routing(active, stop_after=stop_after):
+                with self._routing(active, stop_after=stop_after), self._vision_routing(vision, vision_stop):
                     if stack == "encoder":
                         self.hf_model.get_encoder()(
                             input_ids=feed.enc_ids, attention_mask=feed.enc_mask, **hf_kwargs
@@ -897,6 +1063,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         attention_mask: torch.Tensor | None = None,
         prepend_bos: bool | None = None,
         return_type: Literal["input", "str", "tokens"] = "input",
+        pixel_values: torch.Tensor | None = None,
         hf_kwargs: dict[str, Any] | None = None,
         **unexpected: Any,
     ) -> str | list[str] | torch.Tensor:
@@ -908,6 +1075,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         first (KV cache).
 
         Args:
+            pixel_values: the prompt's images, as for :meth:`forward` (the encoder reads them).
             hf_kwargs: further keywords for transformers' ``generate`` (e.g. ``num_beams``).
 
         Returns:
@@ -921,11 +1089,14 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             tokens, mask = self._tokenize(input, prepend_bos)
             attention_mask = mask if attention_mask is None else attention_mask
         kwargs = dict(hf_kwargs or {})
+        self._check_images(tokens, pixel_values)
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values.to(self.cfg.device, self.cfg.dtype)
         kwargs.setdefault("pad_token_id", self.hf_model.config.decoder.pad_token_id)
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         kwargs.update({k: v for k, v in sampling.items() if v is not None})
         self._spans, self._enc_len = None, tokens.shape[1]
-        with self._routing(self._active_sites()):
+        with self._routing(self._active_sites()), self._vision_routing(self._active_vision()):
             out = self.hf_model.generate(
                 input_ids=tokens,
                 attention_mask=attention_mask,
@@ -988,6 +1159,20 @@ def _with_hidden_states(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[t
     if args:
         return (new, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": new}
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _last_true(mask: torch.Tensor) -> int:
+    """The largest position index where a ``[batch, n]`` mask is True in any row (-1 if none)."""
+    cols = mask.any(dim=0).nonzero()
+    return int(cols.max()) if cols.numel() else -1
 
 
 def _tokenizer_prepends_bos(tokenizer: Any) -> bool:

@@ -12,6 +12,11 @@ Every site of the text path has:
 
 Everything else (hook registration, aliases, CLI parsing, SAE metadata) is derived from
 ``SITE_KINDS`` below, so a site is described in exactly one place.
+
+The encoder's SigLIP vision tower has its own table, ``VISION_SITE_KINDS`` (per SigLIP layer:
+``vision_blocks.N.hook_resid_pre/attn_out/mlp_out/resid_post``; once: ``hook_vision_out`` and
+the multimodal projector's ``hook_mm_proj_out``). Vision activations are per image, not per
+token, so they stay out of ``all_sites`` and the text position contract.
 """
 
 from __future__ import annotations
@@ -227,3 +232,153 @@ def merged_attention_line(hooks: list[str]) -> list[str]:
     if any(h.startswith("decoder_blocks.") and ".self_attn." in h for h in hooks):
         return [f"  note: {MERGED_ATTENTION_NOTE} (split: hook_z_self / hook_z_cross)"]
     return []
+
+
+# ------------------------------------------------------------------------ vision tower
+#
+# T5Gemma 2's encoder carries a SigLIP vision tower. Each image runs through it as its own
+# sequence of patches; the multimodal projector pools the patches to ``mm_tokens_per_image``
+# soft tokens (256 on the real models) and maps them to the text width; those replace the
+# image placeholder tokens (``config.image_token_id``) in the encoder's input. Vision sites
+# therefore do NOT follow the text position contract: their activations are per image,
+# ``[n_images, n_patches, d_vision]`` (SigLIP layers; the processor flattens the images of the
+# whole batch, so ``n_images`` is the batch's total) and ``[n_images, mm_tokens_per_image,
+# d_model]`` (projector). On the real models n_patches = (896 / 14)^2 = 4096, d_vision = 1152.
+# The image tokens' own encoder activations sit in the text sites at the positions
+# ``HookedT5Gemma2.image_token_mask`` marks.
+VISION_SHAPE_NOTE = (
+    "vision sites are per image: SigLIP layers [n_images, n_patches, d_vision], "
+    "projector [n_images, mm_tokens_per_image, d_model]; not the [batch, n] text positions"
+)
+# transformers 5.23 builds the tower as a SiglipVisionModel without the ``vision_model`` level
+# that older releases (and the checkpoints' own weight names) have; both spellings resolve.
+HF_VISION = "model.encoder.vision_tower"
+HF_VISION_LEGACY = "model.encoder.vision_tower.vision_model"
+HF_MM_PROJECTOR = "model.encoder.multi_modal_projector"
+VISION_BLOCKS = "vision_blocks"
+IMAGE_TOKEN_LABEL = "<img>"
+"""How token lists, feature tables and dashboards show an image placeholder position."""
+
+
+@dataclass(frozen=True)
+class VisionSiteKind:
+    """One kind of vision-tower site (per SigLIP layer, or once for the tower)."""
+
+    friendly: str
+    hook: str
+    """Hook suffix: under ``vision_blocks.N`` for per-layer kinds, else the whole name."""
+    per_layer: bool
+    hf_submodule: str
+    """Module path below the SigLIP layer (per-layer kinds), or the full module path where
+    ``{tower}`` stands for the vision tower's path."""
+    hf_io: Literal["input", "output"]
+    description: str
+    tl_alias: str
+    """TransformerLens' spelling in its Gemma 3 multimodal adapter (``{n}``: the layer)."""
+
+
+# Rows in the order the tower computes them.
+# fmt: off
+VISION_SITE_KINDS: tuple[VisionSiteKind, ...] = (
+    VisionSiteKind("resid_pre",  "hook_resid_pre",  True,  "",                  "input",  "SigLIP residual entering the layer [n_images, n_patches, d_vision]", "vision_encoder.encoder_layers.{n}.hook_resid_pre"),
+    VisionSiteKind("attn_out",   "hook_attn_out",   True,  "self_attn.out_proj", "output", "SigLIP attention output (out_proj; added to the residual as is, SigLIP has no post-norm) [n_images, n_patches, d_vision]", "vision_encoder.encoder_layers.{n}.hook_attn_out"),
+    VisionSiteKind("mlp_out",    "hook_mlp_out",    True,  "mlp",               "output", "SigLIP MLP output (added to the residual as is) [n_images, n_patches, d_vision]", "vision_encoder.encoder_layers.{n}.hook_mlp_out"),
+    VisionSiteKind("resid_post", "hook_resid_post", True,  "",                  "output", "SigLIP residual leaving the layer [n_images, n_patches, d_vision]", "vision_encoder.encoder_layers.{n}.hook_resid_post"),
+    VisionSiteKind("vision_out", "hook_vision_out", False, "{tower}.post_layernorm", "output", "the tower's output after its post_layernorm, what the projector reads [n_images, n_patches, d_vision]", "vision_encoder.hook_vision_out"),
+    VisionSiteKind("mm_proj_out", "hook_mm_proj_out", False, HF_MM_PROJECTOR,      "output", "multimodal projector output: the image's soft tokens that replace its placeholders [n_images, mm_tokens_per_image, d_model]", "vision_projector.hook_out"),
+)
+# fmt: on
+VISION_KINDS_BY_FRIENDLY = {k.friendly: k for k in VISION_SITE_KINDS}
+
+
+@dataclass(frozen=True)
+class VisionSite:
+    """A vision-tower hook site: a per-layer kind at one SigLIP layer, or a tower-wide kind."""
+
+    kind: VisionSiteKind
+    layer: int | None = None
+
+    @property
+    def hook_name(self) -> str:
+        """The canonical name, e.g. ``vision_blocks.3.hook_resid_post`` or ``hook_mm_proj_out``."""
+        return f"{VISION_BLOCKS}.{self.layer}.{self.kind.hook}" if self.kind.per_layer else self.kind.hook
+
+    def _hf(self, tower: str) -> str:
+        if not self.kind.per_layer:
+            return self.kind.hf_submodule.format(tower=tower)
+        path = f"{tower}.encoder.layers.{self.layer}"
+        return f"{path}.{self.kind.hf_submodule}" if self.kind.hf_submodule else path
+
+    @property
+    def hf_module(self) -> str:
+        """transformers module path in today's layout (transformers 5.23)."""
+        return self._hf(HF_VISION)
+
+    @property
+    def hf_module_legacy(self) -> str:
+        """The path with the tower's ``vision_model`` level (older transformers, checkpoint names)."""
+        return self._hf(HF_VISION_LEGACY)
+
+    @property
+    def friendly(self) -> str:
+        return (
+            f"vision.{self.layer}.{self.kind.friendly}"
+            if self.kind.per_layer
+            else f"vision.{self.kind.friendly}"
+        )
+
+    @property
+    def tl_alias(self) -> str:
+        return self.kind.tl_alias.format(n=self.layer)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where the tower computes it: layers first, then the tower's output, then the projector."""
+        index = VISION_SITE_KINDS.index(self.kind)
+        return (self.layer, index) if self.layer is not None else (10**6, index)
+
+
+def vision_sites(n_layers: int) -> list[VisionSite]:
+    """Every vision site of a tower with ``n_layers`` SigLIP layers, in computation order."""
+    per_layer = [VisionSite(k, n) for n in range(n_layers) for k in VISION_SITE_KINDS if k.per_layer]
+    return per_layer + [VisionSite(k) for k in VISION_SITE_KINDS if not k.per_layer]
+
+
+def _vision_table(n_layers: int) -> dict[str, VisionSite]:
+    table: dict[str, VisionSite] = {}
+    for s in vision_sites(n_layers):
+        table[s.hook_name] = s
+        table[s.friendly] = s
+        table[s.tl_alias] = s
+        for path in (s.hf_module, s.hf_module_legacy):
+            table[f"{path}.{s.kind.hf_io}"] = s
+            if s.kind.hf_io == "output":
+                table.setdefault(path, s)
+    return table
+
+
+def resolve_vision(name: str, n_layers: int | None = None) -> VisionSite | None:
+    """The vision site any spelling names (canonical, friendly, TransformerLens, HF path), or None.
+
+    None means the name does not look like a vision site at all (let :func:`resolve` try).
+
+    Raises:
+        ValueError: a vision-looking name that matches no site, or a layer past ``n_layers``.
+    """
+    tower_wide = {k.hook for k in VISION_SITE_KINDS if not k.per_layer}
+    if not (name.startswith((VISION_BLOCKS, "vision", HF_VISION, HF_MM_PROJECTOR)) or name in tower_wide):
+        return None
+    m = re.search(r"(?:_blocks|layers)\.(\d+)(?:\.|$)|^vision\.(\d+)\.", name)
+    layer = int(m.group(1) or m.group(2)) if m else 0
+    found = _vision_table(max(layer + 1, n_layers or 0)).get(name)
+    if found is not None and (n_layers is None or found.layer is None or found.layer < n_layers):
+        return found
+    valid = _vision_table(n_layers if n_layers is not None else layer + 1)
+    close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.6)
+    where = f" (the vision tower has {n_layers} layers)" if n_layers is not None else ""
+    hint = (
+        f" Close matches: {close}."
+        if close
+        else f" Vision sites look like {[s.hook_name for s in vision_sites(1)]}."
+    )
+    raise ValueError(f"Unknown T5Gemma 2 vision hook name {name!r}{where}.{hint}")

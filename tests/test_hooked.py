@@ -81,10 +81,13 @@ def reference_acts(
 
 
 def test_hook_points_are_the_site_table(model):
-    assert set(model.hook_dict) == {s.hook_name for s in sites.all_sites(N_LAYERS)}
+    # The stand-in's 1-layer SigLIP adds the vision sites (tests/test_images.py covers them).
+    vision = {s.hook_name for s in sites.vision_sites(1)}
+    assert set(model.hook_dict) == {s.hook_name for s in sites.all_sites(N_LAYERS)} | vision
     decoder_only = [k for k in sites.SITE_KINDS if k.encoder_hook is None]
     assert [k.friendly for k in decoder_only] == ["cross_pattern", "z_self", "z_cross"]
-    assert len(model.hook_dict) == 2 * N_LAYERS * len(sites.SITE_KINDS) - N_LAYERS * len(decoder_only)
+    n_text = 2 * N_LAYERS * len(sites.SITE_KINDS) - N_LAYERS * len(decoder_only)
+    assert len(model.hook_dict) == n_text + len(vision)
     assert model.cfg.n_layers == 2 and model.cfg.d_model == 64 and model.cfg.d_vocab == 512
     assert model.cfg.device == torch.device("cpu") and model.cfg.tokenizer_prepends_bos
     assert model.W_E.shape == (512, 64)
