@@ -11,7 +11,7 @@ Covers:
   real size and shrinks the rest; the default stand-in is unchanged;
 - the load-path check: a T5Gemma 2 text-config field the package does not handle is refused
   by name (wrapping and ``load_t5gemma2``);
-- on the 1b and 4b stand-ins: hooks equal transformers' activations at every module site,
+- on the 270m, 1b and 4b stand-ins: hooks equal transformers' activations at every module site,
   logits equal; an SAE trains through SAELens' runner and ``evaluate_sae`` scores it;
 - stand-in hubs for 1b and 4b under the real ids: T5Gemma 2, Gemma 3 (TransformerLens with the
   size's RoPE scaling, equal to transformers) and a Gemma Scope 2 SAE loaded by release name.
@@ -306,15 +306,18 @@ def test_load_path_refuses_an_unknown_field(tmp_path):
         HookedT5Gemma2(model)
 
 
-# ----------------------------------------------------------- the work, on the 1b and 4b stand-ins
+# ------------------------------------------------------------------- the work, on every stand-in
 
 
 @pytest.fixture(scope="module")
 def stand_in_dirs(tmp_path_factory) -> dict[str, Path]:
-    return {s: synthetic.save_stand_in_model(tmp_path_factory.mktemp(f"stand_in_{s}"), size=s) for s in BIG}
+    return {
+        s: synthetic.save_stand_in_model(tmp_path_factory.mktemp(f"stand_in_{s}"), size=s)
+        for s in sizes.SIZES
+    }
 
 
-@pytest.mark.parametrize("size", BIG)
+@pytest.mark.parametrize("size", list(sizes.SIZES))
 def test_hooks_equal_transformers_on_size_stand_in(size, stand_in_dirs):
     model = load_t5gemma2(stand_in_dirs[size], dtype=torch.float32, convention="reconstruct")
     dims = sizes.SIZES[size].stand_in_text()
@@ -353,7 +356,7 @@ def test_hooks_equal_transformers_on_size_stand_in(size, stand_in_dirs):
 
 
 # Layer 1 keeps the harvest short (every layer and site is checked against transformers above).
-@pytest.mark.parametrize("size", BIG)
+@pytest.mark.parametrize("size", list(sizes.SIZES))
 @pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted")
 def test_training_and_evaluate_sae_on_size_stand_in(size, stand_in_dirs, tmp_path):
     hook, hook_name = "encoder.1.attn_out", "encoder_blocks.1.attn.hook_out"
