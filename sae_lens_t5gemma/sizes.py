@@ -229,6 +229,11 @@ _BOOKKEEPING = frozenset(
         "sliding_window_pattern", "_sliding_window_pattern",
         # Training-time only: HookedT5Gemma2 keeps the model in eval mode.
         "attention_dropout", "dropout_rate",
+        # transformers 4.x's generic fields, which configs saved then still carry (the released
+        # T5Gemma 2 configs were written by 5.0.0.dev0); T5Gemma 2's modules never read them.
+        "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id", "finetuning_task",
+        "is_decoder", "prefix", "sep_token_id", "task_specific_params", "tokenizer_class", "tie_encoder_decoder",
+        "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "num_labels",
     }
 )  # fmt: skip
 # Any value works: transformers builds the modules from them and the hooks follow.

@@ -287,6 +287,33 @@ def test_wrapping_refuses_unhandled_text_fields(overrides, message):
         HookedT5Gemma2(model)
 
 
+# The text fields of google/t5gemma-2-270m-270m's config as a public printout shows them
+# (transformers 5.0.0.dev0; docs/sizes.md [HF270]), legacy generic fields included.
+HF270_TEXT = dict(
+    _sliding_window_pattern=6, add_cross_attention=False, attention_bias=False, attention_dropout=0.0,
+    attn_logit_softcapping=None, bos_token_id=2, chunk_size_feed_forward=0, cross_attention_hidden_size=None,
+    decoder_start_token_id=None, dropout_rate=0.0, eos_token_id=1, final_logit_softcapping=None,
+    finetuning_task=None, head_dim=256, hidden_activation="gelu_pytorch_tanh", hidden_size=640,
+    initializer_range=0.02, intermediate_size=2048, is_decoder=False,
+    layer_types=list(sizes.gemma3_layer_types(18)), max_position_embeddings=32768, num_attention_heads=4,
+    num_hidden_layers=18, num_key_value_heads=1, pad_token_id=0, prefix=None, query_pre_attn_scalar=256,
+    rms_norm_eps=1e-06, rope_parameters={"full_attention": {"factor": 8.0, "rope_theta": 1000000, "rope_type": "linear"},
+                                         "sliding_attention": {"rope_theta": 10000, "rope_type": "default"}},
+    sep_token_id=None, sliding_window=512, task_specific_params=None, tie_word_embeddings=True,
+    tokenizer_class=None, use_bidirectional_attention=False, use_cache=True, vocab_size=262144,
+)  # fmt: skip
+
+
+def test_the_released_270m_config_passes_and_equals_the_table():
+    from transformers import T5Gemma2Config
+
+    cfg = T5Gemma2Config(encoder=dict(text_config=HF270_TEXT), decoder=dict(HF270_TEXT))
+    sizes.check_text_config(cfg)
+    text = cfg.encoder.text_config
+    for field, value in sizes.SIZES["270m"].t5gemma2_text.config_kwargs().items():
+        assert getattr(text, field) == value, field
+
+
 def test_load_path_refuses_an_unknown_field(tmp_path):
     model = synthetic.build_t5gemma2()
     model.save_pretrained(tmp_path)
