@@ -59,6 +59,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from sae_lens_t5gemma import sites as sites_mod
 from sae_lens_t5gemma.sites import Site
+from sae_lens_t5gemma.sizes import check_text_config
 from sae_lens_t5gemma.steering import SAEMixin
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             raise ValueError(
                 f"HookedT5Gemma2 wraps a transformers T5Gemma2ForConditionalGeneration, not {type(hf_model).__name__}."
             )
+        check_text_config(config)  # a text-config field this package does not handle is refused by name
         self.hf_model = hf_model.eval()
         self.tokenizer = tokenizer
         self.convention = convention

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 # The stand-ins sit under the real ids, which live with the converter.
+from sae_lens_t5gemma import sizes
 from sae_lens_t5gemma.mindchain import MINDCHAIN_REPO, T5GEMMA2_MODEL, mindchain_filename  # noqa: F401 (re-exported)
 
 # Real 270m-270m text dimensions (see shared FACTS): used for benchmarks only.
@@ -52,23 +53,41 @@ def stand_in_texts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def t5gemma2_config(real_dims: bool = False, **text_overrides: Any):
-    """A ``T5Gemma2Config`` with tiny (default) or real 270m-270m text dimensions.
+def t5gemma2_config(real_dims: bool = False, size: str | None = None, **text_overrides: Any):
+    """A ``T5Gemma2Config`` with tiny (default) or real text dimensions.
 
-    The vision tower is always tiny: this package uses the text path only.
+    Args:
+        real_dims: the real text dimensions (of 270m-270m, or of ``size``), for benchmarks.
+        size: ``"270m"``, ``"1b"`` or ``"4b"`` (see :data:`~sae_lens_t5gemma.sizes.SIZES`): a
+            stand-in with that size's structure (layer pattern, heads, KV heads, head_dim,
+            RoPE bases and scaling, sliding window, soft-caps, ``query_pre_attn_scalar``) and
+            shrunken widths, vocabulary and depth; with ``real_dims``, the real size. None
+            (default): the original tiny stand-in (head_dim 16, window 8, default RoPE).
+        **text_overrides: text-config fields for both stacks (``num_hidden_layers`` alone
+            re-derives the layer pattern).
+
+    The vision tower is always tiny.
     """
     from transformers import T5Gemma2Config
 
-    text = dict(REAL_TEXT_DIMS if real_dims else TINY_TEXT_DIMS)
-    text.update(text_overrides)
-    n = text["num_hidden_layers"]
-    # Gemma 3's pattern: 5 sliding-window layers, then 1 full-attention layer.
-    text.setdefault(
-        "layer_types",
-        ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)],
-    )
-    if n <= 2 and not real_dims and "layer_types" not in text_overrides:
-        text["layer_types"] = ["sliding_attention", "full_attention"][:n]
+    if size is not None:
+        spec = sizes.get_size(size)
+        dims = spec.t5gemma2_text if real_dims else spec.stand_in_text("t5gemma2")
+        text = dims.config_kwargs()
+        if "num_hidden_layers" in text_overrides and "layer_types" not in text_overrides:
+            text["layer_types"] = list(sizes.gemma3_layer_types(text_overrides["num_hidden_layers"]))
+        text.update(text_overrides)
+    else:
+        text = dict(REAL_TEXT_DIMS if real_dims else TINY_TEXT_DIMS)
+        text.update(text_overrides)
+        n = text["num_hidden_layers"]
+        # Gemma 3's pattern: 5 sliding-window layers, then 1 full-attention layer.
+        text.setdefault(
+            "layer_types",
+            ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)],
+        )
+        if n <= 2 and not real_dims and "layer_types" not in text_overrides:
+            text["layer_types"] = ["sliding_attention", "full_attention"][:n]
     text.update(bos_token_id=2, eos_token_id=1, pad_token_id=0)
     return T5Gemma2Config(
         encoder=dict(text_config=text, vision_config=_TINY_VISION, mm_tokens_per_image=4),
@@ -77,12 +96,12 @@ def t5gemma2_config(real_dims: bool = False, **text_overrides: Any):
     )
 
 
-def build_t5gemma2(real_dims: bool = False, seed: int = 0, **text_overrides: Any):
-    """A random-init ``T5Gemma2ForConditionalGeneration`` in eval mode."""
+def build_t5gemma2(real_dims: bool = False, seed: int = 0, size: str | None = None, **text_overrides: Any):
+    """A random-init ``T5Gemma2ForConditionalGeneration`` in eval mode (see :func:`t5gemma2_config`)."""
     from transformers import T5Gemma2ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = T5Gemma2ForConditionalGeneration(t5gemma2_config(real_dims, **text_overrides))
+    model = T5Gemma2ForConditionalGeneration(t5gemma2_config(real_dims, size, **text_overrides))
     return model.eval()
 
 
@@ -118,10 +137,12 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 512):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def save_stand_in_model(folder: str | Path, real_dims: bool = False, seed: int = 0) -> Path:
+def save_stand_in_model(
+    folder: str | Path, real_dims: bool = False, seed: int = 0, size: str | None = None
+) -> Path:
     """Save a random model and a matching tokenizer to ``folder`` (loadable by ``from_pretrained``)."""
     folder = Path(folder)
-    build_t5gemma2(real_dims, seed).save_pretrained(folder)
+    build_t5gemma2(real_dims, seed, size).save_pretrained(folder)
     build_tokenizer(folder)
     return folder
 
@@ -254,7 +275,7 @@ STAND_IN_LAYERS = 18
 STAND_IN_D_SAE = 256
 
 
-def write_stand_in_hub(cache_dir: str | Path, seed: int = 0) -> Path:
+def write_stand_in_hub(cache_dir: str | Path, seed: int = 0, size: str | None = None) -> Path:
     """The embedded default: a throwaway hub cache holding synthetic stand-ins.
 
     - ``google/t5gemma-2-270m-270m``: a tiny random T5Gemma 2 (hidden 64, 18 layers per
@@ -264,17 +285,30 @@ def write_stand_in_hub(cache_dir: str | Path, seed: int = 0) -> Path:
 
     Both sit under the real repo ids, so the code path is exactly the one users run online
     once ``offline_hub(cache_dir)`` is active. Returns ``cache_dir``.
+
+    Args:
+        size: ``"270m"``, ``"1b"`` or ``"4b"``: instead, the stand-in with that size's structure
+            (:func:`t5gemma2_config`) under that size's real id (``SIZES[size].t5gemma2_id``).
+            The mindchain SAEs exist for 270m only; with ``size="270m"`` they match the
+            stand-in's width and depth.
     """
     import tempfile
 
     cache_dir = Path(cache_dir)
+    if size is None:
+        repo, n_layers, d_model = T5GEMMA2_MODEL, STAND_IN_LAYERS, TINY_TEXT_DIMS["hidden_size"]
+        overrides: dict[str, Any] = {"num_hidden_layers": STAND_IN_LAYERS}
+    else:
+        spec, overrides = sizes.get_size(size), {}
+        dims = spec.stand_in_text("t5gemma2")
+        repo, n_layers, d_model = spec.t5gemma2_id, dims.num_hidden_layers, dims.hidden_size
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        build_t5gemma2(seed=seed, num_hidden_layers=STAND_IN_LAYERS).save_pretrained(folder)
+        build_t5gemma2(seed=seed, size=size, **overrides).save_pretrained(folder)
         build_tokenizer(folder)
-        write_hub_folder(cache_dir, T5GEMMA2_MODEL, folder)
-    d_model = TINY_TEXT_DIMS["hidden_size"]
-    write_mindchain_repo(cache_dir, STAND_IN_LAYERS, d_in=d_model, d_sae=STAND_IN_D_SAE, seed=seed)
+        write_hub_folder(cache_dir, repo, folder)
+    if repo == T5GEMMA2_MODEL:
+        write_mindchain_repo(cache_dir, n_layers, d_in=d_model, d_sae=STAND_IN_D_SAE, seed=seed)
     return cache_dir
 
 
@@ -302,17 +336,34 @@ _T5_TO_GEMMA3_NORMS = {
 }
 
 
-def gemma3_from_t5gemma2_encoder(t5_model: Any):
+def gemma3_from_t5gemma2_encoder(t5_model: Any, size: str | None = None):
     """A ``Gemma3ForCausalLM`` carrying the text encoder weights of a T5Gemma 2 model.
 
-    The real T5Gemma 2 was initialised from Gemma 3 270M; the stand-in mirrors that
-    relation the other way round, so that applying a Gemma 3 SAE to the T5Gemma 2 encoder
-    differs on the stand-in only by what differs on the real pair in structure
-    (bidirectional attention), not by unrelated random weights.
+    The real T5Gemma 2 was initialised from Gemma 3; the stand-in mirrors that relation the
+    other way round, so that applying a Gemma 3 SAE to the T5Gemma 2 encoder differs on the
+    stand-in only by what differs on the real pair in structure (bidirectional attention,
+    and the RoPE scaling T5Gemma 2 added), not by unrelated random weights.
+
+    Args:
+        size: take Gemma 3's own weightless structure for that size (RoPE bases and scaling,
+            sliding window, positions) from :data:`~sae_lens_t5gemma.sizes.SIZES` instead of
+            copying the T5Gemma 2 encoder's; the weight shapes must agree.
     """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     text_cfg = t5_model.config.encoder.text_config.to_dict()
+    if size is not None:
+        own = sizes.get_size(size).stand_in_text("gemma3").config_kwargs()
+        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim", "vocab_size"):  # fmt: skip
+            if text_cfg[field] != own[field]:
+                raise ValueError(
+                    f"gemma3_from_t5gemma2_encoder(size={size!r}): the T5Gemma 2 encoder's {field} is "
+                    f"{text_cfg[field]}, the {size} Gemma 3 stand-in's is {own[field]}; build the "
+                    f"T5Gemma 2 model with build_t5gemma2(size={size!r})."
+                )
+        text_cfg |= {k: own[k] for k in ("rope_parameters", "sliding_window", "max_position_embeddings",
+                                          "layer_types", "query_pre_attn_scalar")}  # fmt: skip
     keep = set(Gemma3TextConfig().to_dict()) - {"model_type", "architectures", "transformers_version"}
     cfg = Gemma3TextConfig(**{k: v for k, v in text_cfg.items() if k in keep})
     cfg.use_bidirectional_attention = False
@@ -330,15 +381,21 @@ def gemma3_from_t5gemma2_encoder(t5_model: Any):
     return gemma3.eval()
 
 
-def gemma_scope_ids(site: str, widths: tuple[str, ...] = ("16k",)) -> dict[str, tuple[str, float]]:
+def _releases(size: str | None) -> dict[str, str]:
+    return dict(GEMMA_SCOPE_RELEASES if size is None else sizes.get_size(size).gemma_scope_releases)
+
+
+def gemma_scope_ids(
+    site: str, widths: tuple[str, ...] = ("16k",), size: str | None = None
+) -> dict[str, tuple[str, float]]:
     """SAE id -> (repo folder, expected L0) of one Gemma Scope 2 every-layer release.
 
     Read from SAELens' own ``pretrained_saes.yaml``, so the stand-in's folder names are
-    exactly the ones SAELens asks the hub for.
+    exactly the ones SAELens asks the hub for. ``size`` None means 270m.
     """
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    lookup = get_pretrained_saes_directory()[GEMMA_SCOPE_RELEASES[site]]
+    lookup = get_pretrained_saes_directory()[_releases(size)[site]]
     return {
         sae_id: (path, lookup.expected_l0[sae_id])
         for sae_id, path in lookup.saes_map.items()
@@ -346,13 +403,16 @@ def gemma_scope_ids(site: str, widths: tuple[str, ...] = ("16k",)) -> dict[str, 
     }
 
 
-def gemma_scope_config(site: str, layer: int, d_sae: int, l0: float) -> dict[str, Any]:
+def gemma_scope_config(
+    site: str, layer: int, d_sae: int, l0: float, size: str | None = None
+) -> dict[str, Any]:
     """A Gemma Scope 2 ``config.json`` for one SAE, with the real files' fields."""
     point = GEMMA_SCOPE_HF_POINTS[site].format(layer=layer)
+    size_name = size or "270m"
     return {
         "width": d_sae,
         # The real 270m files name the model "google/gemma-3-270m-pt"; SAELens' loader maps it.
-        "model_name": "google/gemma-3-270m-pt",
+        "model_name": f"google/gemma-3-{size_name}-pt",
         "architecture": "jump_relu",
         "l0": l0,
         "affine_connection": False,
@@ -383,14 +443,15 @@ def gemma_scope_params(
 
 def write_gemma_scope_repo(
     cache_dir: str | Path,
-    n_layers: int = STAND_IN_LAYERS,
+    n_layers: int | None = None,
     d_in: dict[str, int] | None = None,
     d_sae: int = GEMMA_SCOPE_STAND_IN_D_SAE,
     sites: tuple[str, ...] = ("attn_out", "resid_post", "mlp_out"),
     widths: tuple[str, ...] = ("16k",),
     seed: int = 0,
+    size: str | None = None,
 ) -> Path:
-    """Write Gemma Scope 2 SAEs laid out as in ``google/gemma-scope-2-270m-pt``.
+    """Write Gemma Scope 2 SAEs laid out as in ``google/gemma-scope-2-270m-pt`` (or ``size``'s repo).
 
     One ``<site>_all/layer_{L}_width_{W}_l0_{small|big}/`` folder per SAELens id with layer
     below ``n_layers`` and a width in ``widths``, each holding ``config.json`` and
@@ -398,17 +459,29 @@ def write_gemma_scope_repo(
     The folder name keeps the real width label; the tensors are ``d_sae`` wide.
 
     Args:
+        n_layers: layers with SAEs; default the stand-in's depth (18, or ``size``'s stand-in).
         d_in: input width per site; default 64 everywhere (the stand-in's hidden size and
-            its n_heads * head_dim = 4 * 16).
+            its n_heads * head_dim = 4 * 16), or ``size``'s Gemma 3 stand-in widths
+            (``attn_out``: heads x head_dim, the o_proj input; others: hidden).
+        size: ``"270m"``, ``"1b"`` or ``"4b"``: that size's repo (``SIZES[size].gemma_scope_repo``)
+            and releases; None is the original 270m stand-in.
     """
     import json
 
     from safetensors.torch import save as save_safetensors
 
-    d_in = {site: TINY_TEXT_DIMS["hidden_size"] for site in sites} | (d_in or {})
+    if size is None:
+        repo, default_layers = GEMMA_SCOPE_REPO, STAND_IN_LAYERS
+        d_in = {site: TINY_TEXT_DIMS["hidden_size"] for site in sites} | (d_in or {})
+    else:
+        spec = sizes.get_size(size)
+        dims = spec.stand_in_text("gemma3")
+        repo, default_layers = spec.gemma_scope_repo, dims.num_hidden_layers
+        d_in = {site: spec.gemma_scope_d_in(site, dims) for site in sites} | (d_in or {})
+    n_layers = default_layers if n_layers is None else n_layers
     payload: dict[str, bytes | Path] = {}
     for s_index, site in enumerate(sites):
-        for sae_id, (folder, l0) in sorted(gemma_scope_ids(site, widths).items()):
+        for sae_id, (folder, l0) in sorted(gemma_scope_ids(site, widths, size).items()):
             layer = int(sae_id.split("_")[1])
             if layer >= n_layers:
                 continue
@@ -420,13 +493,13 @@ def write_gemma_scope_repo(
                 threshold_scale=3.0 if l0 < 50 else 1.0,
             )  # fmt: skip
             payload[f"{folder}/params.safetensors"] = save_safetensors(params)
-            config = gemma_scope_config(site, layer, d_sae, l0)
+            config = gemma_scope_config(site, layer, d_sae, l0, size)
             payload[f"{folder}/config.json"] = json.dumps(config, indent=2).encode()
-    payload["README.md"] = b"Synthetic stand-in for google/gemma-scope-2-270m-pt (random weights).\n"
-    return write_hub_repo(cache_dir, GEMMA_SCOPE_REPO, payload)
+    payload["README.md"] = f"Synthetic stand-in for {repo} (random weights).\n".encode()
+    return write_hub_repo(cache_dir, repo, payload)
 
 
-def write_gemma3_stand_in_hub(cache_dir: str | Path, seed: int = 0) -> Path:
+def write_gemma3_stand_in_hub(cache_dir: str | Path, seed: int = 0, size: str | None = None) -> Path:
     """Add the Gemma 3 side to a stand-in hub cache.
 
     - ``google/gemma-3-270m``: a tiny ``Gemma3ForCausalLM`` (18 layers, hidden 64) holding
@@ -435,18 +508,27 @@ def write_gemma3_stand_in_hub(cache_dir: str | Path, seed: int = 0) -> Path:
     - ``google/gemma-scope-2-270m-pt``: Gemma Scope 2 stand-ins for the three every-layer
       releases (``-att-all``, ``-res-all``, ``-mlp-all``), width-16k ids only, d_sae 128.
 
+    With ``size`` (``"270m"``, ``"1b"``, ``"4b"``), the same for that size under its real ids
+    (``SIZES[size].gemma3_id``, ``.gemma_scope_repo``): the Gemma 3 stand-in carries the
+    encoder of ``build_t5gemma2(seed=seed, size=size)`` with Gemma 3's own RoPE and window
+    for that size (a text-only ``Gemma3ForCausalLM`` even for 4b, whose real checkpoint is
+    multimodal), and the Gemma Scope 2 SAEs have its widths (``attn_out``: heads x head_dim).
+
     Returns ``cache_dir``.
     """
     import tempfile
 
     cache_dir = Path(cache_dir)
-    t5 = build_t5gemma2(seed=seed, num_hidden_layers=STAND_IN_LAYERS)
+    if size is None:
+        t5, repo = build_t5gemma2(seed=seed, num_hidden_layers=STAND_IN_LAYERS), GEMMA3_MODEL
+    else:
+        t5, repo = build_t5gemma2(seed=seed, size=size), sizes.get_size(size).gemma3_id
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gemma3"
-        gemma3_from_t5gemma2_encoder(t5).save_pretrained(folder)
+        gemma3_from_t5gemma2_encoder(t5, size).save_pretrained(folder)
         build_tokenizer(folder)
-        write_hub_folder(cache_dir, GEMMA3_MODEL, folder)
-    write_gemma_scope_repo(cache_dir, STAND_IN_LAYERS, seed=seed)
+        write_hub_folder(cache_dir, repo, folder)
+    write_gemma_scope_repo(cache_dir, seed=seed, size=size)
     return cache_dir
 
 
