@@ -179,6 +179,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--layers", type=int, nargs="+", default=[], help="layers for the standard comparison")
     p.add_argument(
+        "--size",
+        choices=["270m", "1b", "4b"],
+        default="270m",
+        help="model size: T5Gemma 2 <size>-<size> with Gemma 3 <size> and its Gemma Scope 2 releases "
+        "(the mindchain SAEs exist for 270m only)",
+    )
+    p.add_argument(
         "--pair",
         action="append",
         default=[],
@@ -265,6 +272,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
             local_saes=a.local_sae,
             gemma_scope_widths=a.gemma_scope_widths,
             transfer_stacks=a.transfer_stacks,
+            size=a.size,
         ) + [Pair.parse(spec) for spec in a.pair]
         if not pairs:
             raise ValueError("nothing to compare: give --layers, --pair or --local-sae")
@@ -273,7 +281,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
             import torch
 
             torch.set_num_threads(1)  # tiny stand-in models: one thread is fastest
-        with stand_in_hub() if a.stand_in else contextlib.nullcontext():
+        with stand_in_hub(a.size) if a.stand_in else contextlib.nullcontext():
             report = compare(
                 pairs,
                 texts,
@@ -288,6 +296,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                 prefix_len=a.prefix_len,
                 pack=a.pack,
                 synthetic=a.stand_in,
+                title=f"SAE comparison: T5Gemma 2 {a.size}-{a.size} and Gemma 3 {a.size.upper()}",
                 min_fires=a.min_fires,
             )
         print(report.summary())

@@ -36,7 +36,7 @@ import contextlib
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from sae_lens_t5gemma.report import (  # noqa: F401 (re-exported: the comparison
     matched_variants,
     write_report,
 )
-from sae_lens_t5gemma.synthetic import GEMMA_SCOPE_RELEASES, T5GEMMA2_MODEL
+from sae_lens_t5gemma.synthetic import T5GEMMA2_MODEL
 from sae_lens_t5gemma.transfer import FeatureTransfer, ev_kept
 
 MINDCHAIN_RELEASE = PACKAGE_RELEASE
@@ -131,6 +131,13 @@ class Pair:
         return cls(sae=parts["sae"], model=parts.get("model") or None, hook_name=parts.get("hook") or None)
 
 
+def _releases(size: str) -> Mapping[str, str]:
+    """Gemma Scope 2 every-layer releases (site -> SAELens release name) for a model size."""
+    from sae_lens_t5gemma.sizes import get_size
+
+    return get_size(size).gemma_scope_releases
+
+
 def transfer_hook(gemma3_hook: str, stack: str = "encoder") -> str | None:
     """The T5Gemma 2 hook reading the same activation as a Gemma 3 (TransformerLens) hook.
 
@@ -152,24 +159,25 @@ def transfer_hook(gemma3_hook: str, stack: str = "encoder") -> str | None:
     return sites_mod.site(stack, int(parts[1]), kind).hook_name
 
 
-def gemma_scope_variants(site: str, layer: int, widths: Sequence[str] = ("16k",)) -> list[str]:
+def gemma_scope_variants(
+    site: str, layer: int, widths: Sequence[str] = ("16k",), size: str = "270m"
+) -> list[str]:
     """Every Gemma Scope 2 every-layer id at ``layer`` with a width in ``widths``, by expected L0.
 
     Read from SAELens' own release YAML: ``layer_5_width_16k_l0_small`` (L0 10-20) and
-    ``..._l0_big`` (60-150) for the ``-all`` releases.
+    ``..._l0_big`` (60-150) for the ``-all`` releases of the model ``size``.
     """
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    lookup = get_pretrained_saes_directory()[GEMMA_SCOPE_RELEASES[site]]
+    release = _releases(size)[site]
+    lookup = get_pretrained_saes_directory()[release]
     ids = [
         i
         for i in lookup.saes_map
         if i.startswith(f"layer_{layer}_") and any(f"_width_{w}_" in i for w in widths)
     ]
     if not ids:
-        raise ValueError(
-            f"{GEMMA_SCOPE_RELEASES[site]} has no SAE at layer {layer} with a width in {list(widths)}."
-        )
+        raise ValueError(f"{release} has no SAE at layer {layer} with a width in {list(widths)}.")
     return sorted(ids, key=lambda i: (lookup.expected_l0.get(i) or 0, i))
 
 
@@ -184,6 +192,7 @@ def standard_pairs(
     t5gemma2_model: str = T5GEMMA2_MODEL,
     gemma_scope_widths: Sequence[str] = ("16k",),
     transfer_stacks: Sequence[str] = ("encoder", "decoder"),
+    size: str = "270m",
 ) -> list[Pair]:
     """The usual comparison at some layers.
 
@@ -194,23 +203,34 @@ def standard_pairs(
     one named (e.g. ``width_16k_l0_small``); and, with ``transfer``, each of them applied at
     the same activation of T5Gemma 2's ``transfer_stacks`` (:func:`transfer_hook`). Then each
     local folder.
+
+    ``size`` (``270m``, ``1b``, ``4b``) picks T5Gemma 2, Gemma 3 and the Gemma Scope 2
+    releases of that size (:data:`~sae_lens_t5gemma.sizes.SIZES`). The mindchain SAEs exist
+    for 270M only, so other sizes leave them out.
     """
+    from sae_lens_t5gemma.sizes import get_size
+
+    releases = _releases(size)
+    if size != "270m":
+        mindchain = False  # the community SAEs were trained on 270M-270M only
+        if t5gemma2_model == T5GEMMA2_MODEL:
+            t5gemma2_model = get_size(size).t5gemma2_id
     pairs: list[Pair] = []
     for layer in layers:
         if mindchain:
             stacks = ("encoder", "decoder") if decoder else ("encoder",)
             pairs += [Pair(f"{MINDCHAIN_RELEASE}:{stack}/layer_{layer}", t5gemma2_model) for stack in stacks]
         for gs_site in gemma_scope_sites:
-            if gs_site not in GEMMA_SCOPE_RELEASES:
+            if gs_site not in releases:
                 raise ValueError(
-                    f"Unknown Gemma Scope 2 site {gs_site!r}: expected one of {sorted(GEMMA_SCOPE_RELEASES)}."
+                    f"Unknown Gemma Scope 2 site {gs_site!r}: expected one of {sorted(releases)}."
                 )
             if gemma_scope_variant == "all":
-                ids = gemma_scope_variants(gs_site, layer, gemma_scope_widths)
+                ids = gemma_scope_variants(gs_site, layer, gemma_scope_widths, size)
             else:
                 ids = [f"layer_{layer}_{gemma_scope_variant}"]
             for sae_id in ids:
-                spec = f"{GEMMA_SCOPE_RELEASES[gs_site]}:{sae_id}"
+                spec = f"{releases[gs_site]}:{sae_id}"
                 pairs.append(Pair(spec))
                 for stack in transfer_stacks if transfer else ():
                     target = transfer_hook(f"blocks.{layer}.{_GEMMA_SCOPE_HOOKS[gs_site]}", stack)
@@ -244,7 +264,8 @@ def _load_model(name: str, device: str, dtype: torch.dtype) -> tuple[Any, str]:
         from sae_lens_t5gemma.hooked import load_t5gemma2
 
         return load_t5gemma2(name, device=device, dtype=dtype), "T5Gemma 2"
-    if model_type == "gemma3_text":
+    # "gemma3": the multimodal Gemma 3 checkpoints (4B and up); TransformerLens reads their text part.
+    if model_type in ("gemma3_text", "gemma3"):
         from sae_lens_t5gemma.gemma_scope import load_gemma3
 
         return load_gemma3(name, device=device, dtype=dtype), "Gemma 3"
@@ -274,7 +295,7 @@ def _load_sae(spec: str, device: str) -> tuple[Any, str]:
     if Path(spec).exists():
         return SAE.load_from_disk(spec, device=device), "local"
     release, _, sae_id = spec.partition(":")
-    if release in GEMMA_SCOPE_RELEASES.values():
+    if release.startswith("gemma-scope-2-"):
         import sae_lens_t5gemma.gemma_scope  # noqa: F401  (reads tensor shapes from the local cache offline)
     sae = SAE.from_pretrained(release=release, sae_id=sae_id, device=device)
     source = {MINDCHAIN_RELEASE: "mindchain"}.get(release)
@@ -284,18 +305,20 @@ def _load_sae(spec: str, device: str) -> tuple[Any, str]:
 
 
 @contextlib.contextmanager
-def stand_in_hub() -> Iterator[Path]:
+def stand_in_hub(size: str | None = None) -> Iterator[Path]:
     """A throwaway offline hub cache with every stand-in this comparison can use.
 
     The T5Gemma 2 stand-in and the mindchain SAEs (``synthetic.write_stand_in_hub``) plus
     Gemma 3 and Gemma Scope 2 (``synthetic.write_gemma3_stand_in_hub``), under their real
     ids, with huggingface_hub offline; removed on exit. Numbers from it are synthetic.
+    ``size`` (``1b``, ``4b``): the shrunken stand-ins with that size's structure and ids.
     """
     from sae_lens_t5gemma import synthetic
 
+    size = None if size == "270m" else size  # the default stand-in is the 270M one
     with tempfile.TemporaryDirectory(prefix="sae_lens_t5gemma_compare_hub_") as tmp:
-        synthetic.write_stand_in_hub(tmp)
-        synthetic.write_gemma3_stand_in_hub(tmp)
+        synthetic.write_stand_in_hub(tmp, size=size)
+        synthetic.write_gemma3_stand_in_hub(tmp, size=size)
         with synthetic.offline_hub(tmp) as cache:
             yield cache
 

@@ -626,3 +626,26 @@ def test_every_plot_of_a_stand_in_run_carries_the_synthetic_label(report: C.Repo
     for key, path in report.files.items():
         if path.suffix == ".png":
             assert _pink_fraction(path) > 0.01, key  # the diagonal SYNTHETIC watermark
+
+
+def test_cli_compare_size_4b_pairs_the_4b_models_and_releases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """compare --size 4b on the shrunken 4B stand-ins (real structure: RoPE x8 on global layers)."""
+    out = tmp_path / "out"
+    rc = main(["compare", "--stand-in", "--size", "4b", "--layers", "1", "--gemma-scope-sites", "resid_post",
+               "--gemma-scope-variant", "width_16k_l0_small", "--n-batches", "1", "--out", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    spec = "gemma-scope-2-4b-pt-res-all:layer_1_width_16k_l0_small"
+    assert [(r["sae"], r["model"], r["role"], r["stack"]) for r in data["rows"]] == [
+        (spec, "google/gemma-3-4b-pt", "native", "decoder-only"),
+        (spec, "google/t5gemma-2-4b-4b", "transfer", "encoder"),
+        (spec, "google/t5gemma-2-4b-4b", "transfer", "decoder"),
+    ]  # no mindchain rows: those SAEs exist for 270M only
+    assert data["title"] == "SAE comparison: T5Gemma 2 4b-4b and Gemma 3 4B"
+    enc = next(t for t in data["transfer"] if t["target_stack"] == "encoder")
+    # At 4B both models scale RoPE by 8 and the stand-in's Gemma 3 holds the encoder's weights:
+    # the causal control recovers Gemma 3 exactly.
+    assert enc["corr_median_causal"] == pytest.approx(1.0, abs=1e-4)
+    assert all(f.startswith(C.SYNTHETIC_PREFIX) for f in data["findings"])
