@@ -47,6 +47,12 @@ def _site_width(model: HookedT5Gemma2, hook_name: str) -> int:
 
 def _fit(model: HookedT5Gemma2, name: str, width: int, what: str) -> str:
     canonical = model.canonical_name(name)
+    if canonical in model._vision_sites:
+        raise ValueError(
+            f"Hook {canonical} (from {name!r}) is a vision-tower site: its activations are per image patch, "
+            "not per token, so SAEs cannot be spliced or steered there. Read it with run_with_cache, or "
+            "train on it with sae_lens_t5gemma.images.harvest / train_sae."
+        )
     site_width = _site_width(model, canonical)
     if width != site_width:
         raise ValueError(

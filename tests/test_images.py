@@ -329,3 +329,19 @@ def test_image_tokens_are_marked(stand_in, batch, image_sae):
     rendered = rendered_tokens(example, max_act=1.0)
     assert [r["image"] for r in rendered] == [False] * 4 + [True, True]
     assert rendered[4]["title"] == "image token · '<img>': activation 1 · encoder input"
+
+
+def test_saes_are_refused_at_vision_sites(stand_in):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    model, _ = stand_in
+    sae = StandardSAE(
+        StandardSAEConfig(d_in=D_VISION, d_sae=8, metadata=SAEMetadata(hook_name="vision.0.attn_out"))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Hook vision_blocks\.0\.hook_attn_out \(from 'vision\.0\.attn_out'\) is a vision-tower site",
+    ):
+        model.add_sae(sae)
+    assert not model._acts_to_saes
