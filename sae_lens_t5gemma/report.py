@@ -424,6 +424,26 @@ def findings(report: Report, synthetic: bool = False) -> list[str]:
 
 def _markdown(report: Report, title: str, banner: str | None) -> str:
     rows, s = report.rows, report.setup
+    # fmt: off
+    sites_table = _md_table(
+        ["SAE", "role", "model", "stack", "layer", "hook", "site", "what it reads", "d_in", "d_sae"],
+        [[r.sae, r.role, r.model, r.stack, str(r.layer), f"`{r.hook_name}`", r.site, r.site_words, str(r.d_in),
+          str(r.d_sae)] for r in rows],
+    )
+    results_table = _md_table(
+        ["SAE", "role", "model / stack", "layer", "site", *_FMT],
+        [[r.sae, r.role, f"{r.family} {r.stack}", str(r.layer), r.site,
+          *(_fmt(getattr(r, k), v) for k, v in _FMT.items())] for r in rows],
+    )
+    matches = matched_variants(rows)
+    matched_table = _md_table(
+        ["T5Gemma 2 SAE", "stack", "layer", "L0", "d_sae", "Gemma Scope 2 site", "nearest variant", "L0", "d_sae",
+         "abs log L0 ratio"],
+        [[m["sae"], m["stack"], str(m["layer"]), _fmt(m["l0"], ".1f"), str(m["d_sae"]), m["gemma_scope_site"],
+          m["gemma_scope_sae"], _fmt(m["gemma_scope_l0"], ".1f"), str(m["gemma_scope_d_sae"]),
+          _fmt(m["abs_log_l0_ratio"], ".2f")] for m in matches],
+    )
+    # fmt: on
     parts = [f"# {title}", ""]
     if banner:
         parts += [f"> **{banner}**", ""]
@@ -450,24 +470,7 @@ def _markdown(report: Report, title: str, banner: str | None) -> str:
         "",
         "Every SAE, where it was applied, and how wide it is. Rows compare like with like only where the site key agrees.",
         "",
-        _md_table(
-            ["SAE", "role", "model", "stack", "layer", "hook", "site", "what it reads", "d_in", "d_sae"],
-            [
-                [
-                    r.sae,
-                    r.role,
-                    r.model,
-                    r.stack,
-                    str(r.layer),
-                    f"`{r.hook_name}`",
-                    r.site,
-                    r.site_words,
-                    str(r.d_in),
-                    str(r.d_sae),
-                ]
-                for r in rows
-            ],
-        ),  # fmt: skip
+        sites_table,
         "",
         "## Results",
         "",
@@ -479,20 +482,7 @@ def _markdown(report: Report, title: str, banner: str | None) -> str:
             else "."
         ),
         "",
-        _md_table(
-            ["SAE", "role", "model / stack", "layer", "site", *_FMT],
-            [
-                [
-                    r.sae,
-                    r.role,
-                    f"{r.family} {r.stack}",
-                    str(r.layer),
-                    r.site,
-                    *(_fmt(getattr(r, k), v) for k, v in _FMT.items()),
-                ]
-                for r in rows
-            ],
-        ),  # fmt: skip
+        results_table,
         "",
         "## Tasks",
         "",
@@ -503,41 +493,12 @@ def _markdown(report: Report, title: str, banner: str | None) -> str:
         "## Matched sparsity",
         "",
     ]
-    matches = matched_variants(rows)
     if matches:
         parts += [
             "Each native T5Gemma 2 SAE beside the Gemma Scope 2 variant of its layer nearest in L0 (then width), "
             "per Gemma Scope 2 site. EV and ΔCE compare fairly only at matched L0 (see the L0 plots).",
             "",
-            _md_table(
-                [
-                    "T5Gemma 2 SAE",
-                    "stack",
-                    "layer",
-                    "L0",
-                    "d_sae",
-                    "Gemma Scope 2 site",
-                    "nearest variant",
-                    "L0",
-                    "d_sae",
-                    "abs log L0 ratio",
-                ],
-                [
-                    [
-                        m["sae"],
-                        m["stack"],
-                        str(m["layer"]),
-                        _fmt(m["l0"], ".1f"),
-                        str(m["d_sae"]),
-                        m["gemma_scope_site"],
-                        m["gemma_scope_sae"],
-                        _fmt(m["gemma_scope_l0"], ".1f"),
-                        str(m["gemma_scope_d_sae"]),
-                        _fmt(m["abs_log_l0_ratio"], ".2f"),
-                    ]
-                    for m in matches
-                ],
-            ),  # fmt: skip
+            matched_table,
         ]
     else:
         parts.append("No native T5Gemma 2 and Gemma Scope 2 rows at a shared layer.")
@@ -583,6 +544,16 @@ def _transfer_markdown(report: Report) -> list[str]:
             else f"{tasks[t.task_target]} vs {tasks[t.task_home]} (differ)"
         )
 
+    # fmt: off
+    transfer_table = _md_table(
+        ["SAE", "layer", "site", "target", "tokens", "EV T5Gemma 2", "EV Gemma 3", "EV kept", "L0 T5Gemma 2",
+         "L0 Gemma 3", "ΔCE T5Gemma 2", "ΔCE Gemma 3", "task"],
+        [[t.sae, str(t.layer), t.site, f"{t.target_stack} `{t.target_hook}`", str(t.n_tokens),
+          _fmt(t.ev_target, ".3f"), _fmt(t.ev_home, ".3f"), _fmt(t.ev_kept, ".2f"), _fmt(t.l0_target, ".1f"),
+          _fmt(t.l0_home, ".1f"), _fmt(t.ce_increase_target, ".4f"),
+          _fmt(t.ce_increase_home if t.same_task else None, ".4f"), task_cell(t)] for t in report.transfer],
+    )
+    # fmt: on
     parts += [
         "Each SAE is applied unchanged at the same activation of a T5Gemma 2 stack (both stacks were "
         "initialised from Gemma 3 270M). For Gemma 3 -> T5Gemma 2 transfers, EV and L0 of both columns "
@@ -591,41 +562,7 @@ def _transfer_markdown(report: Report) -> list[str]:
         "ΔCE = CE increase from splicing the SAE in. Both ΔCE columns are filled only where both were "
         "scored on one task (listed below the table); otherwise the Gemma 3 column is n/a.",
         "",
-        _md_table(
-            [
-                "SAE",
-                "layer",
-                "site",
-                "target",
-                "tokens",
-                "EV T5Gemma 2",
-                "EV Gemma 3",
-                "EV kept",
-                "L0 T5Gemma 2",
-                "L0 Gemma 3",
-                "ΔCE T5Gemma 2",
-                "ΔCE Gemma 3",
-                "task",
-            ],
-            [
-                [
-                    t.sae,
-                    str(t.layer),
-                    t.site,
-                    f"{t.target_stack} `{t.target_hook}`",
-                    str(t.n_tokens),
-                    _fmt(t.ev_target, ".3f"),
-                    _fmt(t.ev_home, ".3f"),
-                    _fmt(t.ev_kept, ".2f"),
-                    _fmt(t.l0_target, ".1f"),
-                    _fmt(t.l0_home, ".1f"),
-                    _fmt(t.ce_increase_target, ".4f"),
-                    _fmt(t.ce_increase_home if t.same_task else None, ".4f"),
-                    task_cell(t),
-                ]
-                for t in report.transfer
-            ],
-        ),  # fmt: skip
+        transfer_table,
         "",
         "Tasks:",
         "",
@@ -637,6 +574,16 @@ def _transfer_markdown(report: Report) -> list[str]:
     measured = [t for t in report.transfer if t.corr_median is not None]
     if not measured:
         return parts
+    # fmt: off
+    controls_table = _md_table(
+        ["SAE", "layer", "site", "target", "corr median", "> 0.5", "> 0.9", "norm ratio T5/G3", "EV",
+         "EV norm-matched", "L0 norm-matched", "EV causal", "corr median causal"],
+        [[t.sae, str(t.layer), t.site, t.target_stack, _fmt(t.corr_median, ".3f"),
+          _fmt(t.corr_frac_above_0_5, ".0%"), _fmt(t.corr_frac_above_0_9, ".0%"), _fmt(t.norm_ratio, ".3f"),
+          _fmt(t.ev_target, ".3f"), _fmt(t.ev_norm_matched, ".3f"), _fmt(t.l0_norm_matched, ".1f"),
+          _fmt(t.ev_causal, ".3f"), _fmt(t.corr_median_causal, ".3f")] for t in measured],
+    )
+    # fmt: on
     parts += [
         "",
         "## Feature-level transfer and controls",
@@ -648,41 +595,7 @@ def _transfer_markdown(report: Report) -> list[str]:
         "*causal* runs T5Gemma 2's encoder with a causal mask, keeping its weights and removing only "
         "bidirectional attention (encoder targets).",
         "",
-        _md_table(
-            [
-                "SAE",
-                "layer",
-                "site",
-                "target",
-                "corr median",
-                "> 0.5",
-                "> 0.9",
-                "norm ratio T5/G3",
-                "EV",
-                "EV norm-matched",
-                "L0 norm-matched",
-                "EV causal",
-                "corr median causal",
-            ],
-            [
-                [
-                    t.sae,
-                    str(t.layer),
-                    t.site,
-                    t.target_stack,
-                    _fmt(t.corr_median, ".3f"),
-                    _fmt(t.corr_frac_above_0_5, ".0%"),
-                    _fmt(t.corr_frac_above_0_9, ".0%"),
-                    _fmt(t.norm_ratio, ".3f"),
-                    _fmt(t.ev_target, ".3f"),
-                    _fmt(t.ev_norm_matched, ".3f"),
-                    _fmt(t.l0_norm_matched, ".1f"),
-                    _fmt(t.ev_causal, ".3f"),
-                    _fmt(t.corr_median_causal, ".3f"),
-                ]
-                for t in measured
-            ],
-        ),  # fmt: skip
+        controls_table,
         "",
         "### Best and worst carried features",
         "",
