@@ -338,7 +338,7 @@ def top_features_with_images(
     Returns:
         ``FeatureHit`` rows sorted by activation; ``token`` is ``<img>`` at image positions.
     """
-    from sae_lens_t5gemma.steering import FeatureHit, _sae_input, check_sae_fits
+    from sae_lens_t5gemma.steering import _sae_input, check_sae_fits, rank_features
 
     hook = getattr(sae.cfg.metadata, "hook_name", None)
     if hook is not None and sites_mod.resolve_vision(hook) is not None:
@@ -362,22 +362,4 @@ def top_features_with_images(
         torch.ones_like(tokens[row], dtype=torch.bool) if mask is None else mask[row].bool().to(tokens.device)
     )
     feats = sae.encode(_sae_input(sae, cache[name][row]).to(sae.device))
-    feats = feats.reshape(feats.shape[0], -1) * real[:, None].to(feats.device)
-    strs = model.to_str_tokens(tokens[row])
-    hits: list[Any] = []
-    if per_token:
-        vals, idx = feats.topk(min(k, feats.shape[-1]), dim=-1)
-        for p in real.nonzero().flatten().tolist():
-            hits += [
-                FeatureHit(p, strs[p], int(i), float(v))
-                for v, i in zip(vals[p].tolist(), idx[p].tolist(), strict=True)
-                if v > 0
-            ]
-        return hits
-    vals, flat = feats.flatten().topk(min(k, feats.numel()))
-    for v, fi in zip(vals.tolist(), flat.tolist(), strict=True):
-        if v <= 0:
-            break
-        p, f = divmod(fi, feats.shape[-1])
-        hits.append(FeatureHit(p, strs[p], f, float(v)))
-    return hits
+    return rank_features(feats, real, model.to_str_tokens(tokens[row]), k, per_token)

@@ -650,14 +650,21 @@ def top_features(
         covered = model.covered_mask(tokens, s.stack)[0]
     x = cache[name][0]
     feats = sae.encode(_sae_input(sae, x).to(sae.device))
-    if feats.ndim == 3:  # hook_z-reshaping SAEs keep no head axis in feature space; be safe
-        feats = feats.reshape(feats.shape[0], -1)
-    feats = feats * covered[:, None].to(feats.device)  # positions the stack did not compute
-    strs = model.to_str_tokens(tokens[0])
+    return rank_features(feats, covered, model.to_str_tokens(tokens[0]), k, per_token)
+
+
+def rank_features(
+    feats: torch.Tensor, positions: torch.Tensor, strs: list[str], k: int, per_token: bool
+) -> list[FeatureHit]:
+    """Top features of one row's ``[n, d_sae]`` activations, at the positions marked in ``positions``.
+
+    Positions not marked are zeroed first; ``strs`` are the row's token strings.
+    """
+    feats = feats.reshape(feats.shape[0], -1) * positions[:, None].to(feats.device)
     rows: list[FeatureHit] = []
     if per_token:
         vals, idx = feats.topk(min(k, feats.shape[-1]), dim=-1)
-        for p in covered.nonzero().flatten().tolist():
+        for p in positions.nonzero().flatten().tolist():
             rows += [
                 FeatureHit(p, strs[p], int(i), float(v))
                 for v, i in zip(vals[p].tolist(), idx[p].tolist(), strict=True)
