@@ -441,6 +441,83 @@ def gemma_scope_params(
     }
 
 
+# Stand-in L0 targets of the fitted variants (d_sae 128): the real small/big are 10-20 / 60-150 of 16k.
+STAND_IN_FITTED_L0 = {"small": 6.0, "big": 24.0}
+
+
+def fitted_gemma_scope_params(
+    acts: torch.Tensor, d_sae: int, l0: float, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """JumpReLU parameters fitted to activations, in Gemma Scope 2's layout: a stand-in that explains variance.
+
+    The decoder holds ± the top ``d_sae // 2`` principal directions of ``acts`` (random unit
+    vectors where there are fewer), the encoder is tied to it with ``b_enc`` centring the input,
+    ``b_dec`` is the mean, and one threshold for every feature makes the mean L0 on ``acts``
+    equal ``l0``. It then reconstructs the centred activation's components that exceed the
+    threshold: a lower L0, less variance explained, as for real SAEs. Synthetic, not trained.
+    """
+    acts = acts.double()
+    mean = acts.mean(0)
+    centred = acts - mean
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    dirs = vh[: d_sae // 2]
+    if dirs.shape[0] < d_sae // 2:
+        extra = torch.randn(
+            d_sae // 2 - dirs.shape[0], acts.shape[1], generator=torch.Generator().manual_seed(seed)
+        )
+        dirs = torch.cat([dirs, extra.double() / extra.norm(dim=1, keepdim=True)])
+    w_dec = torch.cat([dirs, -dirs])
+    pre = (centred @ w_dec.T).flatten()
+    # The threshold leaving l0 * tokens values above it: the (size - that)-th smallest.
+    above = min(int(l0 * acts.shape[0]), pre.numel() - 1)
+    threshold = pre.kthvalue(pre.numel() - above).values.clamp_min(1e-6)
+    return {
+        "w_enc": w_dec.T.contiguous().float(),
+        "w_dec": w_dec.float(),
+        "b_enc": (-(mean @ w_dec.T)).float(),
+        "b_dec": mean.float(),
+        "threshold": torch.full((d_sae,), float(threshold)),
+    }
+
+
+def gemma3_site_activations(
+    model: Any, tokenizer: Any, texts: list[str], n_layers: int
+) -> dict[tuple[str, int], torch.Tensor]:
+    """Activations of a transformers Gemma 3 at each Gemma Scope 2 site (``GEMMA_SCOPE_HF_POINTS``).
+
+    ``(site, layer) -> [tokens, d]`` over ``texts`` (one right-padded batch; BOS and padding left out).
+    """
+    layers = model.model.layers
+    acts: dict[tuple[str, int], list[torch.Tensor]] = {}
+    handles = []
+
+    def keep(key: tuple[str, int], x: torch.Tensor) -> None:
+        acts.setdefault(key, []).append(x.detach())
+
+    for layer in range(n_layers):
+        handles += [
+            layers[layer].register_forward_hook(
+                lambda m, a, out, k=("resid_post", layer): keep(k, out[0] if isinstance(out, tuple) else out)
+            ),
+            layers[layer].self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, k=("attn_out", layer): keep(k, a[0])
+            ),
+            layers[layer].post_feedforward_layernorm.register_forward_hook(
+                lambda m, a, out, k=("mlp_out", layer): keep(k, out)
+            ),
+        ]
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    real = batch["attention_mask"].bool()
+    real[:, 0] = False  # BOS: a special token, left out as the evaluations leave it out
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {key: parts[0][real] for key, parts in acts.items()}
+
+
 def write_gemma_scope_repo(
     cache_dir: str | Path,
     n_layers: int | None = None,
@@ -450,6 +527,7 @@ def write_gemma_scope_repo(
     widths: tuple[str, ...] = ("16k",),
     seed: int = 0,
     size: str | None = None,
+    fit_to: dict[tuple[str, int], torch.Tensor] | None = None,
 ) -> Path:
     """Write Gemma Scope 2 SAEs laid out as in ``google/gemma-scope-2-270m-pt`` (or ``size``'s repo).
 
@@ -465,6 +543,9 @@ def write_gemma_scope_repo(
             (``attn_out``: heads x head_dim, the o_proj input; others: hidden).
         size: ``"270m"``, ``"1b"`` or ``"4b"``: that size's repo (``SIZES[size].gemma_scope_repo``)
             and releases; None is the original 270m stand-in.
+        fit_to: ``(site, layer) -> activations`` (:func:`gemma3_site_activations`): those SAEs are
+            fitted (:func:`fitted_gemma_scope_params`, L0 per :data:`STAND_IN_FITTED_L0`) instead
+            of random.
     """
     import json
 
@@ -488,14 +569,19 @@ def write_gemma_scope_repo(
             # Variants differ as the real ones do: the small-L0 variant (expected L0 below 50)
             # gets thresholds 3x higher, so it fires less often; each variant its own seed.
             variant_seed = int(hashlib.sha1(sae_id.encode()).hexdigest()[:6], 16)
-            params = gemma_scope_params(
-                d_in[site], d_sae, seed=seed * 10007 + s_index * 1009 + variant_seed,
-                threshold_scale=3.0 if l0 < 50 else 1.0,
-            )  # fmt: skip
+            if fit_to is not None and (site, layer) in fit_to:
+                target = STAND_IN_FITTED_L0["small" if l0 < 50 else "big"]
+                params = fitted_gemma_scope_params(fit_to[(site, layer)], d_sae, target, seed=variant_seed)
+            else:
+                params = gemma_scope_params(
+                    d_in[site], d_sae, seed=seed * 10007 + s_index * 1009 + variant_seed,
+                    threshold_scale=3.0 if l0 < 50 else 1.0,
+                )  # fmt: skip
             payload[f"{folder}/params.safetensors"] = save_safetensors(params)
             config = gemma_scope_config(site, layer, d_sae, l0, size)
             payload[f"{folder}/config.json"] = json.dumps(config, indent=2).encode()
-    payload["README.md"] = f"Synthetic stand-in for {repo} (random weights).\n".encode()
+    kind = "weights fitted to the Gemma 3 stand-in's activations" if fit_to else "random weights"
+    payload["README.md"] = f"Synthetic stand-in for {repo} ({kind}).\n".encode()
     return write_hub_repo(cache_dir, repo, payload)
 
 
@@ -506,7 +592,9 @@ def write_gemma3_stand_in_hub(cache_dir: str | Path, seed: int = 0, size: str | 
       the text-encoder weights of the T5Gemma 2 stand-in built from the same ``seed``, with
       the same small tokenizer;
     - ``google/gemma-scope-2-270m-pt``: Gemma Scope 2 stand-ins for the three every-layer
-      releases (``-att-all``, ``-res-all``, ``-mlp-all``), width-16k ids only, d_sae 128.
+      releases (``-att-all``, ``-res-all``, ``-mlp-all``), width-16k ids only, d_sae 128,
+      fitted to that Gemma 3's activations on the embedded corpus (:func:`fitted_gemma_scope_params`:
+      principal directions, one threshold per SAE; small L0 6, big L0 24).
 
     With ``size`` (``"270m"``, ``"1b"``, ``"4b"``), the same for that size under its real ids
     (``SIZES[size].gemma3_id``, ``.gemma_scope_repo``): the Gemma 3 stand-in carries the
@@ -525,10 +613,14 @@ def write_gemma3_stand_in_hub(cache_dir: str | Path, seed: int = 0, size: str | 
         t5, repo = build_t5gemma2(seed=seed, size=size), sizes.get_size(size).gemma3_id
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gemma3"
-        gemma3_from_t5gemma2_encoder(t5, size).save_pretrained(folder)
-        build_tokenizer(folder)
+        gemma3 = gemma3_from_t5gemma2_encoder(t5, size)
+        gemma3.save_pretrained(folder)
+        tokenizer = build_tokenizer(folder)
         write_hub_folder(cache_dir, repo, folder)
-    write_gemma_scope_repo(cache_dir, seed=seed, size=size)
+    # SAEs fitted to Gemma 3's activations on the embedded corpus, so that they explain variance
+    # there (random ones explain none) and the comparison's transfer measures have something to keep.
+    acts = gemma3_site_activations(gemma3, tokenizer, stand_in_texts(), gemma3.config.num_hidden_layers)
+    write_gemma_scope_repo(cache_dir, seed=seed, size=size, fit_to=acts)
     return cache_dir
 
 
