@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import functools
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sae_lens_t5gemma import synthetic
@@ -147,7 +148,6 @@ def section_train(cache: Path, out: Path) -> None:
     import time
     import warnings
 
-    import torch
     from sae_lens import SAE
 
     from sae_lens_t5gemma import training
@@ -172,23 +172,18 @@ def section_train(cache: Path, out: Path) -> None:
         context_size=32, store_batch_size_prompts=8, lr=3e-3, eval_every_n_steps=50, n_eval_batches=1,
         n_batches_for_norm_estimate=10, release_name="t5gemma2-demo-trained", overwrite=True, preset="recommended (demo size)",
     )  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is fastest
-    try:
-        model = load_t5gemma2(cfg.model)
-        hooks = {
-            "encoder.5.attn_out": "encoder_blocks.5.attn.hook_out",
-            "decoder.5.attn_out": "decoder_blocks.5.self_attn.hook_out",
-        }
-        with model.fed(prefix_len=cfg.context_size // 2):  # the split training uses
-            acts = training.collect_activations(
-                model, [" ".join(held_out)] * 2, list(hooks.values()), cfg.context_size
-            )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*exhausted.*")  # 20 sentences: many epochs, by design
-            result = training.train(cfg, model=model, keep_initial=True)
-    finally:
-        torch.set_num_threads(threads)
+    model = load_t5gemma2(cfg.model)
+    hooks = {
+        "encoder.5.attn_out": "encoder_blocks.5.attn.hook_out",
+        "decoder.5.attn_out": "decoder_blocks.5.self_attn.hook_out",
+    }
+    with model.fed(prefix_len=cfg.context_size // 2):  # the split training uses
+        acts = training.collect_activations(
+            model, [" ".join(held_out)] * 2, list(hooks.values()), cfg.context_size
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exhausted.*")  # 20 sentences: many epochs, by design
+        result = training.train(cfg, model=model, keep_initial=True)
     for sae_id, hook in hooks.items():
         before = training.reconstruction_mse(result.initial_saes[sae_id], acts[hook])
         after = training.reconstruction_mse(result.saes[sae_id], acts[hook])
@@ -289,6 +284,19 @@ def section_dashboard(cache: Path, out: Path) -> None:
     print(f"dashboard done in {time.perf_counter() - t0:.1f} s (SYNTHETIC); open {index.resolve()}")
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one thread: the stand-ins are tiny, and a second thread only spin-waits (5x slower on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,6 +307,7 @@ def run_demo(args: argparse.Namespace) -> None:
             hook_and_steer = functools.partial(
                 section_hook_and_steer, model_name=getattr(args, "model", None)
             )
+            real_model = getattr(args, "model", None) is not None
             for section in (
                 section_load,
                 hook_and_steer,
@@ -307,5 +316,7 @@ def run_demo(args: argparse.Namespace) -> None:
                 section_diagnose,
                 section_dashboard,
             ):
-                section(cache, out)
+                tiny = not (real_model and section is hook_and_steer)
+                with one_thread() if tiny else contextlib.nullcontext():
+                    section(cache, out)
     print(BANNER)
