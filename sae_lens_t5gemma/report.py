@@ -630,10 +630,12 @@ def _save(fig: Any, path: Path, synthetic: bool) -> Path:
     return path
 
 
-def _layer_axis(ax: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def _layer_axis(ax: Any, layers: Any) -> None:
+    """Ticks at the layers plotted (integers, also when there is a single one)."""
+    ticks = sorted(set(layers))
+    if ticks:
+        ax.set_xticks(ticks)
+        ax.set_xlim(ticks[0] - 0.5, ticks[-1] + 0.5)
     ax.set_xlabel("layer")
 
 
@@ -672,7 +674,7 @@ def _plots(report: Report, out: Path, synthetic: bool) -> dict[str, Path]:
     for label, group in groups.items():
         group = sorted(group, key=lambda r: r.layer)
         ax.plot([r.layer for r in group], [r.ce_loss_score for r in group], marker="o", label=label)
-    ax.set_xlabel("layer")
+    _layer_axis(ax, [r.layer for r in rows])
     ax.set_ylabel("CE-loss score (1 = no loss increase)")
     ax.set_title("CE-loss score by layer (each row on its own task)")
     ax.legend(fontsize=6)
@@ -690,7 +692,7 @@ def _plots(report: Report, out: Path, synthetic: bool) -> dict[str, Path]:
             ax.plot(
                 [r.layer for r in group], [getattr(r, metric) for r in group], style, label=f"{stack} {key}"
             )
-        ax.set_xlabel("layer")
+        _layer_axis(ax, [r.layer for r in t5])
         ax.set_ylabel(name)
         if t5:
             ax.legend(fontsize=7)
@@ -731,7 +733,7 @@ def _transfer_plots(transfer: list[TransferRow], out: Path, synthetic: bool) -> 
     axes[1].set_ylabel("median feature correlation with Gemma 3")
     axes[1].set_ylim(-0.1, 1.05)
     for ax in axes:
-        _layer_axis(ax)
+        _layer_axis(ax, [t.layer for t in measured])
         ax.legend(fontsize=6)
     fig.suptitle("Gemma Scope 2 SAEs transferred to T5Gemma 2, per layer (solid: encoder, dashed: decoder)")
     files["transfer_by_layer"] = _save(fig, out / "transfer_by_layer.png", synthetic)
@@ -756,14 +758,16 @@ def _transfer_plots(transfer: list[TransferRow], out: Path, synthetic: bool) -> 
 
     fig = _figure((7, 5))
     ax = fig.add_subplot()
-    for (site, stack, variant), group in sorted(lines.items()):
-        if variant != _variant(sorted(group, key=lambda t: t.sae)[0].sae):
-            continue
-        group = sorted(group, key=lambda t: t.layer)
-        ax.plot([t.layer for t in group], [t.norm_ratio for t in group], "o-" if stack == "encoder" else "s--",
-                label=f"{site} -> {stack} ({variant})")  # fmt: skip
+    # The norm ratio belongs to the site and positions, not to the SAE: one line per (site, stack).
+    ratios: dict[tuple[str, str], dict[int, float]] = {}
+    for t in measured:
+        ratios.setdefault((t.site, t.target_stack), {})[t.layer] = t.norm_ratio or float("nan")
+    for (site, stack), by_layer in sorted(ratios.items()):
+        layers = sorted(by_layer)
+        style = "o-" if stack == "encoder" else "s--"
+        ax.plot(layers, [by_layer[layer] for layer in layers], style, label=f"{site} -> {stack}")
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    _layer_axis(ax)
+    _layer_axis(ax, [t.layer for t in measured])
     ax.set_ylabel("mean activation norm, T5Gemma 2 / Gemma 3")
     ax.set_title("Norm ratio at each transferred site (same positions)")
     ax.legend(fontsize=6)
