@@ -527,13 +527,13 @@ def compare(
     # whole row, so only full rows carry no padding.
     min_tokens = split + 1 if convention == "prefix_lm" else context_size
 
-    run = _Run(models={}, tokens={}, saes={}, batch_size=batch_size, dense_threshold=dense_threshold,
+    run = _Run(models={}, tokens={}, saes={}, device=device, batch_size=batch_size, dense_threshold=dense_threshold,
                convention=convention, prefix_len=prefix_len, progress=progress)  # fmt: skip
     doc_counts: dict[str, dict[str, int]] = {}
     rows: list[Row] = []
     for pair in tqdm(pairs, desc="SAE pairs", unit="pair", disable=not progress):
         t0 = time.perf_counter()
-        sae, source = run.sae(pair.sae, device)
+        sae, source = run.sae(pair.sae)
         load_s = time.perf_counter() - t0
         home_model = sae.cfg.metadata.model_name or ""
         home_hook = sae.cfg.metadata.hook_name
@@ -624,15 +624,17 @@ class _Run:
     models: dict[str, tuple[Any, str]]
     tokens: dict[str, torch.Tensor]
     saes: dict[str, tuple[Any, str]]
+    device: str
     batch_size: int
     dense_threshold: float
     convention: str
     prefix_len: int | None
     progress: bool
 
-    def sae(self, spec: str, device: str) -> tuple[Any, str]:
+    def sae(self, spec: str) -> tuple[Any, str]:
+        """(SAE, source label), loaded once per spec."""
         if spec not in self.saes:
-            self.saes[spec] = _load_sae(spec, device)
+            self.saes[spec] = _load_sae(spec, self.device)
         return self.saes[spec]
 
     def batches(self, model_name: str) -> list[torch.Tensor]:
@@ -658,8 +660,6 @@ class _Run:
             task = f"next-token prediction, scored on the prefix_lm continuation (targets at positions >= {score_from})"
         else:
             task, score_from = "next-token prediction, every target", None
-        if site_span is not None:
-            task = "matched"  # the caller names it
         metrics = evaluate_sae(
             model,
             sae,
@@ -778,7 +778,7 @@ def _transfer_rows(
         target_model, home_model = run.models[r.model][0], run.models[home.model][0]
         same_ids = torch.equal(run.tokens[r.model], run.tokens[home.model])
         if hasattr(target_model, "covered_mask") and same_ids:
-            sae = run.sae(r.sae, "cpu")[0]
+            sae = run.sae(r.sae)[0]
             ft = feature_transfer(
                 home_model,
                 target_model,
