@@ -835,6 +835,15 @@ def describe_plan(plan: TrainingPlan, cached: bool = False) -> str:
         f"runner   {runner}",
     ]
     lines += [f"  {s.friendly:24s} {s.hook_name:40s} d_in={plan.dims.d_in(s)}" for s in plan.sites]
+    for stack_plan in _per_stack(plan) if not cached else []:
+        z = stack_plan.store_sizing(stack_plan.sites)
+        lines.append(
+            f"memory   {stack_plan.sites[0].stack}: {z.store_batch_size_prompts} prompt(s) per forward, buffer "
+            f"{z.n_batches_in_buffer} rows; estimated peak above the model {z.peak_bytes / 2**30:.2f} GiB = "
+            f"activations {z.activation_bytes / 2**30:.2f} (store {z.estimate_bytes / 2**30:.2f} of its "
+            f"{z.budget_bytes / 2**30:.2f} budget, one SAE step {z.step_bytes / 2**30:.2f}) + SAEs with Adam "
+            f"{z.sae_state_bytes / 2**30:.2f}"
+        )
     lines.append(f"out      {plan.out}" + (f" (release {cfg.release_name})" if cfg.release_name else ""))
     return "\n".join(lines)
 

@@ -445,10 +445,11 @@ def store_bytes(width: int, prompts: int, context: int, covered: int, buffer_tok
     return acts + _MODEL_BYTES_PER_TOKEN * forward
 
 
-# One BatchTopK/TopK step (SAELens' TrainingSAE forward and backward, Adam) holds about this
-# many batch x d_sae float32 tensors at its peak (hidden_pre, the top-k mask and values,
-# feature_acts and their gradients): measured 8.6 at d_sae 4096 and 16384, batch 4096.
-_STEP_COPIES = 9
+# One BatchTopK step (SAELens' TrainingSAE forward and backward, Adam) holds about this many
+# batch x d_sae float32 tensors at its peak (hidden_pre, the top-k mask and values,
+# feature_acts and their gradients): measured 8.6 at d_sae 4096 and 10.2 at d_sae 16384
+# (batch 4096; benchmarks/bench_training.py, workers mem36 and mem1).
+_STEP_COPIES = 10
 
 
 def sae_step_bytes(batch: int, d_sae: int, d_in: int) -> int:
