@@ -439,9 +439,10 @@ def _return_freed_memory_to_the_os() -> bool:
     from its heap, and a heap hole is returned to the OS only if nothing live lies above
     it. A training run interleaves long-lived 10 MiB tensors (gradients, Adam moments)
     with transient ones of the same size (per-hook batches, per-forward copies), so freed
-    memory stays resident: 0.56 GiB above the 18-hook runner's live tensors in
-    ``benchmarks/bench_training.py`` (worker ``mem36``), and the package's store estimate
-    could not hold. A fixed 1 MiB threshold maps every larger tensor separately. The cost is
+    memory stays resident: 0.56 GiB above the live tensors of an 18-hook runner (SAELens'
+    path at the real widths, fed by a stand-in for the model's forward), and the package's
+    store estimate could not hold; with the setting, ``benchmarks/bench_training.py``
+    (worker ``mem36``) measured the estimate exactly. A fixed 1 MiB threshold maps every larger tensor separately. The cost is
     a fresh mapping (page faults) per such allocation, small next to an SAE step.
 
     Returns:
@@ -466,8 +467,8 @@ def _lean_multi_sae_steps() -> Iterator[None]:
     ``MultiSAETrainer.fit`` keeps every SAE's ``TrainStepOutput`` until all SAEs have
     stepped (for the progress bar and wandb), and each holds the step's ``sae_in``,
     ``sae_out``, ``feature_acts`` and ``hidden_pre``: 2 x batch x d_sae floats and more per
-    SAE. With 18 hooks at d_sae 4096 that is 2.6 GiB alive at once (measured by
-    ``benchmarks/bench_training.py``, worker ``mem36``; 9.7 GiB at d_sae 16384). The
+    SAE. With 18 hooks at d_sae 4096 that was 2.6 GiB alive at once (measured per phase, as
+    ``benchmarks/bench_training.py`` does; about 9 GiB at d_sae 16384, computed). The
     progress bar reads only the loss. So each per-SAE ``step`` is wrapped to return the
     output without those tensors; on a wandb logging step the log dict is built first,
     from the full output, and handed to ``_log_train_step`` unchanged.
@@ -836,7 +837,8 @@ def describe_plan(plan: TrainingPlan, cached: bool = False) -> str:
     ]
     lines += [f"  {s.friendly:24s} {s.hook_name:40s} d_in={plan.dims.d_in(s)}" for s in plan.sites]
     for stack_plan in _per_stack(plan) if not cached else []:
-        z = stack_plan.store_sizing(stack_plan.sites)
+        # One runner per stack, or one per site without multi_hook (the largest site then).
+        z = stack_plan.store_sizing(stack_plan.sites if cfg.multi_hook else stack_plan.sites[:1])
         lines.append(
             f"memory   {stack_plan.sites[0].stack}: {z.store_batch_size_prompts} prompt(s) per forward, buffer "
             f"{z.n_batches_in_buffer} rows; estimated peak above the model {z.peak_bytes / 2**30:.2f} GiB = "
