@@ -20,15 +20,20 @@ Workers, each in a fresh subprocess (so memory does not leak between them):
   batch for each stack, then step all 36 SAEs in float32 and with bf16 autocast.
 - ``scaling``: cost per SAE batch against tokens per batch, number of hooks, and d_sae (three points each).
 - ``mem1`` / ``mem36``: a real ``SAETrainingRunner.run()`` of the ``recommended`` preset (2 SAE
-  steps), store sized by the package from ``--max-memory``; peak RSS minus the RSS after the
-  model's weights loaded, split into the SAEs' training state (weights, gradients and Adam
-  moments: 16 bytes per parameter, computed) and the rest (the activation path), against the
-  package's estimate (``training_plan.store_bytes``). ``mem36`` uses d_sae 4096 so that 36
+  steps), store sized by the package from ``--max-memory``, run as ``training.train`` runs it
+  (allocator setting, lean multi-SAE steps, finished runners collected); peak RSS minus the
+  RSS after the model's weights loaded, split into the SAEs' training state (weights,
+  gradients and Adam moments: 16 bytes per parameter, computed) and the rest (the activation
+  path), against the package's estimate (``StoreSizing.activation_bytes``: the store,
+  ``training_plan.store_bytes``, or the filled buffer plus one SAE step, whichever is larger),
+  with the peak of each phase (VmHWM reset at every phase boundary). ``mem36`` uses d_sae 4096 so that 36
   SAEs' state (1.4 GiB at 4096; 5.6 GiB at 16384) fits a shared machine; the activation path
   does not depend on d_sae.
 
 End-to-end tokens/s of a variant = SAE-batch tokens / (harvest time + step time), both medians
-over ``--repeats`` interleaved repeats after a warm-up. The load average is recorded.
+over ``--repeats`` interleaved repeats after a warm-up. The harvest time is per SAE batch:
+the time of the forwards that filled it, times the share of their rows it takes (one forward
+of 16 x 512 tokens fills two 4096-token batches, and counts half). The load average is recorded.
 
 Usage:
     python benchmarks/bench_training.py            # all workers (about 8 minutes here)
@@ -119,8 +124,13 @@ def _stores_and_saes(model: Any, plan: Any, dataset: Any):
     return out
 
 
-def _harvest(store: Any, multi: bool, n_tokens: int) -> dict[str, Any]:
-    """SAELens' harvest (forward, copies, special-token filter) until ``n_tokens`` rows per hook."""
+def _harvest(store: Any, multi: bool, n_tokens: int) -> tuple[dict[str, Any], float]:
+    """SAELens' harvest (forward, copies, special-token filter) until ``n_tokens`` rows per hook.
+
+    Returns the first ``n_tokens`` rows per hook and the share of the harvested rows they
+    are: a forward yields whole rows (16 prompts x 512 tokens can be two SAE batches), so the
+    time of one SAE batch is the harvest time times that share, not the time of the forwards.
+    """
     import torch
 
     chunks: list[dict[str, torch.Tensor]] = []
@@ -132,7 +142,7 @@ def _harvest(store: Any, multi: bool, n_tokens: int) -> dict[str, Any]:
             d = {store.hook_name: store.get_filtered_llm_batch()}
         chunks.append(d)
         got += next(iter(d.values())).shape[0]
-    return {h: torch.cat([c[h] for c in chunks])[:n_tokens] for h in chunks[0]}
+    return {h: torch.cat([c[h] for c in chunks])[:n_tokens] for h in chunks[0]}, n_tokens / got
 
 
 def _trainers(rcfg: Any, saes: dict[str, Any], autocast: bool) -> dict[str, Any]:
@@ -209,8 +219,9 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
                 t_h = 0.0
                 for sp, store, *_ in runs:
                     t0 = time.perf_counter()
-                    batches.append(_harvest(store, len(sp.sites) > 1, batch_tokens))
-                    t_h += time.perf_counter() - t0
+                    batch, share = _harvest(store, len(sp.sites) > 1, batch_tokens)
+                    t_h += (time.perf_counter() - t0) * share
+                    batches.append(batch)
                 times.setdefault("harvest", []).append(t_h)
                 for key, idx in (("step_fp32", 2), ("step_bf16_autocast", 3)):
                     times.setdefault(key, []).append(
@@ -289,8 +300,8 @@ def worker_scaling(args: argparse.Namespace) -> dict[str, Any]:
                     th, ts = [], []
                     for _ in range(args.repeats + 1):
                         t0 = time.perf_counter()
-                        batch = _harvest(store, len(sp.sites) > 1, cfg.train_batch_size_tokens)
-                        th.append(time.perf_counter() - t0)
+                        batch, share = _harvest(store, len(sp.sites) > 1, cfg.train_batch_size_tokens)
+                        th.append((time.perf_counter() - t0) * share)
                         ts.append(_t(lambda b=batch, tr=trainers: _step_all(tr, b)))
                 med_h, med_s = statistics.median(th[1:]), statistics.median(ts[1:])
                 out.setdefault(axis, []).append(
@@ -313,16 +324,77 @@ def worker_scaling(args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
+class _PhasePeaks:
+    """Peak RSS per phase of a run: VmHWM is read and reset at every phase boundary.
+
+    Phases nest (a harvest inside the mixing buffer's ``next``); a boundary closes the
+    segment of the innermost open phase. Exact where ``/proc/self/clear_refs`` can be
+    written (``reset_ok``); otherwise every phase reports the peak so far.
+    """
+
+    def __init__(self, base: int) -> None:
+        self.base, self.stack, self.peaks = base, ["other"], {}
+        self.reset_ok = _reset_peak()
+
+    def _close_segment(self) -> None:
+        hwm = _status_kib("VmHWM") * 1024 - self.base
+        k = self.stack[-1]
+        self.peaks[k] = max(self.peaks.get(k, 0), hwm)
+        _reset_peak()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._close_segment()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self._close_segment()
+            self.stack.pop()
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+
+        def wrapped(*a: Any, **k: Any) -> Any:
+            with self.phase(name):
+                return fn(*a, **k)
+
+        setattr(owner, attr, wrapped)
+
+    def wrap_generator(self, module: Any, attr: str, name: str) -> None:
+        gen_fn = getattr(module, attr)
+        phase = self.phase
+
+        def wrapped(*a: Any, **k: Any):
+            it = gen_fn(*a, **k)
+            while True:
+                with phase(name):
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        return
+                yield item
+
+        setattr(module, attr, wrapped)
+
+
 def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
-    """A real runner.run() of the recommended preset: peak RSS above the model's weights."""
+    """A real runner.run() of the recommended preset, as ``training.train`` runs it: peak RSS above the weights.
+
+    As in ``train``: glibc returns freed tensors at once, the multi-SAE trainer drops each
+    SAE's step tensors after its step, and a finished stack's runner is collected before the
+    next one starts. Evals are off (their LM head over 262k tokens is another matter).
+    """
+    import gc
+
     from sae_lens import LanguageModelSAETrainingRunner, MultiSAETrainingRunner
+    from sae_lens.training import activations_store, mixing_buffer, multi_sae_trainer, sae_trainer
 
     from sae_lens_t5gemma import training
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         model, model_dir, data = _setup(tmp, args.threads)
-        rss_model = _status_kib("VmRSS") * 1024
         hooks = ["encoder.*.attn_out", "decoder.*.attn_out"] if all36 else ["encoder.5.attn_out"]
         over: dict[str, Any] = dict(d_sae=4096) if all36 else {}
         if args.quick:
@@ -339,40 +411,59 @@ def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
         )
         plan = training.plan_training(cfg)
         dataset = training.load_training_dataset(plan)
-        peak_reset = _reset_peak()
+        allocator = training._return_freed_memory_to_the_os()
+        gc.collect()
+        rss_model = _status_kib("VmRSS") * 1024
+        peaks = _PhasePeaks(rss_model)
+        store = activations_store.ActivationsStore
+        peaks.wrap(store, "get_activations", "model forward (hook cache)")
+        peaks.wrap(store, "get_multi_hook_activations", "model forward (hook cache)")
+        peaks.wrap(store, "get_filtered_llm_batch", "harvest copies (slice, reshape, mask)")
+        peaks.wrap(store, "_get_filtered_multi_hook_llm_batch", "harvest copies (slice, reshape, mask)")
+        # The multi-hook path calls mixing_buffer through its module, the single-hook store its own import.
+        peaks.wrap_generator(mixing_buffer, "mixing_buffer", "mixing buffer (cat, permute, pack)")
+        peaks.wrap_generator(activations_store, "mixing_buffer", "mixing buffer (cat, permute, pack)")
+        peaks.wrap(sae_trainer.SAETrainer, "step", "SAE step (one SAE)")
+        peaks.wrap(multi_sae_trainer.MultiSAETrainer, "_estimate_scaling_factors", "norm estimate")
         t0 = time.perf_counter()
         runners = []
-        sae_params = 0
         with training._wandb_mode(False), training._fed_as_planned(model, plan):
             for sp in training._per_stack(plan):
                 with training._quiet_runner_setup():
                     if len(sp.sites) > 1:
-                        runner = MultiSAETrainingRunner(
-                            training.build_multi_runner_config(sp),
-                            override_dataset=dataset,
-                            override_model=model,
-                        )
+                        with peaks.phase("build runner (SAE init)"):
+                            runner = MultiSAETrainingRunner(
+                                training.build_multi_runner_config(sp),
+                                override_dataset=dataset,
+                                override_model=model,
+                            )
                         training._cast_multi_hook_activations(runner.activations_store)
                         saes = list(runner.saes.values())
+                        lean = training._lean_multi_sae_steps()
                     else:
-                        runner = LanguageModelSAETrainingRunner(
-                            training.build_runner_config(sp, sp.sites[0]),
-                            override_dataset=dataset,
-                            override_model=model,
-                        )
+                        with peaks.phase("build runner (SAE init)"):
+                            runner = LanguageModelSAETrainingRunner(
+                                training.build_runner_config(sp, sp.sites[0]),
+                                override_dataset=dataset,
+                                override_model=model,
+                            )
                         saes = [runner.sae]
+                        lean = contextlib.nullcontext()
                     runner.evaluator = None
                     n_params = sum(p.numel() for s in saes for p in s.parameters())
-                    sae_params += n_params
-                    runner.run()
+                    with lean:
+                        runner.run()
                 runners.append((sp, n_params))
                 del runner, saes
+                with peaks.phase("collect the finished runner"):
+                    gc.collect()
         wall = time.perf_counter() - t0
-        peak = _status_kib("VmHWM") * 1024
+        peaks._close_segment()
+        peak = max(peaks.peaks.values()) + rss_model
         # Runners run one after the other: the largest runner's SAE state is what can be resident at once.
         sae_state = max(16 * n for _, n in runners)
         sizing = [plan.store_sizing(sp.sites) for sp, _ in runners]
-        est = max(s.estimate_bytes for s in sizing)
+        big = max(sizing, key=lambda z: z.peak_bytes)
         above = peak - rss_model
         return {
             "worker": "mem36" if all36 else "mem1",
@@ -382,17 +473,23 @@ def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
             "context_size": cfg.context_size,
             "training_steps": 2,
             "model_dtype": "float32",
-            "store_sizing": [s.__dict__ for s in sizing],
-            "peak_reset": peak_reset,
+            "allocator_threshold_set": allocator,
+            "store_sizing": [{**z.__dict__, "activation_bytes": z.activation_bytes, "peak_bytes": z.peak_bytes} for z in sizing],
+            "peak_reset": peaks.reset_ok,
             "rss_after_model_gib": rss_model / 2**30,
             "peak_rss_gib": peak / 2**30,
             "peak_above_model_gib": above / 2**30,
             "sae_training_state_gib": sae_state / 2**30,
             "activation_path_gib": (above - sae_state) / 2**30,
-            "activation_path_estimate_gib": est / 2**30,
+            "activation_path_estimate_gib": big.activation_bytes / 2**30,
+            "store_estimate_gib": big.estimate_bytes / 2**30,
+            "sae_step_estimate_gib": big.step_bytes / 2**30,
+            "peak_above_model_estimate_gib": big.peak_bytes / 2**30,
+            "phase_peaks_above_model_gib": {k: v / 2**30 for k, v in peaks.peaks.items()},
             "wall_s": wall,
-            "note": "sae state = 16 bytes per SAE parameter (weights, gradients, 2 Adam moments) of the largest runner",
-        }
+            "note": "sae state = 16 bytes per SAE parameter (weights, gradients, 2 Adam moments) of the largest "
+            "runner; phase peaks include whatever was resident then (SAE state included)",
+        }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- driver
@@ -462,10 +559,14 @@ def tables(results: dict[str, Any]) -> str:
             sz = m["store_sizing"][0]
             lines.append(
                 f"{name}: {m['hooks']} hooks d_sae {m['d_sae']}: peak {m['peak_above_model_gib']:.2f} GiB above the model "
-                f"= SAE state {m['sae_training_state_gib']:.2f} + activation path {m['activation_path_gib']:.2f} "
-                f"(estimate {m['activation_path_estimate_gib']:.2f}); store {sz['store_batch_size_prompts']} prompts x "
-                f"buffer {sz['n_batches_in_buffer']} rows; wall {m['wall_s']:.0f} s"
+                f"(estimate {m['peak_above_model_estimate_gib']:.2f}) = SAE state {m['sae_training_state_gib']:.2f} "
+                f"+ activation path {m['activation_path_gib']:.2f} (estimate {m['activation_path_estimate_gib']:.2f}: "
+                f"store {m['store_estimate_gib']:.2f}, SAE step {m['sae_step_estimate_gib']:.2f}); "
+                f"store {sz['store_batch_size_prompts']} prompts x buffer {sz['n_batches_in_buffer']} rows; "
+                f"wall {m['wall_s']:.0f} s"
             )
+            for k, v in sorted(m["phase_peaks_above_model_gib"].items(), key=lambda kv: -kv[1]):
+                lines.append(f"    peak in {k:<40}{v:>6.2f} GiB")
     return "\n".join(lines)
 
 

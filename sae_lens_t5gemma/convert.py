@@ -110,7 +110,8 @@ def _validate_all(files: list[Path]) -> list[mindchain.MindchainCheckpoint]:
     for f in files:
         try:
             ckpt = mindchain.read_checkpoint(f)
-            sae = SAE.load_from_disk(f, converter=mindchain.mindchain_disk_loader)
+            # Build the SAE from the checkpoint just read, not by reading the file again.
+            sae = SAE.load_from_disk(f, converter=mindchain.converter_for(ckpt))
             # What SAE.save_model will do, in memory: a safetensors refusal (shared
             # memory, odd layouts) or a config that is not standard JSON shows here.
             safetensors_bytes({k: v.contiguous() for k, v in sae.state_dict().items()})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -425,6 +426,92 @@ def _cast_multi_hook_activations(store: Any) -> None:
     store.get_multi_hook_activations = cast
 
 
+_EMPTY = torch.empty(0)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 2**20
+"""Allocations from this size up are mapped and unmapped on their own during training (glibc)."""
+
+
+def _return_freed_memory_to_the_os() -> bool:
+    """Make glibc give freed activation buffers back to the OS at once (Linux/glibc; process-wide).
+
+    glibc serves allocations below a threshold that it raises at run time, up to 32 MiB,
+    from its heap, and a heap hole is returned to the OS only if nothing live lies above
+    it. A training run interleaves long-lived 10 MiB tensors (gradients, Adam moments)
+    with transient ones of the same size (per-hook batches, per-forward copies), so freed
+    memory stays resident: 0.56 GiB above the live tensors of an 18-hook runner (SAELens'
+    path at the real widths, fed by a stand-in for the model's forward), and the package's
+    store estimate could not hold; with the setting, ``benchmarks/bench_training.py``
+    (worker ``mem36``) measured the estimate exactly. A fixed 1 MiB threshold maps every larger tensor separately. The cost is
+    a fresh mapping (page faults) per such allocation, small next to an SAE step.
+
+    Returns:
+        Whether the setting was applied (False off glibc).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+@contextlib.contextmanager
+def _lean_multi_sae_steps() -> Iterator[None]:
+    """Make SAELens' multi-SAE trainer drop each SAE's step tensors as soon as it has stepped.
+
+    ``MultiSAETrainer.fit`` keeps every SAE's ``TrainStepOutput`` until all SAEs have
+    stepped (for the progress bar and wandb), and each holds the step's ``sae_in``,
+    ``sae_out``, ``feature_acts`` and ``hidden_pre``: 2 x batch x d_sae floats and more per
+    SAE. With 18 hooks at d_sae 4096 that was 2.6 GiB alive at once (measured per phase, as
+    ``benchmarks/bench_training.py`` does; about 9 GiB at d_sae 16384, computed). The
+    progress bar reads only the loss. So each per-SAE ``step`` is wrapped to return the
+    output without those tensors; on a wandb logging step the log dict is built first,
+    from the full output, and handed to ``_log_train_step`` unchanged.
+
+    SAELens builds the trainer inside ``MultiSAETrainingRunner.run`` with no hook to reach
+    it, so this swaps in a subclass for the duration (SAELens 6.54's names; the one place
+    this package reaches into SAELens' training internals).
+    """
+    from sae_lens import multi_sae_training_runner as msr
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    base = msr.MultiSAETrainer
+
+    class LeanMultiSAETrainer(base):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            for trainer in self.trainers.values():
+                trainer.step = self._lean(trainer)  # type: ignore[method-assign]
+
+        def _lean(self, trainer: Any) -> Any:
+            step = trainer.step
+
+            def lean_step(batch: torch.Tensor) -> Any:
+                out = step(batch)
+                if self._is_logging_step():
+                    log = SAETrainer.build_train_step_log_dict(trainer, out, trainer.n_training_samples)
+                    trainer.build_train_step_log_dict = lambda output, n_training_samples: {
+                        **log,
+                        "details/n_training_samples": n_training_samples,
+                    }
+                return replace(
+                    out, sae_in=_EMPTY, sae_out=_EMPTY, feature_acts=_EMPTY, hidden_pre=_EMPTY, metrics={}
+                )
+
+            return lean_step
+
+    msr.MultiSAETrainer = LeanMultiSAETrainer
+    try:
+        yield
+    finally:
+        msr.MultiSAETrainer = base
+
+
 def _check_model(model: Any, plan: TrainingPlan) -> None:
     cfg = getattr(model, "cfg", None)
     n, d = getattr(cfg, "n_layers", None), getattr(cfg, "d_model", None)
@@ -461,6 +548,7 @@ def train(
     dataset = dataset if dataset is not None else load_training_dataset(plan)
     model = model if model is not None else _load_model(plan)
     _check_model(model, plan)
+    _return_freed_memory_to_the_os()
     torch.manual_seed(plan.config.seed)
     results = []
     with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
@@ -470,6 +558,9 @@ def train(
                 results.append(_train_multi(stack_plan, model, dataset, keep_initial))
             else:
                 results.append(_train_single_sites(stack_plan, model, dataset, keep_initial))
+            # A finished runner is held by reference cycles (runner, store, trainers): free its
+            # SAEs, optimiser states and mixing buffer before the next stack's runner starts.
+            gc.collect()
     return _finish(plan, _merge(plan, results))
 
 
@@ -536,7 +627,7 @@ def _train_multi(plan: TrainingPlan, model: Any, dataset: Any, keep_initial: boo
     )
     runner.evaluator = recorder  # type: ignore[assignment]
     initial = {k: copy.deepcopy(v).cpu() for k, v in runner.saes.items()} if keep_initial else {}
-    with _quiet_runner_setup():
+    with _quiet_runner_setup(), _lean_multi_sae_steps():
         runner.run()
     paths = {s.friendly: plan.out / s.friendly for s in plan.sites}
     evals = {k: _final_eval(recorder, p, plan) for k, p in paths.items()}
@@ -745,6 +836,16 @@ def describe_plan(plan: TrainingPlan, cached: bool = False) -> str:
         f"runner   {runner}",
     ]
     lines += [f"  {s.friendly:24s} {s.hook_name:40s} d_in={plan.dims.d_in(s)}" for s in plan.sites]
+    for stack_plan in _per_stack(plan) if not cached else []:
+        # One runner per stack, or one per site without multi_hook (the largest site then).
+        z = stack_plan.store_sizing(stack_plan.sites if cfg.multi_hook else stack_plan.sites[:1])
+        lines.append(
+            f"memory   {stack_plan.sites[0].stack}: {z.store_batch_size_prompts} prompt(s) per forward, buffer "
+            f"{z.n_batches_in_buffer} rows; estimated peak above the model {z.peak_bytes / 2**30:.2f} GiB = "
+            f"activations {z.activation_bytes / 2**30:.2f} (store {z.estimate_bytes / 2**30:.2f} of its "
+            f"{z.budget_bytes / 2**30:.2f} budget, one SAE step {z.step_bytes / 2**30:.2f}) + SAEs with Adam "
+            f"{z.sae_state_bytes / 2**30:.2f}"
+        )
     lines.append(f"out      {plan.out}" + (f" (release {cfg.release_name})" if cfg.release_name else ""))
     return "\n".join(lines)
 

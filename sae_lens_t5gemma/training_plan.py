@@ -367,7 +367,13 @@ class TrainingPlan:
                     n_norm = max(1, min(cfg.n_batches_for_norm_estimate, self.total_steps))
                     # SAELens' multi-hook runner keeps every norm-estimation batch of every hook at once.
                     n_norm = max(1, min(n_norm, (budget - need) // (batch * width * 4) or 1))
-                    return StoreSizing(p, n_buf, width, budget, need, n_norm)
+                    d_in = max(self.dims.d_in(s) for s in sites)
+                    return StoreSizing(
+                        p, n_buf, width, budget, need, n_norm,
+                        buffer_bytes=4 * width * (n_buf * covered + p * covered),
+                        step_bytes=sae_step_bytes(batch, cfg.d_sae, d_in),
+                        sae_state_bytes=sum(sae_state_bytes(self.dims.d_in(s), cfg.d_sae) for s in sites),
+                    )  # fmt: skip
         raise ValueError(
             f"max_memory={_gib(budget)} is too small for the activation store of {len(sites)} hook(s) "
             f"({width} floats per token, {sites[0].friendly}...): it needs at least {_gib(min(tried))} "
@@ -393,8 +399,29 @@ class StoreSizing:
     estimate_bytes: int
     """The store's estimated peak (:func:`store_bytes`), within ``budget_bytes``."""
     n_batches_for_norm_estimate: int
+    buffer_bytes: int = 0
+    """The filled mixing buffer (one copy): alive while the SAEs step."""
+    step_bytes: int = 0
+    """One SAE step's transient tensors (:func:`sae_step_bytes`); the SAEs step one at a time."""
+    sae_state_bytes: int = 0
+    """The runner's SAEs with their gradients and Adam moments (:func:`sae_state_bytes`)."""
+
+    @property
+    def activation_bytes(self) -> int:
+        """Estimated peak of the activation path: the store's peak while harvesting and mixing,
+        or the filled buffer plus one SAE step, whichever is larger (they do not overlap)."""
+        return max(self.estimate_bytes, self.buffer_bytes + self.step_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated peak above the model's weights: the activation path plus the SAEs' state."""
+        return self.activation_bytes + self.sae_state_bytes
 
 
+# Checked against per-phase peaks (VmHWM reset at each phase boundary) of a real 18-hook runner
+# in benchmarks/bench_training.py (worker mem36): the mixing buffer's peak matched
+# _BUFFER_COPIES, once glibc returns freed tensors at once (training._return_freed_memory_to_the_os).
+#
 # Copies of one forward's activations alive at once in SAELens' multi-hook path: the hook cache,
 # the device move/reshape of the sliced view, the special-token mask, and the per-hook concatenation.
 _FORWARD_COPIES = 4
@@ -416,6 +443,23 @@ def store_bytes(width: int, prompts: int, context: int, covered: int, buffer_tok
     kept = prompts * covered
     acts = 4 * width * (_FORWARD_COPIES * forward + _BUFFER_COPIES * (buffer_tokens + kept) + batch)
     return acts + _MODEL_BYTES_PER_TOKEN * forward
+
+
+# One BatchTopK step (SAELens' TrainingSAE forward and backward, Adam) holds about this many
+# batch x d_sae float32 tensors at its peak (hidden_pre, the top-k mask and values,
+# feature_acts and their gradients): measured 8.6 at d_sae 4096 and 10.2 at d_sae 16384
+# (batch 4096; benchmarks/bench_training.py, workers mem36 and mem1).
+_STEP_COPIES = 10
+
+
+def sae_step_bytes(batch: int, d_sae: int, d_in: int) -> int:
+    """Estimated transient bytes of one SAE training step on ``batch`` tokens (float32)."""
+    return 4 * batch * (_STEP_COPIES * d_sae + 4 * d_in)
+
+
+def sae_state_bytes(d_in: int, d_sae: int) -> int:
+    """Bytes of one SAE in training: float32 weights, gradients and two Adam moments (16 B/parameter)."""
+    return 16 * (2 * d_in * d_sae + 2 * d_sae + d_in)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

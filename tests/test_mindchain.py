@@ -4,7 +4,9 @@ via ``SAE.load_from_disk(converter=...)``, and a clear error for every bad input
 pickles, missing keys, wrong/transposed shapes, disagreeing fields, NaN/Inf, truncated
 files, file-name mismatches, no network and no cache), tensor-only files (stack and layer
 from the file name, widths from the shapes), what the metadata marks as assumed, and the
-fallback for legacy (non-zip) torch files, which cannot be memory-mapped."""
+fallback for legacy (non-zip) torch files, which cannot be memory-mapped, the finiteness
+sums on one thread (the caller's thread count restored), and the converter over an
+already read checkpoint that ``convert`` uses."""
 
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from sae_lens_t5gemma import synthetic
 from sae_lens_t5gemma.mindchain import (
     CONTEXT_SIZE,
     MindchainCheckpointError,
+    converter_for,
     mindchain_disk_loader,
     mindchain_huggingface_loader,
+    read_checkpoint,
     training_history,
 )
 from sae_lens_t5gemma.sites import site
@@ -439,6 +443,47 @@ def test_legacy_torch_file_falls_back_to_a_full_read(tmp_path):
         MindchainCheckpointError, match=re.escape("W_enc has 1 NaN and 0 Inf values (of 128)")
     ):
         mindchain_disk_loader(path)
+
+
+def test_finiteness_check_runs_on_one_thread_and_restores_the_thread_count(tmp_path, monkeypatch):
+    # The sums run with torch on one thread (see mindchain._one_thread); the caller's
+    # setting comes back after a clean load and after a refused one.
+    seen = []
+    real_sum = torch.Tensor.sum
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_sum(self, *args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(torch.Tensor, "sum", spy)
+        cfg, state = mindchain_disk_loader(_save(_good(), tmp_path))
+        assert seen == [1, 1, 1, 1]
+        assert torch.get_num_threads() == 2
+        bad = _save(_with(b_dec=_nan_at("b_dec", float("inf"))), tmp_path)
+        with pytest.raises(
+            MindchainCheckpointError, match=re.escape("b_dec has 0 NaN and 1 Inf values (of 8)")
+        ):
+            mindchain_disk_loader(bad)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(state["W_enc"], _good()["W_enc"])
+
+
+def test_converter_for_a_read_checkpoint_equals_the_disk_loader(tmp_path):
+    # convert builds each SAE from the checkpoint it already read, without a second read.
+    path = _save(_good(), tmp_path)
+    ckpt = read_checkpoint(path)
+    cfg_a, state_a = converter_for(ckpt)(path, "cpu", {"dtype": "float16"})
+    cfg_b, state_b = mindchain_disk_loader(path, "cpu", {"dtype": "float16"})
+    assert cfg_a == cfg_b
+    assert state_a.keys() == state_b.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for k in state_a:
+        assert state_a[k].dtype == torch.float16
+        assert torch.equal(state_a[k], state_b[k]), k
 
 
 def test_fp16_sum_overflow_is_not_mistaken_for_inf(tmp_path):

@@ -24,6 +24,7 @@ import math
 import random
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -494,3 +495,89 @@ def test_cached_decoder_activations_cover_the_continuation_only(model, tiny_mode
     )  # training tokens = sliced ones
     assert int((acts == 0).all(-1).sum()) == 0 and acts.abs().sum() > 0
     assert cached[0]["token_ids"].shape == (CONTEXT - p,)
+
+
+# ------------------------------------------------------------------ memory of multi-hook runs
+
+
+def test_lean_multi_sae_steps_drop_step_tensors_and_keep_the_logs(config_only_model, data, tmp_path):
+    """SAELens' MultiSAETrainer keeps every SAE's step tensors until all have stepped; the
+    lean trainer returns each output without them, with the same loss and the same log dict."""
+    from sae_lens import multi_sae_training_runner as msr
+    from sae_lens.registry import get_sae_training_class
+
+    cfg = small(
+        config_only_model,
+        data["jsonl"],
+        tmp_path / "out",
+        hooks=["encoder.*.attn_out"],
+        architecture="batchtopk",
+    )
+    rcfg = training.build_multi_runner_config(training.plan_training(cfg))
+    tcfg = rcfg.to_sae_trainer_config()
+
+    def trainer(cls):
+        torch.manual_seed(0)
+        saes = {n: get_sae_training_class(c.architecture())[0](c) for n, c in rcfg.saes.items()}
+        return cls(cfg=tcfg, saes=saes, hook_names=rcfg.hook_names, data_provider=iter(()))
+
+    original = msr.MultiSAETrainer
+    plain = trainer(original)
+    with training._lean_multi_sae_steps():
+        lean = trainer(msr.MultiSAETrainer)
+    assert msr.MultiSAETrainer is original
+    torch.manual_seed(1)
+    batches = {n: torch.randn(BATCH_TOKENS, 64) for n in rcfg.saes}
+    for logging_step in (False, True):
+        lean._is_logging_step = lambda flag=logging_step: flag
+        for name, batch in batches.items():
+            full = plain.trainers[name].step(batch)
+            slim = lean.trainers[name].step(batch)
+            assert full.feature_acts.shape == (BATCH_TOKENS, cfg.d_sae)
+            assert [t.numel() for t in (slim.sae_in, slim.sae_out, slim.feature_acts, slim.hidden_pre)] == [
+                0
+            ] * 4
+            assert torch.equal(slim.loss, full.loss)
+            if logging_step:
+                n = plain.trainers[name].n_training_samples
+                want = plain.trainers[name].build_train_step_log_dict(output=full, n_training_samples=n)
+                got = lean.trainers[name].build_train_step_log_dict(output=slim, n_training_samples=n)
+                assert got == want and got["metrics/l0"] > 0
+
+
+REAL_DIMS = training.ModelDims(
+    "real-dims",
+    {"encoder": 18, "decoder": 18},
+    {"encoder": 640, "decoder": 640},
+    {"encoder": 1024, "decoder": 1024},
+)
+
+
+def test_store_sizing_estimates_the_peak_above_the_weights():
+    """The sizing's estimate of an 18-hook runner (the 36-hook run's largest), by part, against
+    the peaks measured by benchmarks/bench_training.py (worker mem36, 2026-11-21)."""
+    hooks = ["encoder.*.attn_out", "decoder.*.attn_out"]
+    cfg = training.TrainConfig.from_preset(
+        "recommended", model="real-dims", dataset="x", hooks=hooks, d_sae=4096, max_memory="1.5GiB"
+    )
+    sites = tuple(training.expand_hooks(hooks, REAL_DIMS))
+    plan = training.TrainingPlan(cfg, REAL_DIMS, sites, (), ("encoder", "decoder"))
+    z = plan.store_sizing()
+    assert (z.width, z.store_batch_size_prompts, z.n_batches_in_buffer) == (11520, 1, 48)
+    # Buffer: 48 rows of 256 covered positions plus one forward's rows, 11520 floats each.
+    assert z.buffer_bytes == 4 * 11520 * (48 * 256 + 256)
+    # One BatchTopK step at batch 4096 x d_sae 4096: 10 such float32 tensors plus four of its input.
+    assert z.step_bytes == 4 * 4096 * (10 * 4096 + 4 * 640)
+    # 18 SAEs, 16 bytes per parameter (weights, gradients, two Adam moments).
+    assert z.sae_state_bytes == 18 * 16 * (2 * 640 * 4096 + 2 * 4096 + 640)
+    assert z.activation_bytes == max(z.estimate_bytes, z.buffer_bytes + z.step_bytes) == z.estimate_bytes
+    assert z.peak_bytes == z.activation_bytes + z.sae_state_bytes
+    # Measured (mem36, 2026-11-21): activation path 1.37 GiB, SAE state 1.41 GiB, peak 2.78 GiB.
+    assert (round(z.estimate_bytes / 2**30, 2), round(z.sae_state_bytes / 2**30, 2)) == (1.37, 1.41)
+    assert round(z.peak_bytes / 2**30, 2) == 2.78
+    # At the preset's own width the SAE step outgrows the store: 2.5 GiB for one 16k-wide step
+    # (measured 2.6 GiB with one hook, worker mem1).
+    wide = training.TrainingPlan(replace(cfg, d_sae=16384), REAL_DIMS, sites, (), ("encoder", "decoder"))
+    w = wide.store_sizing()
+    assert w.activation_bytes == w.buffer_bytes + w.step_bytes > w.estimate_bytes
+    assert round(w.step_bytes / 2**30, 2) == 2.54
