@@ -276,6 +276,19 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         ) + [Pair.parse(spec) for spec in a.pair]
         if not pairs:
             raise ValueError("nothing to compare: give --layers, --pair or --local-sae")
+        if a.stand_in:
+            from sae_lens_t5gemma import sizes, synthetic
+
+            depth = (
+                synthetic.STAND_IN_LAYERS
+                if a.size == "270m"
+                else sizes.get_size(a.size).stand_in_text("t5gemma2").num_hidden_layers
+            )
+            if any(layer >= depth for layer in a.layers):
+                raise ValueError(
+                    f"--layers {' '.join(map(str, a.layers))}: the {a.size} stand-in has {depth} layers per stack "
+                    f"(0-{depth - 1}); the real model has more."
+                )
         texts = read_texts(a.texts) if a.texts else None
         if a.stand_in:
             import torch

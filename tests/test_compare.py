@@ -564,6 +564,10 @@ def test_cli_compare_transfer_pair(
             ["--layers", "1", "--texts", "/no/such/texts.txt"],
             "error: Texts file /no/such/texts.txt does not exist.",
         ),
+        (
+            ["--stand-in", "--size", "1b", "--layers", "3", "12"],
+            "error: --layers 3 12: the 1b stand-in has 8 layers per stack (0-7); the real model has more.",
+        ),
     ],
 )
 def test_cli_compare_errors(gemma_hub: Path, argv: list[str], message: str, capsys, tmp_path: Path) -> None:
