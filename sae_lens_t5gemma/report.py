@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 SITE_WORDS: dict[str, str] = {
@@ -326,11 +327,6 @@ def matched_variants(rows: list[Row]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- findings
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
 def findings(report: Report, synthetic: bool = False) -> list[str]:
     """Short findings generated from the numbers: what transfers, where, how much; and the controls."""
     pre = SYNTHETIC_PREFIX if synthetic else ""
@@ -346,15 +342,15 @@ def findings(report: Report, synthetic: bool = False) -> list[str]:
         best = max(group, key=lambda t: t.corr_median or 0.0)
         worst = min(group, key=lambda t: t.corr_median or 0.0)
         kept = [t.ev_kept for t in group if t.ev_kept is not None]
-        above = _median([t.corr_frac_above_0_5 or 0.0 for t in group])
+        above = median([t.corr_frac_above_0_5 or 0.0 for t in group])
         sentence = (
             f"Gemma Scope 2 {site} SAEs on T5Gemma 2's {stack} (layers {', '.join(map(str, layers))}; "
-            f"{len(group)} SAEs): median feature correlation with Gemma 3 {_median([t.corr_median for t in group]):.2f} "
+            f"{len(group)} SAEs): median feature correlation with Gemma 3 {median([t.corr_median for t in group]):.2f} "
             f"({above:.0%} of features above 0.5); highest at layer {best.layer} ({best.corr_median:.2f}), "
             f"lowest at layer {worst.layer} ({worst.corr_median:.2f}). "
         )
         if kept:
-            sentence += f"They keep a median {_median(kept):.0%} of Gemma 3's explained variance."
+            sentence += f"They keep a median {median(kept):.0%} of Gemma 3's explained variance."
         else:
             sentence += (
                 "The fraction of explained variance kept is undefined: these SAEs explain less than "
@@ -377,8 +373,8 @@ def findings(report: Report, synthetic: bool = False) -> list[str]:
         )
     causal = [t for t in measured if t.corr_median_causal is not None]
     if causal:
-        before = _median([t.corr_median for t in causal])
-        after = _median([t.corr_median_causal for t in causal])
+        before = median([t.corr_median for t in causal])
+        after = median([t.corr_median_causal for t in causal])
         lost = 1.0 - before
         share = (after - before) / lost if lost > 1e-9 else float("nan")
         if math.isnan(share):
@@ -396,8 +392,8 @@ def findings(report: Report, synthetic: bool = False) -> list[str]:
     if same:
         out.append(
             f"On the matched prefix_lm continuation task, splicing the SAE in raises CE by a median "
-            f"{_median([t.ce_increase_target for t in same]):.3g} nats on T5Gemma 2 against "
-            f"{_median([t.ce_increase_home for t in same]):.3g} on Gemma 3 ({len(same)} transfers)."
+            f"{median([t.ce_increase_target for t in same]):.3g} nats on T5Gemma 2 against "
+            f"{median([t.ce_increase_home for t in same]):.3g} on Gemma 3 ({len(same)} transfers)."
         )
     matches = matched_variants(report.rows)
     if matches:

@@ -488,11 +488,11 @@ def gemma3_site_activations(
     ``(site, layer) -> [tokens, d]`` over ``texts`` (one right-padded batch; BOS and padding left out).
     """
     layers = model.model.layers
-    acts: dict[tuple[str, int], list[torch.Tensor]] = {}
+    acts: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
 
     def keep(key: tuple[str, int], x: torch.Tensor) -> None:
-        acts.setdefault(key, []).append(x.detach())
+        acts[key] = x.detach()
 
     for layer in range(n_layers):
         handles += [
@@ -515,7 +515,7 @@ def gemma3_site_activations(
     finally:
         for h in handles:
             h.remove()
-    return {key: parts[0][real] for key, parts in acts.items()}
+    return {key: x[real] for key, x in acts.items()}
 
 
 def write_gemma_scope_repo(
