@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from sae_lens_t5gemma.dtypes import to_sae
+
 CANDIDATES = ("prefix_lm", "reconstruct", "shifted_copy")
 
 
@@ -130,7 +132,7 @@ def diagnose(
             raise ValueError(f"SAE {sae_id} reads {hook}: diagnose compares decoder SAEs only")
         for conv in CANDIDATES:
             x = torch.cat([_activations(model, t.to(model.cfg.device), hook, conv, special) for t in batches])
-            feats = sae.encode(x.to(sae.dtype))
+            feats = sae.encode(to_sae(sae, x))
             recon = sae.decode(feats)
             rows.append(
                 DiagnosisRow(
@@ -138,7 +140,7 @@ def diagnose(
                     layer=int(hook.split(".")[1]),
                     convention=conv,
                     l0=float((feats > 0).sum(-1).float().mean()),
-                    mse=float(((recon - x.to(recon.dtype)) ** 2).mean()),
+                    mse=float(((recon.float() - x.float().to(recon.device)) ** 2).mean()),
                     history_l0=final_l0(training_history(sae)),
                     n_tokens=x.shape[0],
                 )

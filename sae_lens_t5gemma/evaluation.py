@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.dtypes import to_model, to_sae
 
 
 def _stack_of(model: Any, hook_name: str) -> str | None:
@@ -147,16 +148,21 @@ def evaluate_sae(
         x_in = x_full if getattr(sae, "hook_z_reshaping_mode", False) else _flat(x_full)
         scale = activation_scaler.scale if activation_scaler is not None else (lambda a: a)
         unscale = activation_scaler.unscale if activation_scaler is not None else (lambda a: a)
-        feats = sae.encode(scale(x_in.to(sae.dtype)))
-        recon_full = unscale(sae.decode(feats)).reshape(x_full.shape).to(x_full.dtype)
-        sel = sae_mask.to(x_full.device)
-        recon_stats.add(_flat(x_full)[sel], _flat(recon_full)[sel], _flat(feats)[sel])
+        # The SAE computes in its own dtype; the statistics compare it with the activation as
+        # the model computed it (both read in float32 by ReconStats).
+        x_sae = to_sae(sae, x_in)
+        feats = sae.encode(scale(x_sae))
+        recon_sae = unscale(sae.decode(feats)).reshape(x_full.shape)
+        sel = sae_mask.to(x_sae.device)
+        recon_stats.add(_flat(to_sae(sae, x_full))[sel], _flat(recon_sae)[sel], _flat(feats)[sel])
+        recon_full = to_model(recon_sae, x_full, f"evaluate_sae at {hook}")
+        sel = sel.to(x_full.device)
         if not compute_downstream:
             continue
         mask_b = sel.view(*sel.shape, *([1] * (x_full.ndim - 2)))
 
         def splice(act: torch.Tensor, new: torch.Tensor, m: torch.Tensor = mask_b) -> torch.Tensor:
-            return torch.where(m, new.to(act.dtype), act)
+            return torch.where(m, new, act)
 
         sae_logits, sae_loss = model.run_with_hooks(
             tokens,

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_lens_t5gemma.dtypes import to_sae
 from sae_lens_t5gemma import sites as sites_mod
 
 if TYPE_CHECKING:
@@ -266,7 +267,7 @@ def feature_acts(
     out, valid = [], []
     for sae, name in zip(saes, names, strict=True):
         stack = sites_mod.resolve(name).stack
-        x = _sae_input(sae, cache[name]).to(device=sae.device, dtype=sae.dtype)
+        x = to_sae(sae, _sae_input(sae, cache[name]))
         f = sae.encode(x).float().cpu()
         v = (model.covered_mask(tokens, stack) & ~special).cpu()
         out.append(f.masked_fill(~v[..., None], 0.0))

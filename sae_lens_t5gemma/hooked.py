@@ -58,6 +58,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.dtypes import resolve_dtype
 from sae_lens_t5gemma.sites import Site
 from sae_lens_t5gemma.sizes import check_text_config
 from sae_lens_t5gemma.steering import SAEMixin
@@ -1117,12 +1118,12 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         cls,
         name_or_path: str | Path,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | str | None = "auto",
+        dtype: torch.dtype | str | None = None,
         convention: Convention = DEFAULT_CONVENTION,
         prefix_len: int | Literal["random"] | None = None,
         **from_pretrained_kwargs: Any,
     ) -> HookedT5Gemma2:
-        """Same as :func:`load_t5gemma2` (``dtype="auto"``: bfloat16 where the hardware runs it fast)."""
+        """Same as :func:`load_t5gemma2` (``dtype=None``: float32, as TransformerLens)."""
         return load_t5gemma2(name_or_path, device, dtype, convention, prefix_len, **from_pretrained_kwargs)
 
 
@@ -1187,7 +1188,7 @@ def _tokenizer_prepends_bos(tokenizer: Any) -> bool:
 def load_t5gemma2(
     name_or_path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | str | None = "auto",
+    dtype: torch.dtype | str | None = None,
     convention: Convention = DEFAULT_CONVENTION,
     prefix_len: int | Literal["random"] | None = None,
     **from_pretrained_kwargs: Any,
@@ -1198,8 +1199,9 @@ def load_t5gemma2(
         name_or_path: e.g. ``google/t5gemma-2-270m-270m`` or a folder saved by ``save_pretrained``.
         device: where to put the model.
         dtype: weight dtype: ``torch.float32``, ``"float32"``, ``"bfloat16"``, ``"float16"``, or
-            ``"auto"`` (the default): bfloat16 where ``device`` runs it fast (see
-            :func:`fast_bf16`), float32 elsewhere. ``None`` means float32.
+            ``"auto"`` (bfloat16 where ``device`` runs it natively, see
+            :func:`sae_lens_t5gemma.dtypes.fast_bf16`). ``None`` (the default) means float32,
+            unless ``SAE_LENS_T5GEMMA_DTYPE`` says otherwise (see :mod:`sae_lens_t5gemma.dtypes`).
         convention: ``"prefix_lm"`` (default) or ``"reconstruct"``; see :class:`HookedT5Gemma2`.
         prefix_len: the ``prefix_lm`` split (None: half of each row).
         **from_pretrained_kwargs: passed to ``T5Gemma2ForConditionalGeneration.from_pretrained``.
@@ -1208,7 +1210,7 @@ def load_t5gemma2(
 
     if convention not in CONVENTIONS:
         raise ValueError(f"Unknown convention {convention!r}: expected one of {sorted(CONVENTIONS)}")
-    dtype = _as_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     looks_local = isinstance(name_or_path, Path) or name.startswith(("/", ".", "~"))
     if looks_local and not Path(name).expanduser().exists():
@@ -1222,56 +1224,3 @@ def load_t5gemma2(
         # transformers raises a bare OSError for a missing repo/file or no network.
         raise FileNotFoundError(f"Could not load T5Gemma 2 model {name!r}: {e}") from e
     return HookedT5Gemma2(hf_model.to(device), tokenizer, name, convention, prefix_len)
-
-
-def _as_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu") -> torch.dtype:
-    """A torch dtype from a dtype, its name, ``None`` (float32) or ``"auto"`` (see :func:`auto_dtype`)."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return auto_dtype(device)
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(
-            f"dtype {dtype!r} is not a torch floating dtype (float32, bfloat16, float16) or 'auto'"
-        )
-    return value
-
-
-# CPU flags of native bfloat16 arithmetic (AVX512-BF16 dot products, AMX tiles). Without them
-# oneDNN emulates bf16 matmuls, which measured 3.5x slower than float32 on an AVX-512 Xeon.
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether the CPU's flags (``/proc/cpuinfo``) include native bfloat16 arithmetic.
-
-    False where the file cannot be read (not Linux): no evidence, no bfloat16.
-    """
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return any(f in flags for f in _CPU_BF16_FLAGS)
-    return False
-
-
-def fast_bf16(device: str | torch.device = "cpu") -> bool:
-    """Whether ``device`` runs bfloat16 fast: CUDA with ``torch.cuda.is_bf16_supported()``, or a
-    CPU with native bf16 instructions (:func:`cpu_has_fast_bf16`). A check, not a guess."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if kind == "cpu":
-        return cpu_has_fast_bf16()
-    return False
-
-
-def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """The default model dtype: bfloat16 where ``device`` runs it fast, float32 elsewhere."""
-    return torch.bfloat16 if fast_bf16(device) else torch.float32

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from sae_lens_t5gemma.dtypes import to_sae
 from sae_lens_t5gemma import sites as sites_mod
 
 if TYPE_CHECKING:
@@ -361,5 +362,5 @@ def top_features_with_images(
     real = (
         torch.ones_like(tokens[row], dtype=torch.bool) if mask is None else mask[row].bool().to(tokens.device)
     )
-    feats = sae.encode(_sae_input(sae, cache[name][row]).to(sae.device))
+    feats = sae.encode(to_sae(sae, _sae_input(sae, cache[name][row])))
     return rank_features(feats, real, model.to_str_tokens(tokens[row]), k, per_token)

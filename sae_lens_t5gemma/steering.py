@@ -29,6 +29,8 @@ from sae_lens import SAE, logger
 from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper
 from transformer_lens.hook_points import HookPoint
 
+from sae_lens_t5gemma.dtypes import to_model, to_sae
+
 if TYPE_CHECKING:
     from sae_lens_t5gemma.hooked import HookedT5Gemma2
 
@@ -197,6 +199,7 @@ class SAEMixin:
             )
         wrapper = _SAEWrapperFlat(
             sae,
+            name_out,
             use_error_term=sae.use_error_term if use_error_term is None else use_error_term,
             exclude_special_tokens=exclude_special_tokens,
         )
@@ -563,17 +566,41 @@ def _sae_input(sae: SAE[Any], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _ToModel(HookPoint):
+    """``hook_sae_output`` that hands on (and caches) the model's dtype: the cast happens in its
+    ``forward``, so its hooks see what flows on into the model."""
+
+    like: torch.Tensor | None = None
+    where: str = "?"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.like is None else to_model(x, self.like, self.where)
+
+
 class _SAEWrapperFlat(_SAEWrapper):
-    """SAELens' wrapper, flattening attn_z's head axis for SAEs that do not do it themselves."""
+    """SAELens' wrapper under this package's dtype contract (:mod:`sae_lens_t5gemma.dtypes`).
+
+    SAELens' own ``forward`` runs on the activation cast to the SAE's dtype and device, so the
+    SAE's hooks, the error term and the special-token bypass are in the SAE's dtype;
+    ``hook_sae_output`` casts back to the model's dtype and device, and that is what flows on.
+    attn_z's head axis is flattened for SAEs that do not do it themselves.
+    """
+
+    def __init__(self, sae: SAE[Any], hook_name: str, **kwargs: Any) -> None:
+        super().__init__(sae, **kwargs)
+        self.hook_sae_output = _ToModel()
+        self.hook_sae_output.where = f"SAE at {hook_name}"
 
     def capture_input(self, x: torch.Tensor) -> None:
-        super().capture_input(_sae_input(self.sae, x))
+        super().capture_input(to_sae(self.sae, _sae_input(self.sae, x)))
 
     def forward(self, original_output: torch.Tensor) -> torch.Tensor:
         flat = _sae_input(self.sae, original_output)
-        if flat is original_output:
-            return super().forward(original_output)
-        return super().forward(flat).reshape(original_output.shape)
+        self.hook_sae_output.like = flat
+        try:
+            return super().forward(to_sae(self.sae, flat)).reshape(original_output.shape)
+        finally:
+            self.hook_sae_output.like = None
 
 
 def steering_delta(sae: SAE[Any], x: torch.Tensor, edit: FeatureEdit) -> torch.Tensor:
@@ -586,29 +613,17 @@ def steering_delta(sae: SAE[Any], x: torch.Tensor, edit: FeatureEdit) -> torch.T
     bad = [f for f in edit.features if not 0 <= f < d_sae]
     if bad:
         raise ValueError(f"Feature index {bad} out of range: the SAE has {d_sae} features.")
-    flat = _sae_input(sae, x)
+    flat = to_sae(sae, _sae_input(sae, x))
     idx = torch.tensor(edit.features, device=sae.W_dec.device)
+    f = sae.encode(flat)
     if sae.cfg.normalize_activations in ("none", "expected_average_only_in", None):
-        f = sae.encode(flat.to(sae.device))
         sel = f[..., idx]
         delta = (edit.apply(sel) - sel) @ sae.W_dec[idx]
     else:
-        f = sae.encode(flat.to(sae.device))
-        before = sae.decode(f)
-        f = sae.encode(flat.to(sae.device))
         edited = f.clone()
         edited[..., idx] = edit.apply(f[..., idx])
-        delta = sae.decode(edited) - before
-    return delta.reshape(x.shape).to(device=x.device, dtype=x.dtype)
-
-
-def steering_hook(sae: SAE[Any], edit: FeatureEdit) -> Callable[..., torch.Tensor]:
-    """A TransformerLens hook function that adds ``steering_delta`` to the activation."""
-
-    def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
-        return x + steering_delta(sae, x, edit)
-
-    return hook
+        delta = sae.decode(edited) - sae.decode(f)
+    return to_model(delta, x, f"steering at {sae.cfg.metadata.hook_name}").reshape(x.shape)
 
 
 @dataclass(frozen=True)
@@ -649,7 +664,7 @@ def top_features(
         _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
         covered = model.covered_mask(tokens, s.stack)[0]
     x = cache[name][0]
-    feats = sae.encode(_sae_input(sae, x).to(sae.device))
+    feats = sae.encode(to_sae(sae, _sae_input(sae, x)))
     return rank_features(feats, covered, model.to_str_tokens(tokens[0]), k, per_token)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_lens_t5gemma.dtypes import dtype_name, to_sae
 from sae_lens_t5gemma.sites import Site
 
 if TYPE_CHECKING:
@@ -407,8 +409,7 @@ class TrainingResult:
 def _load_model(plan: TrainingPlan):
     from sae_lens_t5gemma.hooked import load_t5gemma2
 
-    # "auto" resolves per device in load_t5gemma2 (bfloat16 where it runs fast).
-    return load_t5gemma2(plan.config.model, device=plan.config.device, dtype=plan.config.model_dtype)
+    return load_t5gemma2(plan.config.model, device=plan.config.device, dtype=plan.model_dtype)
 
 
 def _cast_multi_hook_activations(store: Any) -> None:
@@ -548,6 +549,10 @@ def train(
     dataset = dataset if dataset is not None else load_training_dataset(plan)
     model = model if model is not None else _load_model(plan)
     _check_model(model, plan)
+    # What the SAEs' metadata records: the dtype the model really harvests in.
+    weights = next(model.parameters(), None)
+    if weights is not None:
+        plan = dataclasses.replace(plan, harvest_dtype=dtype_name(weights.dtype))
     _return_freed_memory_to_the_os()
     torch.manual_seed(plan.config.seed)
     results = []
@@ -640,7 +645,8 @@ def _final_eval(recorder: EvalRecorder, path: Path, plan: TrainingPlan) -> dict[
 
     sae = SAE.load_from_disk(path, device=plan.config.device)
     metrics = recorder.evaluate(sae)
-    (path / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    record = {**metrics, "model_dtype": plan.model_dtype, "sae_dtype": plan.config.dtype}
+    (path / "eval_metrics.json").write_text(json.dumps(record, indent=2, default=float))
     return metrics
 
 
@@ -654,6 +660,7 @@ def _finish(plan: TrainingPlan, result: TrainingResult) -> TrainingResult:
     summary = {
         "config": plan.config.to_dict(),
         "model_name": plan.dims.name,
+        "model_dtype": plan.model_dtype,
         "saes": {k: str(p) for k, p in result.paths.items()},
         "eval_metrics": result.eval_metrics,
         "convention": {s.friendly: plan.convention_metadata(s.stack) for s in plan.sites},
@@ -934,8 +941,7 @@ def collect_activations(
 @torch.no_grad()
 def reconstruction_mse(sae: SAE[Any], activations: torch.Tensor) -> float:
     """Mean squared reconstruction error per element of ``sae`` on ``[tokens, d_in]`` activations."""
-    sae_device = next(sae.parameters()).device
-    x = activations.to(sae_device, dtype=next(sae.parameters()).dtype)
+    x = to_sae(sae, activations)
     was_training = sae.training
     sae.eval()
     try:

@@ -14,11 +14,12 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.dtypes import default_dtype, dtype_name, resolve_dtype
 from sae_lens_t5gemma.sites import Site
 
 if TYPE_CHECKING:
@@ -122,9 +123,10 @@ class TrainConfig:
     """Device for the model and the SAEs."""
     dtype: str = "float32"
     """SAE and activation dtype (float32 unless asked: activations are cast to it before SAELens sees them)."""
-    model_dtype: str = "auto"
-    """Model weights dtype: float32, bfloat16, float16, or auto (bfloat16 where the device runs it
-    fast, float32 elsewhere; see ``hooked.fast_bf16``)."""
+    model_dtype: str = field(default_factory=lambda: default_dtype("training"))
+    """Model weights dtype while harvesting: float32, bfloat16, float16, or auto (the default:
+    bfloat16 where the device runs it natively, float32 elsewhere; see ``sae_lens_t5gemma.dtypes``).
+    The dtype actually used is recorded in every SAE's metadata (``t5gemma2_model_dtype``)."""
     autocast: bool = False
     """bfloat16 autocast for the SAE step (SAELens' ``autocast``); SAE weights stay in ``dtype``."""
     autocast_lm: bool = False
@@ -272,6 +274,14 @@ class TrainingPlan:
     """Local dataset files (empty for a Hugging Face dataset)."""
     stacks: tuple[str, ...] = ()
     """The stacks of the whole run (kept when a run is split per stack)."""
+    harvest_dtype: str = ""
+    """The model's dtype as loaded (set by ``train``; empty: ``model_dtype`` resolved on ``device``)."""
+
+    @property
+    def model_dtype(self) -> str:
+        """The dtype the model harvests in: ``float32``, ``bfloat16`` or ``float16``."""
+        cfg = self.config
+        return self.harvest_dtype or dtype_name(resolve_dtype(cfg.model_dtype, cfg.device, "training"))
 
     @property
     def sae_ids(self) -> list[str]:
@@ -322,6 +332,7 @@ class TrainingPlan:
             "t5gemma2_convention": cfg.convention,
             "t5gemma2_prefix_len": None if cfg.convention == "reconstruct" else self.split,
             INPUT_CONVENTION_KEY: words,
+            "t5gemma2_model_dtype": self.model_dtype,
         }
 
     @property

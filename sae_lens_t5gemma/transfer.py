@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from sae_lens_t5gemma.dtypes import to_sae
 from sae_lens_t5gemma import sites as sites_mod
 from sae_lens_t5gemma.evaluation import ReconStats, _flat, special_token_ids
 
@@ -276,7 +277,7 @@ def feature_transfer(
     norm_sum = {"home": 0.0, "target": 0.0}
 
     def read(x: torch.Tensor, name: str) -> torch.Tensor:
-        f = sae.encode(x.to(sae.dtype))
+        f = sae.encode(to_sae(sae, x))
         stats[name].add(x, sae.decode(f), f)
         return f
 

@@ -49,11 +49,21 @@ SITES = {
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
+    """SAELens' tolerance in float32; in bfloat16/float16 two units in the last place of the
+    model's dtype (an SAE with its error term computes in float32, and its output is rounded
+    back to the model's dtype, which can move a value by one unit)."""
+    ulp = 0.0 if a.dtype == torch.float32 else 2 * torch.finfo(a.dtype).eps
+    torch.testing.assert_close(a, b, atol=max(atol, ulp), rtol=max(1e-5, ulp))
 
 
 def assert_not_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
     assert not torch.allclose(a, b, atol=atol, rtol=1e-5)
+
+
+def by_contract(sae: SAE, a: torch.Tensor) -> torch.Tensor:
+    """What the package's dtype contract splices in: the SAE computes in float32, the model
+    receives its own dtype."""
+    return sae.decode(sae.encode(a.float())).to(a.dtype)
 
 
 def get_logits(output) -> torch.Tensor:
@@ -77,9 +87,10 @@ class Counter:
         self.count += 1
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> HookedT5Gemma2:
-    return load_t5gemma2(tiny_model_dir)
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "float16"])
+def model(tiny_model_dir, request) -> HookedT5Gemma2:
+    """The stand-in in each dtype; the SAEs stay float32 (the package's dtype contract)."""
+    return load_t5gemma2(tiny_model_dir, dtype=request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -720,11 +731,11 @@ def test_exclude_special_tokens_bypasses_the_sae_at_special_positions(model, hoo
             TOKENS, saes=[sae], exclude_special_tokens=exclude, names_filter=[f"{hook_name}.hook_sae_output"]
         )
         x = clean[hook_name]
-        recon = sae.decode(sae.encode(x))
+        recon = by_contract(sae, x)
         bypass = expected_bypass(model, TOKENS, stack, ids)
         expected = torch.where(bypass[:, :, None, None] if x.ndim == 4 else bypass[:, :, None], x, recon)
         by_hand = model.run_with_hooks(TOKENS, fwd_hooks=[(hook_name, lambda a, hook: torch.where(
-            bypass[:, :, None, None] if a.ndim == 4 else bypass[:, :, None], a, sae.decode(sae.encode(a))))])  # fmt: skip
+            bypass[:, :, None, None] if a.ndim == 4 else bypass[:, :, None], a, by_contract(sae, a)))])  # fmt: skip
         plain = model.run_with_saes(TOKENS, saes=[sae])
     assert bypass.sum() >= 9 and (~bypass).sum() >= 6  # both kinds of positions are exercised
     torch.testing.assert_close(cache[f"{hook_name}.hook_sae_output"], expected, rtol=1e-5, atol=1e-6)
@@ -777,8 +788,8 @@ def test_transcoder_output_equals_hand_computation(model, use_error_term):
         seen["x"] = x
 
     def write(y, hook):
-        recon = tc.decode(tc.encode(seen["x"]))
-        return recon + (y - recon) if use_error_term else recon
+        recon = tc.decode(tc.encode(seen["x"].float()))
+        return (recon + (y.float() - recon) if use_error_term else recon).to(y.dtype)
 
     with torch.no_grad():
         spliced = model.run_with_saes(TOKENS, saes=[tc], use_error_term=use_error_term)

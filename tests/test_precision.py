@@ -2,8 +2,7 @@
 
 Covers:
 
-- ``dtype="auto"``: bfloat16 exactly where the CPU flags (``/proc/cpuinfo``) show native bf16
-  (``avx512_bf16`` or ``amx_bf16``), float32 elsewhere; names and errors of ``_as_dtype``;
+- (the ``auto`` decision and the dtype contract are in ``test_dtypes.py``);
 - parity: a bfloat16 model's hooked activations against the float32 model's, relative error of
   the activations within 2% at every attn_out site of both stacks;
 - training a bfloat16 model with two hooks in one multi-hook runner: SAELens receives float32
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_lens_t5gemma import hooked, synthetic, training
+from sae_lens_t5gemma import synthetic, training
 from sae_lens_t5gemma.hooked import load_t5gemma2
 from sae_lens_t5gemma.training_plan import ModelDims, TrainingPlan, expand_hooks, memory_budget, store_bytes
 
@@ -41,43 +40,6 @@ REAL_DIMS = ModelDims(
     {"encoder": 640, "decoder": 640},
     {"encoder": 1024, "decoder": 1024},
 )
-
-
-def _cpuinfo(tmp_path: Path, flags: str) -> Path:
-    path = tmp_path / "cpuinfo"
-    path.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 {flags}\n\n")
-    return path
-
-
-@pytest.mark.parametrize(
-    "flags, fast",
-    [("avx512f avx512_bf16", True), ("avx512f amx_bf16 amx_tile", True), ("avx512f avx512_vnni", False)],
-)
-def test_cpu_bf16_check_reads_the_flags(tmp_path, flags, fast):
-    assert hooked.cpu_has_fast_bf16(_cpuinfo(tmp_path, flags)) is fast
-    # A flag named only in another field (or a prefix of a flag) does not count.
-    assert hooked.cpu_has_fast_bf16(_cpuinfo(tmp_path, "avx512_bf16x")) is False
-    assert hooked.cpu_has_fast_bf16(tmp_path / "missing") is False
-
-
-def test_auto_dtype_follows_the_check(tiny_model_dir, monkeypatch):
-    real = hooked.cpu_has_fast_bf16()
-    assert hooked.auto_dtype("cpu") == (torch.bfloat16 if real else torch.float32)
-    assert load_t5gemma2(tiny_model_dir).cfg.dtype == hooked.auto_dtype("cpu")
-    monkeypatch.setattr(hooked, "cpu_has_fast_bf16", lambda: True)
-    assert hooked._as_dtype("auto", "cpu") == torch.bfloat16
-    model = hooked.HookedT5Gemma2.from_pretrained(tiny_model_dir)
-    assert model.cfg.dtype == torch.bfloat16 and model.hf_model.dtype == torch.bfloat16
-    monkeypatch.setattr(hooked, "cpu_has_fast_bf16", lambda: False)
-    assert hooked._as_dtype("auto", "cpu") == torch.float32
-    assert hooked._as_dtype("auto", "meta") == torch.float32
-    assert (hooked._as_dtype(None), hooked._as_dtype("bfloat16"), hooked._as_dtype("torch.float16")) == (
-        torch.float32,
-        torch.bfloat16,
-        torch.float16,
-    )
-    with pytest.raises(ValueError, match=r"dtype 'int8' is not a torch floating dtype .* or 'auto'"):
-        hooked._as_dtype("int8")
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +109,7 @@ def test_bf16_model_trains_two_hooks_in_one_runner(
     plan = training.plan_training(cfg)
     result = training.train(plan, model=bf16, keep_initial=True)
     assert seen and all(d == (torch.float32, torch.float32) for d in seen)
+    assert {s.cfg.metadata.t5gemma2_model_dtype for s in result.saes.values()} == {"bfloat16"}
     held = training.collect_activations(
         bf16, synthetic.stand_in_texts()[20:], [s.hook_name for s in plan.sites]
     )
