@@ -13,6 +13,24 @@ import argparse
 import sys
 
 
+def _add_dtype(p: argparse.ArgumentParser, training: bool = False) -> None:
+    """``--dtype``: the model's weights dtype (one flag, one meaning, on every command that loads a model)."""
+    default = (
+        "auto: bfloat16 where the device runs it natively (CUDA with bf16, a CPU with avx512_bf16/amx_bf16), "
+        "else float32; SAEs stay float32"
+        if training
+        else "float32, on every machine"
+    )
+    p.add_argument(
+        "--dtype",
+        *(["--model-dtype"] if training else []),
+        dest="dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default=None,
+        help=f"model weights dtype (default {default}; SAE_LENS_T5GEMMA_DTYPE replaces the default)",
+    )
+
+
 # --------------------------------------------------------------- list / inspect / convert (issue 2)
 def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="releases, SAE ids and hook names")
@@ -118,12 +136,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="cache activations here first, then train from the cache")
     p.add_argument("--one-pass-per-hook", action="store_true", help="one run per hook, not one shared pass")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument(
-        "--model-dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model weights dtype (default auto: bfloat16 on CUDA with bf16 or a CPU with avx512_bf16/amx_bf16, "
-        "else float32); SAEs stay float32",
-    )
+    _add_dtype(p, training=True)
     p.add_argument(
         "--autocast", action="store_true", help="bfloat16 autocast for the SAE step (SAELens' autocast)"
     )
@@ -156,7 +169,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             architecture=a.architecture, d_sae=a.d_sae, k=a.k, l1=a.l1, training_tokens=a.tokens, lr=a.lr,
             context_size=a.context_size, train_batch_size_tokens=a.batch_tokens, store_batch_size_prompts=a.store_batch,
             matryoshka_widths=widths, eval_every_n_steps=a.eval_every, n_eval_batches=a.eval_batches, out=a.out,
-            release_name=a.release_name, device=device, model_dtype=a.model_dtype, seed=a.seed,
+            release_name=a.release_name, device=device, model_dtype=a.dtype, seed=a.seed,
             max_memory=a.max_memory, autocast=a.autocast or None,
             multi_hook=False if a.one_pass_per_hook else None, overwrite=a.overwrite or None, wandb=a.wandb or None,
             convention=a.convention, prefix_len=a.prefix_len, disable_concat_sequences=False if a.pack else None,
@@ -241,6 +254,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "--dense-threshold", type=float, default=0.1, help="dense = fires on more than this fraction"
     )
     p.add_argument("--device", default="cpu")
+    _add_dtype(p)
     p.add_argument("--out", default="out/compare", help="folder for the report, tables and plots")
     p.add_argument(
         "--convention",
@@ -303,6 +317,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                 batch_size=a.batch_size,
                 n_batches=a.n_batches,
                 device=a.device,
+                dtype=a.dtype,
                 dense_threshold=a.dense_threshold,
                 banner=BANNER if a.stand_in else None,
                 convention=a.convention,
@@ -332,6 +347,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--n-batches", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    _add_dtype(p)
     p.add_argument("--stand-in", action="store_true", help="run offline on the synthetic stand-in")
 
     def run(a: argparse.Namespace) -> None:
@@ -343,7 +359,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
         texts = read_texts(a.texts) if a.texts else None
         with stand_in_hub() if a.stand_in else contextlib.nullcontext():
             result = diagnose_release(
-                a.release, a.layers, texts, a.context_size, a.batch_size, a.n_batches, a.device, a.stand_in
+                a.release, a.layers, texts, a.context_size, a.batch_size, a.n_batches, a.device, a.stand_in, a.dtype
             )
         print(result.table())
         print(result.verdict())
@@ -385,6 +401,7 @@ def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the statistics saved in OUT/stats")
     p.add_argument("--no-neuronpedia", action="store_true", help="skip the Neuronpedia export")
     p.add_argument("--device", default="cpu")
+    _add_dtype(p)
     p.add_argument("--stand-in", action="store_true", help="run offline on the synthetic stand-in")
 
     def run(a: argparse.Namespace) -> None:
@@ -395,7 +412,7 @@ def _add_dashboard(sub: argparse._SubParsersAction) -> None:
         index = run_dashboard(
             a.sae, a.out, a.dataset, a.features, model_name=a.model, stand_in=a.stand_in, convention=a.convention,
             config=cfg, max_rows=a.max_rows, n_features=a.n_features, resume=a.resume, overwrite=a.overwrite,
-            neuronpedia=not a.no_neuronpedia, device=a.device,
+            neuronpedia=not a.no_neuronpedia, device=a.device, dtype=a.dtype,
         )  # fmt: skip
         print(f"wrote {index}" + (" (SYNTHETIC stand-in)" if a.stand_in else ""))
 
@@ -415,13 +432,14 @@ def _add_find_features(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=20, help="rows to print")
     p.add_argument("--model", help="hub id or folder (default: the SAE's model_name)")
     p.add_argument("--device", default="cpu")
+    _add_dtype(p)
     p.add_argument("--stand-in", action="store_true", help="run offline on the synthetic stand-in")
 
     def run(a: argparse.Namespace) -> None:
         from sae_lens_t5gemma.dashboard import run_find_features
 
         print(run_find_features(a.sae, a.with_file, a.without_file, a.k, model_name=a.model,
-                                stand_in=a.stand_in, device=a.device))  # fmt: skip
+                                stand_in=a.stand_in, device=a.device, dtype=a.dtype))  # fmt: skip
 
     p.set_defaults(func=run)
 
@@ -430,6 +448,7 @@ def _add_find_features(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded synthetic stand-in (offline)")
     p.add_argument("--out", default="out/demo", help="folder for the demo's files")
+    _add_dtype(p)
     p.add_argument(
         "--model",
         default=None,

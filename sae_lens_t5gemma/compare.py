@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from sae_lens_t5gemma.dtypes import dtype_name, resolve_dtype, sae_dtype
 from sae_lens_t5gemma import sites as sites_mod
 from sae_lens_t5gemma.registration import PACKAGE_RELEASE
 from sae_lens_t5gemma.report import (  # noqa: F401 (re-exported: the comparison API in one import)
@@ -460,7 +461,7 @@ def compare(
     batch_size: int = 4,
     n_batches: int | None = None,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
     dense_threshold: float = 0.1,
     title: str = "SAE comparison: T5Gemma 2 and Gemma 3 270M",
     banner: str | None = None,
@@ -490,6 +491,8 @@ def compare(
         prefix_len: the ``prefix_lm`` split (default ``context_size // 2``).
         pack: pack documents into rows (SAELens' way) instead of one document per row.
             Packed rows let the bidirectional encoder read later documents.
+        dtype: the models' dtype (default float32; see :mod:`sae_lens_t5gemma.dtypes`). SAEs stay
+            in the dtype they load in and the report's setup records both.
         synthetic: the data are the synthetic stand-in: every finding and plot says so.
         min_fires: fires on Gemma 3 for a feature's transfer correlation to be scored.
         top_k: best and worst carried features listed per transfer.
@@ -513,6 +516,7 @@ def compare(
     from sae_lens_t5gemma.hooked import CONVENTIONS
     from sae_lens_t5gemma.synthetic import stand_in_texts
 
+    dtype = resolve_dtype(dtype, device)
     pairs = [p if isinstance(p, Pair) else Pair.parse(p) for p in pairs]
     if not pairs:
         raise ValueError("compare needs at least one (model, SAE) pair.")
@@ -603,6 +607,8 @@ def compare(
         )
 
     setup = _setup(texts, run.tokens, context_size, batch_size, device, dense_threshold)
+    setup["dtype"] = dtype_name(dtype)
+    setup["sae_dtypes"] = sorted({dtype_name(sae_dtype(s)) for s, _ in run.saes.values()})
     setup.update(
         convention=convention,
         prefix_len=prefix_len or "n // 2",

@@ -311,6 +311,7 @@ def run_dashboard(
     overwrite: bool = False,
     neuronpedia: bool = True,
     device: str = "cpu",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> Path:
     """The ``dashboard`` command: load the model and SAE, gather statistics, write pages and export.
@@ -337,7 +338,7 @@ def run_dashboard(
     with context:
         sae, source = load_sae(sae_spec, device)
         name = model_name or getattr(sae.cfg.metadata, "model_name", None) or synthetic.T5GEMMA2_MODEL
-        model = load_t5gemma2(name, device=device)
+        model = load_t5gemma2(name, device=device, dtype=dtype)
         if convention is not None:
             model.convention = convention
         texts = synthetic.stand_in_texts() if dataset is None else None
@@ -380,6 +381,7 @@ def run_find_features(
     model_name: str | None = None,
     stand_in: bool = False,
     device: str = "cpu",
+    dtype: str | None = None,
 ) -> str:
     """The ``find-features`` command: a table of the features that fire more on one set of texts."""
     import contextlib
@@ -397,7 +399,7 @@ def run_find_features(
     with context:
         sae, source = load_sae(sae_spec, device)
         model = load_t5gemma2(
-            model_name or sae.cfg.metadata.model_name or synthetic.T5GEMMA2_MODEL, device=device
+            model_name or sae.cfg.metadata.model_name or synthetic.T5GEMMA2_MODEL, device=device, dtype=dtype
         )
         rows = find_features(model, sae, texts_with, texts_without, k=k)
     label = " SYNTHETIC stand-in," if stand_in else ""

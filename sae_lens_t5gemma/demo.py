@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +69,10 @@ def section_hook_and_steer(cache: Path, out: Path, model_name: str | None = None
         model = load_t5gemma2(model_name or synthetic.T5GEMMA2_MODEL)
         sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5")
     hook = sae.cfg.metadata.hook_name
-    print(f"\n== hook and steer: {model.cfg.model_name} ({label}), SAE encoder/layer_5 at {hook} ==")
+    print(
+        f"\n== hook and steer: {model.cfg.model_name} ({label}, {str(model.cfg.dtype).removeprefix('torch.')}), "
+        f"SAE encoder/layer_5 at {hook} =="
+    )
     text = "The cat sat on the mat."
     tokens = model.to_tokens(text)
     with torch.no_grad():
@@ -113,6 +117,7 @@ def section_hook_and_steer(cache: Path, out: Path, model_name: str | None = None
     record = {
         "label": label,
         "model": model.cfg.model_name,
+        "dtype": str(model.cfg.dtype).removeprefix("torch."),
         "hook": hook,
         "text": text,
         "top_features": [r.__dict__ for r in rows],
@@ -297,11 +302,33 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def models_in(dtype: str) -> Iterator[None]:
+    """Every model the demo loads (analysis and training) in ``dtype``: the package's documented
+    ``SAE_LENS_T5GEMMA_DTYPE`` default, set for the demo's duration."""
+    from sae_lens_t5gemma.dtypes import DTYPE_ENV
+
+    before = os.environ.get(DTYPE_ENV)
+    os.environ[DTYPE_ENV] = dtype
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DTYPE_ENV, None)
+        else:
+            os.environ[DTYPE_ENV] = before
+
+
 def run_demo(args: argparse.Namespace) -> None:
+    from sae_lens_t5gemma.dtypes import dtype_name, resolve_dtype
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # float32 unless --dtype: the demo prints the same numbers on every machine.
+    dtype = dtype_name(resolve_dtype(getattr(args, "dtype", None) or "float32"))
     print(BANNER)
-    with tempfile.TemporaryDirectory(prefix="sae_lens_t5gemma_demo_hub_") as tmp:
+    print(f"models in {dtype} (--dtype float32|bfloat16|float16|auto), SAEs in float32")
+    with models_in(dtype), tempfile.TemporaryDirectory(prefix="sae_lens_t5gemma_demo_hub_") as tmp:
         cache = synthetic.write_stand_in_hub(tmp)
         with synthetic.offline_hub(cache):
             hook_and_steer = functools.partial(

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_t5gemma.dtypes import to_sae
+from sae_lens_t5gemma.dtypes import dtype_name, to_sae
 
 CANDIDATES = ("prefix_lm", "reconstruct", "shifted_copy")
 
@@ -59,6 +59,8 @@ class DiagnosisRow:
 class Diagnosis:
     rows: list[DiagnosisRow]
     synthetic: bool
+    dtype: str = "float32"
+    """The model's dtype during the measurement."""
 
     def best(self) -> dict[str, str]:
         """SAE id -> the convention whose L0 lies closest to the history's."""
@@ -76,7 +78,10 @@ class Diagnosis:
             return "no decoder SAE with a training-history L0: nothing to compare"
         winner = max(votes, key=votes.__getitem__)
         label = "SYNTHETIC stand-in, meaningless: " if self.synthetic else "estimate: "
-        return f"{label}best match {winner!r} for {votes[winner]} of {sum(votes.values())} decoder SAEs ({votes})"
+        return (
+            f"{label}best match {winner!r} for {votes[winner]} of {sum(votes.values())} decoder SAEs ({votes}; "
+            f"model in {self.dtype})"
+        )
 
     def table(self) -> str:
         lines = [
@@ -145,7 +150,7 @@ def diagnose(
                     n_tokens=x.shape[0],
                 )
             )
-    return Diagnosis(rows, synthetic)
+    return Diagnosis(rows, synthetic, dtype_name(model.cfg.dtype))
 
 
 def diagnose_release(
@@ -157,6 +162,7 @@ def diagnose_release(
     n_batches: int | None = 4,
     device: str = "cpu",
     synthetic: bool = False,
+    dtype: str | None = None,
 ) -> Diagnosis:
     """Load a release's decoder SAEs and their model, and run :func:`diagnose` on ``texts``.
 
@@ -182,7 +188,7 @@ def diagnose_release(
             raise ValueError(f"Release {release!r} has no SAE(s) {missing}")
         ids = [i for i in ids if i in wanted]
     saes = {i: SAE.from_pretrained(release=release, sae_id=i, device=device) for i in ids}
-    model = load_t5gemma2(directory[release].model, device=device)
+    model = load_t5gemma2(directory[release].model, device=device, dtype=dtype)
     rows = model.to_tokens(list(texts or stand_in_texts()), truncate=True)[:, :context_size]
     batches = list(rows.split(batch_size))[: n_batches or None]
     return diagnose(model, saes, batches, synthetic=synthetic)

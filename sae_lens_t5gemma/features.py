@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_lens_t5gemma.dtypes import to_sae
+from sae_lens_t5gemma.dtypes import dtype_name, sae_dtype, to_sae
 from sae_lens_t5gemma import sites as sites_mod
 
 if TYPE_CHECKING:
@@ -443,6 +443,8 @@ def corpus_stats(
     meta: dict[str, Any] = {
         "format": FORMAT,
         "model": model.cfg.model_name,
+        "dtype": dtype_name(model.cfg.dtype),
+        "sae_dtype": {k: dtype_name(sae_dtype(s)) for k, s in named.items()},
         "convention": model.convention,
         "convention_words": model.describe_convention(),
         "dataset": corpus,

@@ -270,6 +270,7 @@ def export_neuronpedia(
     extras: dict[str, Any] = {
         "neuronpedia_id": np_id, "site": info.hook_name, "site_words": info.site_words, "stack": info.stack,
         "layer": info.layer, "d_in": info.d_in, "d_sae": info.d_sae, "convention": stats.meta["convention_words"],
+        "model_dtype": stats.meta.get("dtype", "float32"),
         "synthetic": bool(stats.meta.get("synthetic")) or info.synthetic, "source": info.source,
         "pos_neg_tables": "logit effects (direct path)" if info.stack == "decoder"
         else ("ablation effects" if ablation else "empty (encoder site, no ablation run)"),

@@ -456,7 +456,8 @@ def _markdown(report: Report, title: str, banner: str | None) -> str:
         "Metrics: SAELens' definitions computed over covered positions only (`sae_lens_t5gemma.evaluation`): "
         "positions a stack does not compute, and predictions outside the scored targets, are left out; "
         f"dense = fires on more than {s['dense_threshold']:.0%} of tokens. "
-        f"Versions: {', '.join(f'{k} {v}' for k, v in s['versions'].items())}; device {s['device']}.",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in s['versions'].items())}; device {s['device']}; "
+        f"models in {s.get('dtype', 'float32')}, SAEs in {', '.join(s.get('sae_dtypes') or ['float32'])}.",
         "",
     ]
     if s.get("documents"):
