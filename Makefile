@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test lint bench clean browser
+.PHONY: setup demo test lint bench clean browser gpu-check
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/sae-lens-t5gemma demo
 
+# The tests marked auto_branch follow dtype="auto" (bfloat16 where the CPU or GPU runs it natively).
+# They run first with the *other* branch forced (SAE_LENS_T5GEMMA_FAST_BF16), then the whole suite
+# on this machine's own branch: both branches are tested whatever the CPU.
+OTHER_BRANCH = $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo 0 || echo 1)
+
 test: setup browser
+	SAE_LENS_T5GEMMA_FAST_BF16=$(OTHER_BRANCH) $(PY) -m pytest -q -m auto_branch
 	$(PY) -m pytest -q
+
+# On a CUDA machine: demo, device-sensitive tests and benchmarks in bf16 (under 10 minutes);
+# results in benchmarks/results/gpu_check.json. `make gpu-check ARGS=--dry-run` checks it on a CPU.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 # Headless Chromium for the dashboard's browser test (tests/test_dashboard.py). Debian's
 # package; if it cannot be installed (no root, no apt) the test is skipped and says why.

@@ -10,7 +10,7 @@ forward hook that raises right after the o_proj), in float32, then the same two 
 Medians of ``--repeats`` repeats after a warm-up. Every ratio comes from this one process.
 
 Also: the relative difference of the activations, ||a_bf16 - a_fp32|| / ||a_fp32||; the weights'
-bytes in each precision; and whether this CPU has native bf16 (``hooked.cpu_has_fast_bf16``),
+bytes in each precision; and whether this CPU has native bf16 (``dtypes.cpu_has_fast_bf16``),
 which is what ``dtype="auto"`` decides by.
 
 Usage:
@@ -60,17 +60,32 @@ def _floor(hf: Any, module: str, tokens: Any, decoder_input: Any) -> Any:
     return store.pop("x")
 
 
-def run(batch: int, seq: int, repeats: int, threads: int) -> dict[str, Any]:
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run(batch: int, seq: int, repeats: int, threads: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
-    from sae_lens_t5gemma import hooked, sites, synthetic
+    from sae_lens_t5gemma import dtypes, sites, synthetic
     from sae_lens_t5gemma.hooked import HookedT5Gemma2
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = synthetic.build_tokenizer(tmp)
-    hf32 = synthetic.build_t5gemma2(real_dims=True)
+    hf32 = synthetic.build_t5gemma2(real_dims=True).to(device)
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+
+    def sync() -> None:  # CUDA runs asynchronously: time whole kernels
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     models = {
         "float32": (hf32, HookedT5Gemma2(hf32, tokenizer, convention="reconstruct")),
         "bfloat16": (hf16, HookedT5Gemma2(hf16, tokenizer, convention="reconstruct")),
@@ -78,6 +93,7 @@ def run(batch: int, seq: int, repeats: int, threads: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, hf32.config.decoder.vocab_size, (batch, seq), generator=g)
     tokens[:, 0] = 2
+    tokens = tokens.to(device)
     # The floor feeds what the hooked model feeds under "reconstruct": the row, shifted right.
     decoder_input = hf32.prepare_decoder_input_ids_from_labels(tokens)
     rows: dict[str, Any] = {}
@@ -88,11 +104,14 @@ def run(batch: int, seq: int, repeats: int, threads: int) -> dict[str, Any]:
             acts: dict[str, Any] = {}
             for _ in range(repeats + 1):
                 for dtype, (hf, model) in models.items():
+                    sync()
                     t0 = time.perf_counter()
                     _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=site.layer + 1)
+                    sync()
                     times.setdefault(f"hooked_{dtype}", []).append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     floor = _floor(hf, site.hf_module, tokens, decoder_input)
+                    sync()
                     times.setdefault(f"floor_{dtype}", []).append(time.perf_counter() - t0)
                     acts[dtype] = cache[hook].float()
                     acts[f"floor_{dtype}"] = floor.float()
@@ -126,8 +145,10 @@ def run(batch: int, seq: int, repeats: int, threads: int) -> dict[str, Any]:
             "python": platform.python_version(),
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
-            "cpu_native_bf16": hooked.cpu_has_fast_bf16(),
-            "auto_dtype_here": str(hooked.auto_dtype("cpu")),
+            "device": device,
+            "cpu_model": _cpu_model(),
+            "cpu_native_bf16": dtypes.cpu_has_fast_bf16(),
+            "auto_dtype_here": str(dtypes.auto_dtype("cpu")),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "date": time.strftime("%Y-%m-%d"),
         },
@@ -163,12 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (gpu_check.py)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.repeats = 2, 32, 1
     load_before = os.getloadavg()
-    result = run(args.batch, args.seq, args.repeats, args.threads)
+    result = run(args.batch, args.seq, args.repeats, args.threads, args.device)
     result["setup"]["load_average_before"] = load_before
     result["setup"]["load_average_after"] = os.getloadavg()
     result["quick"] = args.quick

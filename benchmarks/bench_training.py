@@ -63,6 +63,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_hooks import _reset_peak, _status_kib  # noqa: E402
 
+from sae_lens_t5gemma.dtypes import cpu_has_fast_bf16, resolve_dtype  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 WORKERS = ("one", "all36", "scaling", "mem1", "mem36")
 
@@ -70,7 +72,7 @@ WORKERS = ("one", "all36", "scaling", "mem1", "mem36")
 # --------------------------------------------------------------------------- setup
 
 
-def _setup(tmp: Path, threads: int, model_dtype: str = "float32"):
+def _setup(tmp: Path, threads: int, model_dtype: str = "float32", device: str = "cpu"):
     """The real-dimension random model (hooked), a config-only folder for planning, and a dataset file."""
     import torch
 
@@ -80,7 +82,7 @@ def _setup(tmp: Path, threads: int, model_dtype: str = "float32"):
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*(fewer samples|not tokenized|exhausted).*")
     tokenizer = synthetic.build_tokenizer(tmp / "model")
-    hf = synthetic.build_t5gemma2(real_dims=True).to(getattr(torch, model_dtype))
+    hf = synthetic.build_t5gemma2(real_dims=True).to(device=device, dtype=getattr(torch, model_dtype))
     hf.config.save_pretrained(tmp / "model")
     model = HookedT5Gemma2(hf, tokenizer, model_name="random T5Gemma 2 (real 270m-270m dims)")
     with torch.no_grad():  # page every weight in, so RSS after this is the model's
@@ -142,6 +144,8 @@ def _harvest(store: Any, multi: bool, n_tokens: int) -> tuple[dict[str, Any], fl
             d = {store.hook_name: store.get_filtered_llm_batch()}
         chunks.append(d)
         got += next(iter(d.values())).shape[0]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return {h: torch.cat([c[h] for c in chunks])[:n_tokens] for h in chunks[0]}, n_tokens / got
 
 
@@ -158,8 +162,12 @@ def _step_all(trainers: dict[str, Any], batch: dict[str, Any]) -> None:
 
 
 def _t(fn: Any) -> float:
+    import torch
+
     t0 = time.perf_counter()
     fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # CUDA runs asynchronously: time whole kernels
     return time.perf_counter() - t0
 
 
@@ -181,7 +189,8 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        model, model_dir, data = _setup(tmp, args.threads)
+        model_dtype = str(resolve_dtype(args.model_dtype, args.device, "training")).removeprefix("torch.")
+        model, model_dir, data = _setup(tmp, args.threads, model_dtype, args.device)
         if all36:
             hooks = ["encoder.*.attn_out", "decoder.*.attn_out"]
             over = dict(d_sae=args.d_sae or 4096, train_batch_size_tokens=args.batch_tokens or 1024)
@@ -190,7 +199,10 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
             over = dict(d_sae=args.d_sae or 16384, train_batch_size_tokens=args.batch_tokens or 4096)
         if args.quick:
             over = dict(d_sae=1024, train_batch_size_tokens=256, context_size=128)
-        cfg = _config(model_dir, data, tmp / "out", hooks=hooks, training_tokens=10**6, **over)
+        cfg = _config(
+            model_dir, data, tmp / "out", hooks=hooks, training_tokens=10**6, model_dtype=model_dtype,
+            device=args.device, **over,
+        )  # fmt: skip
         plan = training.plan_training(cfg)
         dataset = training.load_training_dataset(plan)
         batch_tokens = cfg.train_batch_size_tokens
@@ -250,7 +262,8 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
             "architecture": cfg.architecture,
             "batch_tokens": batch_tokens,
             "context_size": cfg.context_size,
-            "model_dtype": "float32",
+            "model_dtype": model_dtype,
+            "model_dtype_asked": args.model_dtype,
             "sae_dtype": "float32",
             "store_sizing": sizing,
             "times": med,
@@ -495,6 +508,20 @@ def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
+def replace_ns(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def _run_worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -510,6 +537,7 @@ def _run_worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
         cmd.append("--quick")
     if args.max_memory:
         cmd += ["--max-memory", args.max_memory]
+    cmd += ["--model-dtype", args.model_dtype, "--device", args.device]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
@@ -527,10 +555,8 @@ def _run_worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def tables(results: dict[str, Any]) -> str:
     lines = []
-    for name in ("one", "all36"):
-        r = results.get(name)
-        if not r:
-            continue
+    for name in [k for k in results if k.split("@")[0] in ("one", "all36")]:
+        r = results[name]
         t = r["times"]
         lines.append(
             f"{name}: {r['hooks']} hook(s), {r['architecture']} k={r['k']:g} d_sae={r['d_sae']}, "
@@ -579,6 +605,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default=",".join(WORKERS), help=f"comma-separated subset of {WORKERS}")
     p.add_argument("--max-memory", default=None, help="TrainConfig.max_memory for the memory workers")
+    p.add_argument(
+        "--model-dtypes",
+        default="float32",
+        help="comma-separated model dtypes for the 'one'/'all36' workers, run in turn in this one invocation "
+        "(e.g. float32,auto: the default training dtype against float32; auto = bfloat16 where native)",
+    )
+    p.add_argument("--model-dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (gpu_check.py): model, SAEs and the store")
     p.add_argument("--d-sae", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch-tokens", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None)
@@ -605,9 +639,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown worker(s) {bad}; choose from {WORKERS}")
     load_before = os.getloadavg()
     results: dict[str, Any] = {}
+    dtypes = [d for d in args.model_dtypes.split(",") if d]
     for name in names:
-        print(f"running {name} ...", flush=True)
-        results[name] = _run_worker(args, name)
+        for i, d in enumerate(dtypes if name in ("one", "all36") else dtypes[:1]):
+            key = name if i == 0 else f"{name}@{d}"
+            print(f"running {key} (model {d}) ...", flush=True)
+            results[key] = _run_worker(replace_ns(args, model_dtype=d), name)
+    for name in ("one", "all36"):
+        for d in dtypes[1:]:
+            base, other = results.get(name), results.get(f"{name}@{d}")
+            if base and other:
+                key = f"{other['model_dtype']}_vs_{base['model_dtype']}_end_to_end"
+                results[name]["ratios"][key] = (
+                    other["times"]["step_fp32"]["end_to_end_tokens_per_s"]
+                    / base["times"]["step_fp32"]["end_to_end_tokens_per_s"]
+                )
     out = args.out or RESULTS / ("bench_training_quick.json" if args.quick else "bench_training.json")
     doc = {
         "benchmark": "bench_training",
@@ -620,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
+            "cpu_native_bf16": cpu_has_fast_bf16(),
+            "cpu_model": _cpu_model(),
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d"),

@@ -359,7 +359,15 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
         texts = read_texts(a.texts) if a.texts else None
         with stand_in_hub() if a.stand_in else contextlib.nullcontext():
             result = diagnose_release(
-                a.release, a.layers, texts, a.context_size, a.batch_size, a.n_batches, a.device, a.stand_in, a.dtype
+                a.release,
+                a.layers,
+                texts,
+                a.context_size,
+                a.batch_size,
+                a.n_batches,
+                a.device,
+                a.stand_in,
+                a.dtype,
             )
         print(result.table())
         print(result.verdict())
@@ -449,6 +457,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded synthetic stand-in (offline)")
     p.add_argument("--out", default="out/demo", help="folder for the demo's files")
     _add_dtype(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... for every model and SAE of the demo")
+    p.add_argument(
+        "--sections",
+        type=lambda t: [x for x in t.split(",") if x],
+        help="comma-separated subset of load,hook_and_steer,train,compare,diagnose,dashboard (default: all)",
+    )
     p.add_argument(
         "--model",
         default=None,

@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from sae_lens_t5gemma.dtypes import dtype_name, resolve_dtype, sae_dtype
 from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.dtypes import dtype_name, resolve_dtype, sae_dtype
 from sae_lens_t5gemma.registration import PACKAGE_RELEASE
 from sae_lens_t5gemma.report import (  # noqa: F401 (re-exported: the comparison API in one import)
     CE_KL_CAVEAT,

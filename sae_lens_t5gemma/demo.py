@@ -21,7 +21,7 @@ from sae_lens_t5gemma import synthetic
 BANNER = "SYNTHETIC STAND-IN: random weights, tiny model; numbers say nothing about the real SAEs."
 
 
-def section_load(cache: Path, out: Path) -> None:
+def section_load(cache: Path, out: Path, device: str = "cpu") -> None:
     """Issue 2: load all 36 SAEs through SAE.from_pretrained."""
     import time
 
@@ -36,7 +36,7 @@ def section_load(cache: Path, out: Path) -> None:
     print(header)
     ids = valid_sae_ids(PACKAGE_RELEASE)
     for sae_id in ids:
-        sae = SAE.from_pretrained(release=PACKAGE_RELEASE, sae_id=sae_id)
+        sae = SAE.from_pretrained(release=PACKAGE_RELEASE, sae_id=sae_id, device=device)
         l0 = final_l0(training_history(sae))
         print(
             f"{sae_id:<18}{sae.cfg.metadata.hook_name:<38}{sae.cfg.d_in:>5}{sae.cfg.d_sae:>7}  {sae.cfg.dtype:<8}"
@@ -45,7 +45,9 @@ def section_load(cache: Path, out: Path) -> None:
     print(f"loaded {len(ids)} SAEs in {time.perf_counter() - t0:.1f} s (SYNTHETIC stand-in weights)")
 
 
-def section_hook_and_steer(cache: Path, out: Path, model_name: str | None = None) -> None:
+def section_hook_and_steer(
+    cache: Path, out: Path, model_name: str | None = None, device: str = "cpu"
+) -> None:
     """Issue 3: load the model, attach an SAE, top features on a sentence, steer one.
 
     Without ``model_name`` it runs on the stand-in (offline, from ``cache``); with one
@@ -66,8 +68,8 @@ def section_hook_and_steer(cache: Path, out: Path, model_name: str | None = None
     online = model_name is not None
     label = "real weights, online" if online else "SYNTHETIC"
     with _online_hub() if online else contextlib.nullcontext():
-        model = load_t5gemma2(model_name or synthetic.T5GEMMA2_MODEL)
-        sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5")
+        model = load_t5gemma2(model_name or synthetic.T5GEMMA2_MODEL, device=device)
+        sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5", device=device)
     hook = sae.cfg.metadata.hook_name
     print(
         f"\n== hook and steer: {model.cfg.model_name} ({label}, {str(model.cfg.dtype).removeprefix('torch.')}), "
@@ -141,7 +143,7 @@ def _online_hub() -> contextlib.AbstractContextManager[Path]:
     return synthetic.hub_settings(Path(constants.HF_HOME) / "hub", offline=False)
 
 
-def section_train(cache: Path, out: Path) -> None:
+def section_train(cache: Path, out: Path, device: str = "cpu") -> None:
     """Issue 4: a short offline training run with SAELens' runner, saved and loaded back by name.
 
     BatchTopK SAEs (the recommended preset's architecture, at demo size) at encoder layer 5's
@@ -175,9 +177,9 @@ def section_train(cache: Path, out: Path) -> None:
         model=synthetic.T5GEMMA2_MODEL, hooks=sae_ids, dataset=str(dataset), out=str(out / "trained_saes"),
         architecture="batchtopk", k=8, d_sae=256, training_tokens=100 * 256, train_batch_size_tokens=256,
         context_size=32, store_batch_size_prompts=8, lr=3e-3, eval_every_n_steps=50, n_eval_batches=1,
-        n_batches_for_norm_estimate=10, release_name="t5gemma2-demo-trained", overwrite=True, preset="recommended (demo size)",
+        n_batches_for_norm_estimate=10, release_name="t5gemma2-demo-trained", overwrite=True, preset="recommended (demo size)", device=device,
     )  # fmt: skip
-    model = load_t5gemma2(cfg.model)
+    model = load_t5gemma2(cfg.model, device=device)
     hooks = {
         "encoder.5.attn_out": "encoder_blocks.5.attn.hook_out",
         "decoder.5.attn_out": "decoder_blocks.5.self_attn.hook_out",
@@ -200,7 +202,7 @@ def section_train(cache: Path, out: Path) -> None:
         f"{len(result.eval_history)} in-training evals (evaluate_sae: covered positions, CE/KL on the continuation)"
     )
     print(training.format_report(result))
-    by_name = SAE.from_pretrained(release=result.release, sae_id="decoder.5.attn_out")
+    by_name = SAE.from_pretrained(release=result.release, sae_id="decoder.5.attn_out", device=device)
     meta = by_name.cfg.metadata
     print(
         f"loaded back by name: SAE.from_pretrained(release={result.release!r}, sae_id='decoder.5.attn_out')"
@@ -212,7 +214,7 @@ def section_train(cache: Path, out: Path) -> None:
     print(f"train done in {time.perf_counter() - t0:.1f} s (SYNTHETIC); saved in {result.out}")
 
 
-def section_compare(cache: Path, out: Path) -> None:
+def section_compare(cache: Path, out: Path, device: str = "cpu") -> None:
     """Issue 5: a small comparison on the stand-in."""
     import time
 
@@ -235,6 +237,7 @@ def section_compare(cache: Path, out: Path) -> None:
         banner=BANNER,
         progress=False,
         synthetic=True,
+        device=device,
         min_fires=1,
     )
     print(report.summary())
@@ -246,7 +249,7 @@ def section_compare(cache: Path, out: Path) -> None:
     )
 
 
-def section_diagnose(cache: Path, out: Path) -> None:
+def section_diagnose(cache: Path, out: Path, device: str = "cpu") -> None:
     """Issue 8: which convention were the mindchain decoder SAEs trained under? (an estimate)"""
     import time
 
@@ -256,14 +259,14 @@ def section_diagnose(cache: Path, out: Path) -> None:
         "\n== diagnose: the mindchain decoder SAEs under each convention vs their training-history L0 (SYNTHETIC) =="
     )
     t0 = time.perf_counter()
-    result = diagnose_release(layers=[2, 5], context_size=32, n_batches=2, synthetic=True)
+    result = diagnose_release(layers=[2, 5], context_size=32, n_batches=2, synthetic=True, device=device)
     print(result.table())
     print(result.verdict())
     (out / "diagnose.txt").write_text(result.table() + "\n" + result.verdict() + "\n")
     print(f"diagnose done in {time.perf_counter() - t0:.1f} s; wrote {out / 'diagnose.txt'}")
 
 
-def section_dashboard(cache: Path, out: Path) -> None:
+def section_dashboard(cache: Path, out: Path, device: str = "cpu") -> None:
     """Issue 11: feature dashboards for one encoder SAE on the embedded corpus, and a Neuronpedia export."""
     import time
 
@@ -276,8 +279,8 @@ def section_dashboard(cache: Path, out: Path) -> None:
 
     print("\n== dashboard: feature pages for encoder/layer_5 on the embedded corpus (SYNTHETIC) ==")
     t0 = time.perf_counter()
-    model = load_t5gemma2(synthetic.T5GEMMA2_MODEL)
-    sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5")
+    model = load_t5gemma2(synthetic.T5GEMMA2_MODEL, device=device)
+    sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5", device=device)
     texts = synthetic.stand_in_texts()
     stats = corpus_stats(model, {"encoder.5.attn_out": sae}, texts=texts, out=out / "dashboard" / "stats",
                          config=StatsConfig(top_k=10, context_size=32), overwrite=True, synthetic=True,
@@ -331,19 +334,24 @@ def run_demo(args: argparse.Namespace) -> None:
     with models_in(dtype), tempfile.TemporaryDirectory(prefix="sae_lens_t5gemma_demo_hub_") as tmp:
         cache = synthetic.write_stand_in_hub(tmp)
         with synthetic.offline_hub(cache):
-            hook_and_steer = functools.partial(
-                section_hook_and_steer, model_name=getattr(args, "model", None)
-            )
+            device = getattr(args, "device", None) or "cpu"
             real_model = getattr(args, "model", None) is not None
-            for section in (
-                section_load,
-                hook_and_steer,
-                section_train,
-                section_compare,
-                section_diagnose,
-                section_dashboard,
-            ):
-                tiny = not (real_model and section is hook_and_steer)
+            sections = {
+                "load": section_load,
+                "hook_and_steer": functools.partial(
+                    section_hook_and_steer, model_name=getattr(args, "model", None)
+                ),
+                "train": section_train,
+                "compare": section_compare,
+                "diagnose": section_diagnose,
+                "dashboard": section_dashboard,
+            }
+            chosen = getattr(args, "sections", None) or list(sections)
+            unknown = sorted(set(chosen) - set(sections))
+            if unknown:
+                raise ValueError(f"--sections: unknown {unknown}; choose from {', '.join(sections)}")
+            for name in chosen:
+                tiny = not (real_model and name == "hook_and_steer") and device == "cpu"
                 with one_thread() if tiny else contextlib.nullcontext():
-                    section(cache, out)
+                    sections[name](cache, out, device=device)
     print(BANNER)

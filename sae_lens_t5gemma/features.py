@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_lens_t5gemma.dtypes import dtype_name, sae_dtype, to_sae
 from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.dtypes import dtype_name, sae_dtype, to_sae
 
 if TYPE_CHECKING:
     from sae_lens import SAE

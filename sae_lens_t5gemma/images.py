@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from sae_lens_t5gemma.dtypes import to_sae
 from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.dtypes import to_sae
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainingSAE

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from sae_lens_t5gemma.dtypes import to_sae
 from sae_lens_t5gemma import sites as sites_mod
+from sae_lens_t5gemma.dtypes import to_sae
 from sae_lens_t5gemma.evaluation import ReconStats, _flat, special_token_ids
 
 MIN_HOME_EV = 0.1

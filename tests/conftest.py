@@ -21,6 +21,10 @@ import torch  # noqa: E402
 
 from sae_lens_t5gemma import synthetic  # noqa: E402
 
+# Where the device-sensitive tests (test_dtypes.py, the parity port) put models and SAEs:
+# "cpu" here; benchmarks/gpu_check.py runs them with "cuda".
+DEVICE = os.environ.get("SAE_LENS_T5GEMMA_TEST_DEVICE", "cpu")
+
 # Tiny models: one thread avoids spin-waiting between two busy cores (several times faster here).
 torch.set_num_threads(1)
 

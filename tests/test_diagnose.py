@@ -53,7 +53,9 @@ def test_planted_convention_is_found(model, batches, planted):
     assert len(set(l0.values())) == 3  # the candidates give different activations
     found = diagnose(model, {"decoder/layer_1": _sae(l0[planted])}, batches)
     assert found.best() == {"decoder/layer_1": planted}
-    assert found.verdict() == f"estimate: best match {planted!r} for 1 of 1 decoder SAEs ({{{planted!r}: 1}})"
+    assert found.verdict() == (
+        f"estimate: best match {planted!r} for 1 of 1 decoder SAEs ({{{planted!r}: 1}}; model in float32)"
+    )
     assert model.convention == "prefix_lm"  # restored
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICE
 from sae_lens import SAE
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
@@ -29,6 +30,8 @@ from sae_lens_t5gemma import dtypes, synthetic, training
 from sae_lens_t5gemma.evaluation import evaluate_sae
 from sae_lens_t5gemma.hooked import HookedT5Gemma2, load_t5gemma2
 from sae_lens_t5gemma.steering import top_features
+
+pytestmark = pytest.mark.auto_branch
 
 LOW = ["bfloat16", "float16"]
 
@@ -104,7 +107,9 @@ def test_defaults_and_the_dtype_variable(monkeypatch, tiny_model_dir):
     assert load_t5gemma2(tiny_model_dir).hf_model.dtype == torch.float16
     assert training.TrainConfig(model="m", dataset="d", hooks=["x"]).model_dtype == "float16"
     monkeypatch.setenv(dtypes.DTYPE_ENV, "half")
-    with pytest.raises(ValueError, match=r"^SAE_LENS_T5GEMMA_DTYPE='half': expected one of float32, bfloat16"):
+    with pytest.raises(
+        ValueError, match=r"^SAE_LENS_T5GEMMA_DTYPE='half': expected one of float32, bfloat16"
+    ):
         load_t5gemma2(tiny_model_dir)
     with pytest.raises(ValueError, match=r"dtype 'int8' is not a torch floating dtype .* or 'auto'"):
         dtypes.resolve_dtype("int8")
@@ -115,13 +120,13 @@ def test_defaults_and_the_dtype_variable(monkeypatch, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dir) -> dict[str, HookedT5Gemma2]:
-    return {d: load_t5gemma2(tiny_model_dir, dtype=d) for d in ("float32", *LOW)}
+    return {d: load_t5gemma2(tiny_model_dir, dtype=d, device=DEVICE) for d in ("float32", *LOW)}
 
 
 def _sae(model: HookedT5Gemma2, hook: str, d_in: int, seed: int = 0) -> StandardSAE:
     torch.manual_seed(seed)
     meta = SAEMetadata(model_name="stand-in", hook_name=hook, prepend_bos=True)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=2 * d_in, metadata=meta))
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=2 * d_in, device=DEVICE, metadata=meta))
     with torch.no_grad():
         sae.b_enc.uniform_(0.0, 0.1)
     return sae
@@ -153,7 +158,9 @@ def test_splicing_hands_the_model_its_dtype(models, dtype, hook, kind):
             logits, cache = model.run_with_cache_with_saes(
                 tokens, saes=[sae], use_error_term=error_term, exclude_special_tokens=True
             )
-            want = ref.run_with_saes(tokens, saes=[sae], use_error_term=error_term, exclude_special_tokens=True)
+            want = ref.run_with_saes(
+                tokens, saes=[sae], use_error_term=error_term, exclude_special_tokens=True
+            )
             assert logits.dtype == getattr(torch, dtype)
             assert rel(logits, want) < LOGIT_REL[dtype], (error_term, rel(logits, want))
             assert cache[f"{hook}.hook_sae_acts_post"].dtype == torch.float32  # the SAE's own dtype
@@ -174,11 +181,18 @@ def test_transcoder_steer_features_and_evals_follow_the_contract(models, dtype):
     meta = SAEMetadata(model_name="stand-in", hook_name="decoder_blocks.1.mlp.hook_in", prepend_bos=True)
     meta.hook_name_out = "decoder_blocks.1.mlp.hook_out"
     torch.manual_seed(1)
-    tc = Transcoder(TranscoderConfig(d_in=d, d_sae=2 * d, d_out=d, apply_b_dec_to_input=False, metadata=meta))
+    tc = Transcoder(
+        TranscoderConfig(
+            d_in=d, d_sae=2 * d, d_out=d, apply_b_dec_to_input=False, device=DEVICE, metadata=meta
+        )
+    )
     tokens = model.to_tokens(TEXTS)
     with torch.no_grad():
         tc.b_enc.uniform_(0.0, 0.2)
-        assert rel(model.run_with_saes(tokens, saes=[tc]), ref.run_with_saes(tokens, saes=[tc])) < LOGIT_REL[dtype]
+        assert (
+            rel(model.run_with_saes(tokens, saes=[tc]), ref.run_with_saes(tokens, saes=[tc]))
+            < LOGIT_REL[dtype]
+        )
 
     sae = _sae(model, "encoder_blocks.1.attn.hook_out", d, seed=2)
     with torch.no_grad(), model.steer(sae, [0, 3], scale=4.0) as report:
@@ -201,9 +215,11 @@ def test_transcoder_steer_features_and_evals_follow_the_contract(models, dtype):
 
 def test_mindchain_saes_spliced_in_low_precision_match_float32(hub_cache):
     with synthetic.offline_hub(hub_cache):
-        saes = [SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id=f"{s}/layer_5")
+        saes = [SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id=f"{s}/layer_5", device=DEVICE)
                 for s in ("encoder", "decoder")]  # fmt: skip
-        models = {d: load_t5gemma2(synthetic.T5GEMMA2_MODEL, dtype=d) for d in ("float32", *LOW)}
+        models = {
+            d: load_t5gemma2(synthetic.T5GEMMA2_MODEL, dtype=d, device=DEVICE) for d in ("float32", *LOW)
+        }
     assert all(s.cfg.dtype == "float32" for s in saes)
     tokens = models["float32"].to_tokens(synthetic.stand_in_texts()[:4])
     with torch.no_grad():
@@ -236,7 +252,9 @@ def test_float16_overflow_is_named_not_silent(models):
 
 
 @pytest.mark.parametrize("forced, want", [("1", "bfloat16"), ("0", "float32")])
-def test_training_records_the_dtype_of_either_auto_branch(tiny_model_dir, tmp_path, monkeypatch, forced, want):
+def test_training_records_the_dtype_of_either_auto_branch(
+    tiny_model_dir, tmp_path, monkeypatch, forced, want
+):
     import json
 
     monkeypatch.delenv(dtypes.DTYPE_ENV, raising=False)

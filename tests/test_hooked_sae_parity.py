@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from sae_lens.analysis.hooked_sae_transformer import HookedSAETransformer, _SAEWrapper, get_deep_attr
 from sae_lens.saes.sae import SAE, SAEMetadata
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
@@ -90,7 +91,7 @@ class Counter:
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "float16"])
 def model(tiny_model_dir, request) -> HookedT5Gemma2:
     """The stand-in in each dtype; the SAEs stay float32 (the package's dtype contract)."""
-    return load_t5gemma2(tiny_model_dir, dtype=request.param)
+    return load_t5gemma2(tiny_model_dir, dtype=request.param, device=DEVICE)
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +124,7 @@ def get_hooked_sae(model: HookedT5Gemma2, act_name: str, act_name_out: str | Non
             d_sae=d_in * 2,
             d_out=width(model, act_name_out),
             apply_b_dec_to_input=False,
+            device=DEVICE,
             metadata=metadata,
         )
         return Transcoder(cfg)
@@ -130,7 +132,7 @@ def get_hooked_sae(model: HookedT5Gemma2, act_name: str, act_name_out: str | Non
         d_in=d_in,
         d_sae=d_in * 2,
         dtype="float32",
-        device="cpu",
+        device=DEVICE,
         reshape_activations="hook_z" if act_name.endswith("hook_z") else "none",
         metadata=metadata,
     )

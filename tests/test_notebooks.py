@@ -2,7 +2,8 @@
 
 Each is run top to bottom by nbclient in a fresh kernel (``python3``, which jupyter_client
 starts with the interpreter running the tests, i.e. the venv's), with the working folder
-in a temporary directory; the checks read what the cells printed and wrote.
+in a temporary directory; the checks read what the cells printed and wrote. Each runs in
+float32, bfloat16 and float16 (``SAE_LENS_T5GEMMA_DTYPE``, which the kernel inherits), as written.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ def _run(name: str, cwd: Path) -> str:
     return "\n".join(texts)
 
 
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
 @pytest.mark.slow
-def test_quickstart_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    monkeypatch.setenv("SAE_LENS_T5GEMMA_DTYPE", dtype)
     out = _run("quickstart.ipynb", tmp_path)
     assert "SYNTHETIC stand-in hub" in out
     assert "hook: encoder_blocks.5.attn.hook_out | d_in 64 | d_sae 256" in out
@@ -45,11 +51,14 @@ def test_quickstart_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compare_notebook_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compare_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    monkeypatch.setenv("SAE_LENS_T5GEMMA_DTYPE", dtype)
     out = _run("compare_with_gemma_scope.ipynb", tmp_path)
     assert "SYNTHETIC stand-in hub" in out
     folder = tmp_path / "out" / "compare_notebook"
     text = (folder / "report.md").read_text()
+    assert f"models in {dtype}, SAEs in float32." in text
     assert "## Transfer: Gemma Scope 2 SAEs on T5Gemma 2" in text
     assert "## Feature-level transfer and controls" in text and "## Matched sparsity" in text
     for hook in (

@@ -27,7 +27,10 @@ from sae_lens_t5gemma import synthetic, training
 from sae_lens_t5gemma.hooked import load_t5gemma2
 from sae_lens_t5gemma.training_plan import ModelDims, TrainingPlan, expand_hooks, memory_budget, store_bytes
 
-pytestmark = pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
+    pytest.mark.auto_branch,
+]
 
 # The bf16/fp32 parity bound: ||a_bf16 - a_fp32|| / ||a_fp32|| per site. bfloat16 keeps 8
 # mantissa bits (relative rounding 2^-9 = 0.2% per value); through 2 layers it compounds to

@@ -39,7 +39,10 @@ from sae_lens_t5gemma.cli import main
 from sae_lens_t5gemma.hooked import load_t5gemma2
 
 # The tiny corpus is read many times over: SAELens says so at each new epoch.
-pytestmark = pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
+    pytest.mark.auto_branch,
+]
 
 HOOK = "encoder.1.attn_out"
 HOOK_NAME = "encoder_blocks.1.attn.hook_out"
@@ -382,6 +385,7 @@ def test_in_training_and_final_evals_have_ce_and_kl(trained):
     for entry in result.eval_history:
         assert_evals(entry[HOOK])
     on_disk = json.loads((result.paths[HOOK] / "eval_metrics.json").read_text())
+    assert (on_disk.pop("model_dtype"), on_disk.pop("sae_dtype")) == ("float32", "float32")
     assert training.flatten_metrics(on_disk) == pytest.approx(
         training.flatten_metrics(result.eval_metrics[HOOK])
     )
