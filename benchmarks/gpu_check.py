@@ -119,11 +119,17 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-                rc, text = proc.returncode, proc.stdout + proc.stderr
+                rc, text, err = proc.returncode, proc.stdout, proc.stderr
             except subprocess.TimeoutExpired as e:
-                rc, text = 124, f"timed out after {limit} s\n{(e.stdout or b'')[-2000:]!r}"
+                rc, text, err = 124, f"timed out after {limit} s\n{(e.stdout or b'')[-2000:]!r}", ""
             wall = time.perf_counter() - t0
-            step = {"command": cmd, "rc": rc, "wall_s": round(wall, 1), "tail": text[-3000:]}
+            step = {
+                "command": cmd,
+                "rc": rc,
+                "wall_s": round(wall, 1),
+                "stdout": text[-3000:],
+                "stderr": err[-2000:],
+            }
             bench = Path(tmp) / f"{name}.json"
             if bench.is_file():
                 step["result"] = json.loads(bench.read_text())
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   rc {rc} in {wall:.1f} s", flush=True)
             if rc != 0:
                 failed.append(name)
-                print(text[-2000:], flush=True)
+                print(text[-1500:] + err[-1500:], flush=True)
     record["failed"] = failed
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -33,10 +33,11 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert all(s["rc"] == 0 for s in steps.values())
     env = steps["env"]["result"]
     assert env["device"] == "cpu" and env["auto_dtype_on_device"] in ("torch.bfloat16", "torch.float32")
-    assert "models in bfloat16" in steps["demo"]["tail"] or "models in float32" in steps["demo"]["tail"]
-    assert " passed" in steps["tests"]["tail"] and " failed" not in steps["tests"]["tail"]
+    auto = env["auto_dtype_on_device"].removeprefix("torch.")
+    assert f"(SYNTHETIC, {auto}), SAE encoder/layer_5" in steps["demo"]["stdout"]
+    assert " passed" in steps["tests"]["stdout"] and " failed" not in steps["tests"]["stdout"]
     precision = steps["bench_precision"]["result"]
     assert all(h["relative_difference"] < 0.05 for h in precision["hooks"].values())
     training = steps["bench_training"]["result"]
     assert training["one"]["model_dtype"] == "float32"
-    assert training["one@auto"]["model_dtype"] == env["auto_dtype_on_device"].removeprefix("torch.")
+    assert training["one@auto"]["model_dtype"] == auto
