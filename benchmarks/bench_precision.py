@@ -60,16 +60,6 @@ def _floor(hf: Any, module: str, tokens: Any, decoder_input: Any) -> Any:
     return store.pop("x")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(batch: int, seq: int, repeats: int, threads: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
@@ -146,7 +136,7 @@ def run(batch: int, seq: int, repeats: int, threads: int, device: str = "cpu") -
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
             "device": device,
-            "cpu_model": _cpu_model(),
+            "cpu_model": dtypes.cpu_model(),
             "cpu_native_bf16": dtypes.cpu_has_fast_bf16(),
             "auto_dtype_here": str(dtypes.auto_dtype("cpu")),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -63,7 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_hooks import _reset_peak, _status_kib  # noqa: E402
 
-from sae_lens_t5gemma.dtypes import cpu_has_fast_bf16, resolve_dtype  # noqa: E402
+from sae_lens_t5gemma.dtypes import cpu_has_fast_bf16, cpu_model, resolve_dtype  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WORKERS = ("one", "all36", "scaling", "mem1", "mem36")
@@ -512,16 +512,6 @@ def replace_ns(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _run_worker(args: argparse.Namespace, name: str) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -667,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
             "cpu_native_bf16": cpu_has_fast_bf16(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d"),

@@ -63,6 +63,17 @@ def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return False
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for benchmark records; ``"unknown"`` elsewhere."""
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether ``device`` runs bfloat16 fast: CUDA with ``torch.cuda.is_bf16_supported()``, or a
     CPU with native bf16 instructions (:func:`cpu_has_fast_bf16`). ``SAE_LENS_T5GEMMA_FAST_BF16``

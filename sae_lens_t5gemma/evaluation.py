@@ -24,6 +24,7 @@ continuation targets as T5Gemma 2's, so both are scored on one task.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -136,53 +137,56 @@ def evaluate_sae(
     down = dict(n=0, clean=0.0, sae=0.0, abl=0.0, kl_sae=0.0, kl_abl=0.0)
     for tokens in tqdm(batches, desc=f"eval {hook}", disable=not progress, leave=False):
         tokens = tokens.to(model.cfg.device)
-        sae_mask, pred_mask = position_masks(model, tokens, hook, special, score_from, site_span)
-        if compute_downstream:
-            (clean_logits, clean_loss), cache = model.run_with_cache(
-                tokens, names_filter=[hook], return_type="both", loss_per_token=True
+        # A random prefix_lm split is drawn once per batch and held for its masks and every forward.
+        held = model.held_split(tokens) if hasattr(model, "held_split") else contextlib.nullcontext()
+        with held:
+            sae_mask, pred_mask = position_masks(model, tokens, hook, special, score_from, site_span)
+            if compute_downstream:
+                (clean_logits, clean_loss), cache = model.run_with_cache(
+                    tokens, names_filter=[hook], return_type="both", loss_per_token=True
+                )
+            else:
+                _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
+            x_full = cache[hook]
+            # hook_z arrives as [batch, n, heads, d_head]: flatten it unless the SAE does so itself.
+            x_in = x_full if getattr(sae, "hook_z_reshaping_mode", False) else _flat(x_full)
+            scale = activation_scaler.scale if activation_scaler is not None else (lambda a: a)
+            unscale = activation_scaler.unscale if activation_scaler is not None else (lambda a: a)
+            # The SAE computes in its own dtype; the statistics compare it with the activation as
+            # the model computed it (both read in float32 by ReconStats).
+            x_sae = to_sae(sae, x_in)
+            feats = sae.encode(scale(x_sae))
+            recon_sae = unscale(sae.decode(feats)).reshape(x_full.shape)
+            sel = sae_mask.to(x_sae.device)
+            recon_stats.add(_flat(to_sae(sae, x_full))[sel], _flat(recon_sae)[sel], _flat(feats)[sel])
+            recon_full = to_model(recon_sae, x_full, f"evaluate_sae at {hook}")
+            sel = sel.to(x_full.device)
+            if not compute_downstream:
+                continue
+            mask_b = sel.view(*sel.shape, *([1] * (x_full.ndim - 2)))
+
+            def splice(act: torch.Tensor, new: torch.Tensor, m: torch.Tensor = mask_b) -> torch.Tensor:
+                return torch.where(m, new, act)
+
+            sae_logits, sae_loss = model.run_with_hooks(
+                tokens,
+                fwd_hooks=[(hook, lambda a, hook, r=recon_full: splice(a, r))],
+                return_type="both",
+                loss_per_token=True,
             )
-        else:
-            _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
-        x_full = cache[hook]
-        # hook_z arrives as [batch, n, heads, d_head]: flatten it unless the SAE does so itself.
-        x_in = x_full if getattr(sae, "hook_z_reshaping_mode", False) else _flat(x_full)
-        scale = activation_scaler.scale if activation_scaler is not None else (lambda a: a)
-        unscale = activation_scaler.unscale if activation_scaler is not None else (lambda a: a)
-        # The SAE computes in its own dtype; the statistics compare it with the activation as
-        # the model computed it (both read in float32 by ReconStats).
-        x_sae = to_sae(sae, x_in)
-        feats = sae.encode(scale(x_sae))
-        recon_sae = unscale(sae.decode(feats)).reshape(x_full.shape)
-        sel = sae_mask.to(x_sae.device)
-        recon_stats.add(_flat(to_sae(sae, x_full))[sel], _flat(recon_sae)[sel], _flat(feats)[sel])
-        recon_full = to_model(recon_sae, x_full, f"evaluate_sae at {hook}")
-        sel = sel.to(x_full.device)
-        if not compute_downstream:
-            continue
-        mask_b = sel.view(*sel.shape, *([1] * (x_full.ndim - 2)))
-
-        def splice(act: torch.Tensor, new: torch.Tensor, m: torch.Tensor = mask_b) -> torch.Tensor:
-            return torch.where(m, new, act)
-
-        sae_logits, sae_loss = model.run_with_hooks(
-            tokens,
-            fwd_hooks=[(hook, lambda a, hook, r=recon_full: splice(a, r))],
-            return_type="both",
-            loss_per_token=True,
-        )
-        abl_logits, abl_loss = model.run_with_hooks(
-            tokens,
-            fwd_hooks=[(hook, lambda a, hook: splice(a, torch.zeros_like(a)))],
-            return_type="both",
-            loss_per_token=True,
-        )
-        pm = pred_mask.to(clean_loss.device)
-        down["n"] += int(pm.sum())
-        down["clean"] += float(clean_loss[pm].sum())
-        down["sae"] += float(sae_loss[pm].sum())
-        down["abl"] += float(abl_loss[pm].sum())
-        down["kl_sae"] += float(_kl(clean_logits[:, :-1][pm], sae_logits[:, :-1][pm]).sum())
-        down["kl_abl"] += float(_kl(clean_logits[:, :-1][pm], abl_logits[:, :-1][pm]).sum())
+            abl_logits, abl_loss = model.run_with_hooks(
+                tokens,
+                fwd_hooks=[(hook, lambda a, hook: splice(a, torch.zeros_like(a)))],
+                return_type="both",
+                loss_per_token=True,
+            )
+            pm = pred_mask.to(clean_loss.device)
+            down["n"] += int(pm.sum())
+            down["clean"] += float(clean_loss[pm].sum())
+            down["sae"] += float(sae_loss[pm].sum())
+            down["abl"] += float(abl_loss[pm].sum())
+            down["kl_sae"] += float(_kl(clean_logits[:, :-1][pm], sae_logits[:, :-1][pm]).sum())
+            down["kl_abl"] += float(_kl(clean_logits[:, :-1][pm], abl_logits[:, :-1][pm]).sum())
     out = recon_stats.summary(sae.cfg.d_sae, dense_threshold)
     if compute_downstream:
         out.update(_downstream(down))

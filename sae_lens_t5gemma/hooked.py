@@ -470,6 +470,22 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         finally:
             self.convention, self.prefix_len = before
 
+    @contextmanager
+    def held_split(self, tokens: torch.Tensor) -> Iterator[int | None]:
+        """Under ``prefix_len="random"``: draw one split for ``tokens`` and hold it for every forward
+        inside (clean, spliced, ablated; masks read it too). Yields the split, or None when the
+        split is not random (nothing to hold)."""
+        if self.convention != "prefix_lm" or self.prefix_len != "random":
+            yield None
+            return
+        n = tokens.shape[-1]
+        if n < 2:
+            raise ValueError("prefix_len='random' needs rows of at least 2 tokens")
+        p = int(torch.randint(1, n, (1,), generator=self._split_rng))
+        with self.fed(prefix_len=p):
+            self.last_prefix_len = p
+            yield p
+
     def describe_convention(self) -> str:
         """One line for metadata and report rows: the convention, its split and what it means."""
         if self.convention == "reconstruct":

@@ -317,3 +317,34 @@ def test_fed_runs_a_block_under_another_feeding_and_restores(model, tokens, spli
     with pytest.raises(ValueError, match="Unknown convention 'copy'"), model.fed("copy"):
         pass
     assert model.convention == "prefix_lm"
+
+
+@pytest.mark.parametrize("hook", ["encoder_blocks.1.attn.hook_out", "decoder_blocks.1.self_attn.hook_out"])
+def test_random_split_is_held_for_every_forward_of_a_batch(tiny_model_dir, tokens, hook):
+    """Issue 19, item 1: one split per batch for its masks and its clean, spliced and ablated
+    forwards. An exact identity SAE (relu(x) - relu(-x)) then changes nothing: CE increase 0,
+    CE score 1, l2 ratio 1. Before, each forward drew its own split (CE increase 2.62 nats)."""
+    model = load_t5gemma2(tiny_model_dir, dtype=torch.float32, prefix_len="random")
+    d = model.cfg.d_model
+    meta = SAEMetadata(model_name="stand-in", hook_name=hook, prepend_bos=True)
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False, metadata=meta))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    splits = []
+    real = model.run_with_hooks
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        splits.append(model.last_prefix_len)
+        return out
+
+    model.run_with_hooks = spy
+    m = evaluate_sae(model, sae, [tokens, tokens.flip(0), tokens])  # a fresh model: no earlier forward
+    assert len(splits) == 6 and splits[0::2] == splits[1::2]  # spliced and ablated share each split
+    assert m["ce_increase"] == 0.0 and m["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert m["l2_ratio"] == pytest.approx(1.0, abs=1e-6) and m["explained_variance"] == pytest.approx(1.0)
+    assert model.prefix_len == "random"  # the model's own setting comes back

@@ -222,3 +222,28 @@ def test_page_renders_in_headless_chromium(built, tmp_path):
                    capture_output=True, timeout=120, check=True)  # fmt: skip
     assert shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_model_gives_the_same_dashboards(built, tiny_model_dir, tmp_path, dtype):
+    """The same float32 SAEs on a bfloat16/float16 model: densities within rounding of float32's,
+    pages and the export say the dtype they ran in."""
+    from sae_lens_t5gemma.hooked import load_t5gemma2
+
+    _, stats32, saes, _ = built
+    low = load_t5gemma2(tiny_model_dir, dtype=dtype)
+    stats = F.corpus_stats(low, saes, texts=TEXTS, out=tmp_path / "stats", config=CFG, synthetic=True,
+                           progress=False)  # fmt: skip
+    assert stats.meta["dtype"] == dtype and stats.meta["sae_dtype"] == {"enc": "float32", "dec": "float32"}
+    for key in ("enc", "dec"):
+        assert stats.n_tokens(key) == stats32.n_tokens(key)
+        # A feature's density moves only where rounding crosses its threshold: a few positions.
+        assert (stats.density(key) - stats32.density(key)).abs().max() < 0.05, key
+    index = D.write_dashboard(low, saes["enc"], stats, tmp_path / "enc", [0, 1], key="enc", texts=TEXTS,
+                              progress=False)  # fmt: skip
+    assert (
+        f"({dtype})" in index.read_text()
+        and f"model {dtype}" in (tmp_path / "enc" / "feature_0.html").read_text()
+    )
+    N.export_neuronpedia(low, saes["dec"], stats, tmp_path / "np", key="dec", features=[0])
+    assert json.loads((tmp_path / "np" / "t5gemma2.json").read_text())["model_dtype"] == dtype

@@ -251,9 +251,11 @@ def test_float16_overflow_is_named_not_silent(models):
 # --------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("forced, want", [("1", "bfloat16"), ("0", "float32")])
+@pytest.mark.parametrize(
+    "forced, asked, want", [("1", "auto", "bfloat16"), ("0", "auto", "float32"), ("1", "float16", "float16")]
+)
 def test_training_records_the_dtype_of_either_auto_branch(
-    tiny_model_dir, tmp_path, monkeypatch, forced, want
+    tiny_model_dir, tmp_path, monkeypatch, forced, asked, want
 ):
     import json
 
@@ -265,12 +267,15 @@ def test_training_records_the_dtype_of_either_auto_branch(
         architecture="topk", k=8, d_sae=64, training_tokens=8 * 256, train_batch_size_tokens=256,
         context_size=32, store_batch_size_prompts=8, eval_every_n_steps=1000, n_eval_batches=1,
         eval_batch_size_prompts=4, n_batches_for_norm_estimate=2, disable_concat_sequences=False,
+        **({} if asked == "auto" else {"model_dtype": asked}),
     )  # fmt: skip
     plan = training.plan_training(cfg)
-    assert cfg.model_dtype == "auto" and plan.model_dtype == want
+    assert cfg.model_dtype == asked and plan.model_dtype == want
     result = training.train(plan)
     sae = result.saes["encoder.1.attn_out"]
     assert sae.cfg.metadata.t5gemma2_model_dtype == want and sae.cfg.dtype == "float32"
+    ev = result.eval_metrics["encoder.1.attn_out"]
+    assert all(v == v for v in training.flatten_metrics(ev).values() if isinstance(v, float))  # no NaN
     record = json.loads((tmp_path / "out" / "encoder.1.attn_out" / "eval_metrics.json").read_text())
     assert (record["model_dtype"], record["sae_dtype"]) == (want, "float32")
     assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["model_dtype"] == want
