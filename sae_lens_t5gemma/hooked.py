@@ -573,7 +573,8 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         Args:
             input: a string or a list of strings.
             prepend_bos: put ``<bos>`` first (default ``cfg.default_prepend_bos``, True, as Gemma does).
-            padding_side: side to pad a list of texts of unequal length.
+            padding_side: side to pad a list of texts of unequal length (default right, whatever
+                ``tokenizer.padding_side`` says).
             move_to_device: move the ids to ``cfg.device``.
             truncate: cut to ``cfg.n_ctx`` tokens.
         """
@@ -598,7 +599,9 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             ids = [x[: self.cfg.n_ctx] for x in ids]
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        side = padding_side or getattr(self.tokenizer, "padding_side", "right")
+        # Right, whatever the tokenizer's own padding_side (transformers 5's GemmaTokenizer says
+        # "left"): rows then start at position 0, as the position contract and the split assume.
+        side = padding_side or "right"
         tokens = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, x in enumerate(ids):

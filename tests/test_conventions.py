@@ -348,3 +348,23 @@ def test_random_split_is_held_for_every_forward_of_a_batch(tiny_model_dir, token
     assert m["ce_increase"] == 0.0 and m["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
     assert m["l2_ratio"] == pytest.approx(1.0, abs=1e-6) and m["explained_variance"] == pytest.approx(1.0)
     assert model.prefix_len == "random"  # the model's own setting comes back
+
+
+def test_text_batches_pad_right_whatever_the_tokenizer_says(tiny_model_dir):
+    """Issue 19, item 2 (the padding side): a tokenizer that pads left (transformers 5's
+    GemmaTokenizer does) still gets right-padded rows, and the ids at padded positions change
+    nothing the model reports at real positions."""
+    model = load_t5gemma2(tiny_model_dir, dtype=torch.float32)
+    model.tokenizer.padding_side = "left"
+    texts = ["The cat sat on the mat because it was warm and quiet.", "A dog."]
+    tokens, mask = model._tokenize(texts)
+    assert mask[1].tolist() == sorted(mask[1].tolist(), reverse=True)  # 1s first: padded on the right
+    assert tokens[1, 0].item() == BOS and (tokens[1][mask[1] == 0] == PAD).all()
+    assert torch.equal(model.to_tokens(texts), tokens)
+    with torch.no_grad():
+        logits, loss = model(texts, return_type="both", loss_per_token=True)
+        other = tokens.masked_fill(mask == 0, 77)  # other ids at the padded positions only
+        logits2, loss2 = model(other, attention_mask=mask, return_type="both", loss_per_token=True)
+    real = mask.bool()
+    assert torch.equal(loss, loss2)
+    torch.testing.assert_close(logits[real], logits2[real], rtol=0, atol=0)
