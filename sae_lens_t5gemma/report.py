@@ -350,7 +350,12 @@ def findings(report: Report, synthetic: bool = False) -> list[str]:
             f"lowest at layer {worst.layer} ({worst.corr_median:.2f}). "
         )
         if kept:
-            sentence += f"They keep a median {median(kept):.0%} of Gemma 3's explained variance."
+            sentence += (
+                f"Their explained variance on T5Gemma 2 is a median {median(kept):.0%} of that on Gemma 3 "
+                "(unclipped); kept variance does not mean kept features: a dictionary whose span still "
+                "covers the activations reconstructs them with unrelated features, which is what the "
+                "correlations above measure."
+            )
         else:
             sentence += (
                 "The fraction of explained variance kept is undefined: these SAEs explain less than "

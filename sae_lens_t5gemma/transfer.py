@@ -9,7 +9,7 @@ on Gemma 3 (Gemma Scope 2) can be read on both models at *identical token positi
   A feature is scored when it fires at least ``min_fires`` times on Gemma 3; one that never
   fires on T5Gemma 2 counts as correlation 0 (nothing carried).
 - **reconstruction on the same positions**: explained variance and L0 on each model, and the
-  *fraction of Gemma 3's explained variance kept*, ``clip(EV_t5, 0, EV_g3) / EV_g3``, defined
+  *explained variance kept*, ``EV_t5 / EV_g3`` (unclipped: above 1, T5Gemma 2 is explained better), defined
   only where ``EV_g3 >= MIN_HOME_EV`` (a ratio of two small numbers says nothing).
 - **norm-matched control**: the T5Gemma 2 activation rescaled by ``mean‖x_g3‖ / mean‖x_t5‖`` at
   the site before encoding, with the norm ratio reported. JumpReLU thresholds are absolute, so a
@@ -176,7 +176,7 @@ class FeatureTransfer:
     ev_home: float
     ev_target: float
     ev_kept: float | None
-    """clip(ev_target, 0, ev_home) / ev_home; None where ev_home < MIN_HOME_EV."""
+    """ev_target / ev_home, unclipped; None where ev_home < MIN_HOME_EV."""
     ev_norm_matched: float
     """EV on T5Gemma 2 with its activation rescaled to Gemma 3's mean norm."""
     l0_home: float
@@ -199,14 +199,16 @@ class FeatureTransfer:
 
 
 def ev_kept(ev_target: float, ev_home: float) -> float | None:
-    """The fraction of the home model's explained variance kept on the target, clipped to [0, 1].
+    """The home model's explained variance kept on the target, ``ev_target / ev_home``, unclipped.
 
-    None where ``ev_home < MIN_HOME_EV``: with almost nothing explained at home there is nothing
-    to keep, and the ratio would only amplify noise.
+    Above 1: the SAE explains more of the target's variance than of its home's; below 0: it makes
+    the target's reconstruction worse than the mean. None where ``ev_home < MIN_HOME_EV``: with
+    almost nothing explained at home there is nothing to keep, and the ratio would only amplify
+    noise.
     """
     if not ev_home >= MIN_HOME_EV:  # also catches NaN
         return None
-    return min(max(ev_target, 0.0), ev_home) / ev_home
+    return ev_target / ev_home
 
 
 def _corr_summary(r: torch.Tensor) -> tuple[float, float, float, int]:

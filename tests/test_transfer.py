@@ -1,7 +1,7 @@
 """transfer.py and the controlled comparison's building blocks, offline on tiny stand-ins.
 
 Covers: the streaming feature correlation against a direct ``torch.corrcoef``; ``ev_kept``'s
-clipping and its undefined region; the causal-encoder control (on the stand-in, whose Gemma 3
+ratio (unclipped) and its undefined region; the causal-encoder control (on the stand-in, whose Gemma 3
 holds the T5Gemma 2 encoder's weights, a causal encoder equals Gemma 3); ``feature_transfer``'s
 EV, L0, norm ratio, norm-matched control and correlations against a hand computation;
 one-document-per-row batches (no cross-document attention: changing a later document leaves
@@ -101,10 +101,11 @@ def test_min_fires_leaves_rare_features_unscored() -> None:
     assert r[1].item() == pytest.approx(1.0, abs=1e-12)
 
 
-def test_ev_kept_is_clipped_and_undefined_below_the_floor() -> None:
+def test_ev_kept_is_unclipped_and_undefined_below_the_floor() -> None:
+    # Issue 19, item 7: 0.572 against 0.560 read as 1.0 when clipped.
     assert ev_kept(0.4, 0.8) == pytest.approx(0.5)
-    assert ev_kept(0.9, 0.8) == 1.0
-    assert ev_kept(-0.3, 0.8) == 0.0
+    assert ev_kept(0.572, 0.560) == pytest.approx(1.0214, abs=1e-4)
+    assert ev_kept(-0.3, 0.8) == pytest.approx(-0.375)
     assert ev_kept(0.05, MIN_HOME_EV - 1e-9) is None
     assert ev_kept(0.5, float("nan")) is None
 
