@@ -287,10 +287,12 @@ def write_report(
 
 
 def matched_variants(rows: list[Row]) -> list[dict[str, Any]]:
-    """For each native T5Gemma 2 SAE, the Gemma Scope 2 row at its layer nearest in L0, then width.
+    """For each native T5Gemma 2 SAE, the Gemma Scope 2 row of the same site and layer nearest in
+    L0, then width.
 
-    Nearest by |log(L0 ratio)| (measured L0s), ties broken by |log(width ratio)|; one match per
-    Gemma Scope 2 site (hook) among the native Gemma 3 rows of this run.
+    Nearest by |log(L0 ratio)| (measured L0s), ties broken by |log(width ratio)|, among the native
+    Gemma 3 rows of this run whose site key equals the T5Gemma 2 SAE's: sparsity is matched only
+    between SAEs that read the same activation (an o_proj output is not a residual stream).
     """
     out = []
     t5 = [r for r in rows if r.family == "T5Gemma 2" and r.role == "native" and r.l0 > 0]
@@ -298,7 +300,7 @@ def matched_variants(rows: list[Row]) -> list[dict[str, Any]]:
     for r in t5:
         by_site: dict[str, list[Row]] = {}
         for g in gs:
-            if g.layer == r.layer:
+            if g.layer == r.layer and g.site == r.site:
                 by_site.setdefault(g.site, []).append(g)
         for site, group in by_site.items():
             best = min(
@@ -497,13 +499,17 @@ def _markdown(report: Report, title: str, banner: str | None) -> str:
     ]
     if matches:
         parts += [
-            "Each native T5Gemma 2 SAE beside the Gemma Scope 2 variant of its layer nearest in L0 (then width), "
-            "per Gemma Scope 2 site. EV and ΔCE compare fairly only at matched L0 (see the L0 plots).",
+            "Each native T5Gemma 2 SAE beside the Gemma Scope 2 variant of the same site and layer nearest in L0 "
+            "(then width). EV and ΔCE compare fairly only at matched L0 (see the L0 plots).",
             "",
             matched_table,
         ]
     else:
-        parts.append("No native T5Gemma 2 and Gemma Scope 2 rows at a shared layer.")
+        parts.append(
+            "No native T5Gemma 2 and Gemma Scope 2 SAEs read the same site at a shared layer, so sparsity is "
+            "not matched: SAEs of different sites (e.g. the mindchain o_proj outputs against Gemma Scope 2's "
+            "hook_z or resid_post) are not set side by side."
+        )
     parts += ["", "## Like with like", ""]
     by_site: dict[str, list[Row]] = {}
     for r in rows:
