@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +56,16 @@ def position_masks(
     special_ids: list[int],
     score_from: int | None = None,
     site_span: tuple[int | None, int | None] | None = None,
+    definitions: str = "covered",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sae_mask [batch, n], prediction_mask [batch, n - 1])`` for one token batch.
 
     ``sae_mask`` marks the positions the SAE is evaluated and spliced at. ``prediction_mask[:, t]``
     marks the predictions of token ``t + 1`` that count for CE/KL: continuation targets that
-    are not special tokens. ``site_span = (start, end)`` further restricts ``sae_mask`` to
-    positions ``start <= t < end`` (e.g. Gemma 3 spliced only where T5Gemma 2's encoder reads).
+    are not special tokens (``definitions="saelens"``: continuation targets predicted *from* a
+    token that is not special, SAELens' ``mask[:, :-1]``). ``site_span = (start, end)`` further
+    restricts ``sae_mask`` to positions ``start <= t < end`` (e.g. Gemma 3 spliced only where
+    T5Gemma 2's encoder reads).
     """
     special = torch.isin(tokens, torch.tensor(special_ids, device=tokens.device))
     stack = _stack_of(model, hook_name)
@@ -78,6 +81,8 @@ def position_masks(
         in_span = torch.zeros_like(covered)
         in_span[:, slice(*site_span)] = True
         covered = covered & in_span
+    if definitions == "saelens":
+        return covered & ~special, target_ok[:, 1:] & ~special[:, :-1]
     return covered & ~special, (target_ok & ~special)[:, 1:]
 
 
@@ -104,8 +109,16 @@ def evaluate_sae(
     progress: bool = False,
     activation_scaler: Any = None,
     site_span: tuple[int | None, int | None] | None = None,
+    definitions: Literal["covered", "saelens"] = "covered",
 ) -> dict[str, Any]:
     """Reconstruction and downstream metrics of ``sae`` over covered positions only.
+
+    The default (``definitions="covered"``) departs from SAELens' ``run_evals`` in two ways, so
+    that uncovered and special positions say nothing: zero-ablation is applied only at the
+    covered, non-special positions where the SAE is spliced (SAELens zeroes every position), and
+    CE/KL leave out predictions *of* special tokens (SAELens leaves out predictions *from* them,
+    ``mask[:, :-1]``). ``definitions="saelens"`` uses SAELens' two rules, for numbers to set beside
+    published SAELens / Gemma Scope evaluations; reconstruction metrics are the same in both.
 
     Args:
         model: a ``HookedT5Gemma2`` (its convention applies) or a TransformerLens model.
@@ -123,6 +136,7 @@ def evaluate_sae(
             before encoding, reconstructions unscaled), as ``run_evals`` takes it.
         site_span: ``(start, end)``: evaluate and splice the SAE only at positions
             ``start <= t < end`` (of the covered ones), e.g. to match another model's site.
+        definitions: ``"covered"`` (the default) or ``"saelens"``, see above.
 
     Returns:
         ``explained_variance`` (1 - Σ‖x - x̂‖² / Σ‖x - x̄‖² over all covered tokens), ``mse``
@@ -131,6 +145,8 @@ def evaluate_sae(
         ``ce_loss_with_sae``, ``ce_loss_with_ablation``, ``ce_loss_score``, ``ce_increase``,
         ``kl_div_with_sae``, ``kl_div_with_ablation``, ``kl_div_score`` and ``n_predictions``.
     """
+    if definitions not in ("covered", "saelens"):
+        raise ValueError(f"definitions must be 'covered' or 'saelens', not {definitions!r}")
     hook = hook_name or sae.cfg.metadata.hook_name
     special = special_token_ids(model.tokenizer) if exclude_special_tokens else []
     recon_stats = ReconStats()
@@ -140,7 +156,9 @@ def evaluate_sae(
         # A random prefix_lm split is drawn once per batch and held for its masks and every forward.
         held = model.held_split(tokens) if hasattr(model, "held_split") else contextlib.nullcontext()
         with held:
-            sae_mask, pred_mask = position_masks(model, tokens, hook, special, score_from, site_span)
+            sae_mask, pred_mask = position_masks(
+                model, tokens, hook, special, score_from, site_span, definitions
+            )
             if compute_downstream:
                 (clean_logits, clean_loss), cache = model.run_with_cache(
                     tokens, names_filter=[hook], return_type="both", loss_per_token=True
@@ -164,6 +182,7 @@ def evaluate_sae(
             if not compute_downstream:
                 continue
             mask_b = sel.view(*sel.shape, *([1] * (x_full.ndim - 2)))
+            every = torch.ones_like(mask_b) if definitions == "saelens" else mask_b
 
             def splice(act: torch.Tensor, new: torch.Tensor, m: torch.Tensor = mask_b) -> torch.Tensor:
                 return torch.where(m, new, act)
@@ -176,7 +195,8 @@ def evaluate_sae(
             )
             abl_logits, abl_loss = model.run_with_hooks(
                 tokens,
-                fwd_hooks=[(hook, lambda a, hook: splice(a, torch.zeros_like(a)))],
+                # SAELens zeroes every position; the default only where the SAE is spliced.
+                fwd_hooks=[(hook, lambda a, hook, e=every: splice(a, torch.zeros_like(a), m=e))],
                 return_type="both",
                 loss_per_token=True,
             )

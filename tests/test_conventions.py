@@ -368,3 +368,27 @@ def test_text_batches_pad_right_whatever_the_tokenizer_says(tiny_model_dir):
     real = mask.bool()
     assert torch.equal(loss, loss2)
     torch.testing.assert_close(logits[real], logits2[real], rtol=0, atol=0)
+
+
+def test_saelens_definitions_ablate_every_position(model, tokens, split):
+    """Issue 19, item 9: ``definitions="saelens"`` zeroes the site at every position for the
+    ablation (SAELens' run_evals), checked against a direct computation; reconstruction metrics
+    and the CE with the SAE are the same as under the default."""
+    hook = "encoder_blocks.1.attn.hook_out"
+    meta = SAEMetadata(model_name="stand-in", hook_name=hook, prepend_bos=True)
+    torch.manual_seed(3)
+    sae = StandardSAE(
+        StandardSAEConfig(d_in=model.cfg.d_model, d_sae=128, apply_b_dec_to_input=False, metadata=meta)
+    )
+    ours = evaluate_sae(model, sae, [tokens])
+    theirs = evaluate_sae(model, sae, [tokens], definitions="saelens")
+    for key in ("explained_variance", "l0", "ce_loss_without_sae", "ce_loss_with_sae", "n_predictions"):
+        assert theirs[key] == pytest.approx(ours[key], rel=1e-6), key
+    with torch.no_grad():
+        _, loss = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, hook: torch.zeros_like(a))],
+                                       return_type="both", loss_per_token=True)  # fmt: skip
+    pred = model.covered_mask(tokens, "decoder")[:, 1:] & (tokens != BOS)[:, :-1]
+    assert theirs["ce_loss_with_ablation"] == pytest.approx(float(loss[pred].mean()), rel=1e-5)
+    assert theirs["ce_loss_with_ablation"] != pytest.approx(ours["ce_loss_with_ablation"], rel=1e-3)
+    with pytest.raises(ValueError, match="definitions must be 'covered' or 'saelens', not 'gemma'"):
+        evaluate_sae(model, sae, [tokens], definitions="gemma")
