@@ -273,19 +273,20 @@ class EvalRecorder:
         batches = [store.get_batch_tokens(self.eval_batch_size_prompts) for _ in range(self.n_eval_batches)]
         was_training = sae.training
         sae.eval()
-        # An encoder-only run lets the encoder read whole rows (prefix_len = n): nothing is left
-        # for the decoder to predict, so CE/KL are scored with the default split (n // 2).
+        kwargs = dict(
+            exclude_special_tokens=store.exclude_special_tokens is not None, activation_scaler=scaler
+        )
+        # An encoder-only run lets the encoder read whole rows (prefix_len = n). Reconstruction
+        # metrics are measured on that input, the one the SAE trained on; CE/KL need a
+        # continuation to score, so they come from a second eval with the default split (n // 2).
         full_row = getattr(self.model, "prefix_len", None) == store.context_size
-        feeding = self.model.fed(prefix_len=None) if full_row else nullcontext()
         try:
-            with feeding:
-                return evaluate_sae(
-                    self.model,
-                    sae,
-                    batches,
-                    exclude_special_tokens=store.exclude_special_tokens is not None,
-                    activation_scaler=scaler,
-                )
+            if not full_row:
+                return evaluate_sae(self.model, sae, batches, **kwargs)
+            recon = evaluate_sae(self.model, sae, batches, compute_downstream=False, **kwargs)
+            with self.model.fed(prefix_len=None):
+                downstream = evaluate_sae(self.model, sae, batches, **kwargs)
+            return {**downstream, **recon}
         finally:
             sae.train(was_training)
 
@@ -639,13 +640,32 @@ def _train_multi(plan: TrainingPlan, model: Any, dataset: Any, keep_initial: boo
     return TrainingResult(plan.out, paths, {}, evals, list(recorder.history), initial)
 
 
+def eval_feeds(plan: TrainingPlan) -> dict[str, str]:
+    """What the model read for each group of eval metrics (the same for both unless the encoder
+    trained on whole rows, when CE/KL need a split that training did not use)."""
+    if plan.encoder_only and plan.config.convention == "prefix_lm" and plan.config.encoder_reads_full_row:
+        return {
+            "reconstruction": "the encoder read whole rows, as in training (EV, MSE, L0, dead/dense)",
+            "downstream": "prefix_lm with p = n // 2: the encoder read half the row and CE/KL score the "
+            "continuation (training never used this split)",
+        }
+    words = plan.convention_metadata(plan.sites[0].stack)[INPUT_CONVENTION_KEY] if plan.sites else ""
+    return {"reconstruction": words, "downstream": words}
+
+
 def _final_eval(recorder: EvalRecorder, path: Path, plan: TrainingPlan) -> dict[str, Any]:
     """Eval the SAE as saved (normalisation folded in), and store it next to the weights."""
     from sae_lens import SAE
 
     sae = SAE.load_from_disk(path, device=plan.config.device)
     metrics = recorder.evaluate(sae)
-    record = {**metrics, "model_dtype": plan.model_dtype, "sae_dtype": plan.config.dtype}
+    record = {
+        **metrics,
+        "model_dtype": plan.model_dtype,
+        "eval_feeds": eval_feeds(plan),
+        "sae_dtype": plan.config.dtype,
+        "feeds": eval_feeds(plan),
+    }
     (path / "eval_metrics.json").write_text(json.dumps(record, indent=2, default=float))
     return metrics
 

@@ -386,6 +386,7 @@ def test_in_training_and_final_evals_have_ce_and_kl(trained):
         assert_evals(entry[HOOK])
     on_disk = json.loads((result.paths[HOOK] / "eval_metrics.json").read_text())
     assert (on_disk.pop("model_dtype"), on_disk.pop("sae_dtype")) == ("float32", "float32")
+    assert set(on_disk.pop("feeds")) == {"reconstruction", "downstream"}
     assert training.flatten_metrics(on_disk) == pytest.approx(
         training.flatten_metrics(result.eval_metrics[HOOK])
     )
@@ -585,3 +586,32 @@ def test_store_sizing_estimates_the_peak_above_the_weights():
     w = wide.store_sizing()
     assert w.activation_bytes == w.buffer_bytes + w.step_bytes > w.estimate_bytes
     assert round(w.step_bytes / 2**30, 2) == 2.54
+
+
+def test_encoder_only_evals_measure_what_the_sae_trained_on(tiny_model_dir):
+    """Issue 19, item 4: an encoder-only run lets the encoder read whole rows, so reconstruction
+    metrics are measured on whole rows; CE/KL (which need a continuation) come from the default
+    split, separately. Before, every metric came from the half-row split (61% different states)."""
+    from types import SimpleNamespace
+
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from sae_lens_t5gemma.evaluation import evaluate_sae
+    from sae_lens_t5gemma.hooked import load_t5gemma2
+
+    model = load_t5gemma2(tiny_model_dir, dtype="float32")
+    tokens = model.to_tokens(synthetic.stand_in_texts()[:8], truncate=True)[:, :16]
+    assert (tokens != 0).all()  # full rows
+    store = SimpleNamespace(context_size=16, exclude_special_tokens=True, get_batch_tokens=lambda n: tokens)
+    torch.manual_seed(0)
+    cfg = StandardSAEConfig(d_in=model.cfg.d_model, d_sae=64, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name = "encoder_blocks.1.attn.hook_out"
+    sae = StandardSAE(cfg)
+    with model.fed(prefix_len=16):  # as training feeds an encoder-only run
+        got = training.EvalRecorder(model, store, 1, 8).evaluate(sae)
+        whole = evaluate_sae(model, sae, [tokens], compute_downstream=False)
+    half = evaluate_sae(model, sae, [tokens])
+    assert got["n_tokens"] == whole["n_tokens"] > half["n_tokens"]
+    assert got["explained_variance"] == whole["explained_variance"] != half["explained_variance"]
+    assert got["l0"] == whole["l0"]
+    assert got["ce_loss_score"] == half["ce_loss_score"] and got["kl_div_score"] == half["kl_div_score"]
