@@ -1,8 +1,9 @@
 """``diagnose``: which convention a decoder SAE was trained under, from its training-history L0.
 
 Covers: a decoder SAE whose history L0 is planted at its L0 under one convention is matched
-to that convention, for each candidate; the L0 and MSE of each row equal a direct
-computation; encoder SAEs are refused; the release path and the CLI run offline on the
+to that convention, for each candidate, with its bootstrap stability; the L0 and MSE of each row
+equal a direct computation; every candidate is scored on the same positions, and the ids at
+padded positions change nothing (issue 19, item 3); encoder SAEs are refused; the release path and the CLI run offline on the
 stand-in and say SYNTHETIC.
 """
 
@@ -53,8 +54,16 @@ def test_planted_convention_is_found(model, batches, planted):
     assert len(set(l0.values())) == 3  # the candidates give different activations
     found = diagnose(model, {"decoder/layer_1": _sae(l0[planted])}, batches)
     assert found.best() == {"decoder/layer_1": planted}
-    assert found.verdict() == (
-        f"estimate: best match {planted!r} for 1 of 1 decoder SAEs ({{{planted!r}: 1}}; model in float32)"
+    verdict = found.verdict()
+    assert verdict.startswith(
+        f"estimate: best match {planted!r} for 1 of 1 decoder SAEs ({{{planted!r}: 1}}; model in float32); "
+        "each SAE's best match stays best in a median "
+    )
+    assert "The SAEs' votes are not independent evidence" in verdict
+    stable = found.stability["decoder/layer_1"]  # 3 documents: a noisy bootstrap, reported as such
+    assert (
+        0.0 < stable <= 1.0
+        and f"median {stable:.0%} of 500 bootstrap resamples of the 2 documents" in verdict
     )
     assert model.convention == "prefix_lm"  # restored
 
@@ -89,3 +98,16 @@ def test_cli_diagnose_on_the_stand_in(hub_cache, capsys):
     out = capsys.readouterr().out
     assert "decoder/layer_2    prefix_lm" in out and "decoder/layer_2    shifted_copy" in out
     assert "SYNTHETIC stand-in, meaningless: best match" in out
+
+
+def test_candidates_share_positions_and_padding_changes_nothing(model, batches):
+    sae = _sae(50.0)
+    tokens = batches[0]
+    mask = (tokens != 0).long()
+    first = diagnose(model, {"s": sae}, [(tokens, mask)])
+    assert len({r.n_tokens for r in first.rows}) == 1 and first.rows[0].n_tokens > 0
+    other = tokens.masked_fill(mask == 0, 77)  # other ids at the padded positions only
+    second = diagnose(model, {"s": sae}, [(other, mask)])
+    for a, b in zip(first.rows, second.rows, strict=True):
+        assert (a.convention, a.n_tokens, a.l0, a.mse) == (b.convention, b.n_tokens, b.l0, b.mse)
+        assert a.l0_low <= a.l0 <= a.l0_high
