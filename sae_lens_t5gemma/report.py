@@ -150,6 +150,22 @@ class TransferRow:
     corr_frac_above_0_5: float | None = None
     corr_frac_above_0_9: float | None = None
     corr_median_causal: float | None = None
+    corr_median_ci: tuple[float, float] | None = None
+    """90% bootstrap interval of ``corr_median`` over documents."""
+    corr_frac_above_0_5_ci: tuple[float, float] | None = None
+    corr_median_null: float | None = None
+    """The permutation null's median (documents shuffled, positions kept; the largest of its shuffles)."""
+    corr_frac_above_0_5_null: float | None = None
+    corr_frac_above_0_9_null: float | None = None
+
+    @property
+    def clears_null(self) -> bool:
+        """Whether ``corr_median`` and its interval lie above the permutation null's."""
+        from sae_lens_t5gemma.transfer import clears_null
+
+        if self.corr_median is None or self.corr_median_ci is None or self.corr_median_null is None:
+            return False
+        return clears_null(self.corr_median, self.corr_median_ci, self.corr_median_null)
 
     @property
     def same_task(self) -> bool:
@@ -206,6 +222,10 @@ RELIABLE_DENSITY_TOKENS = 1_000_000
 SYNTHETIC_PREFIX = "SYNTHETIC (random stand-in weights, not the real models): "
 
 
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "-" if ci is None or any(math.isnan(v) for v in ci) else f"{ci[0]:.3f} to {ci[1]:.3f}"
+
+
 def _fmt(value: Any, spec: str = ".4g") -> str:
     if value is None:
         return "n/a"
@@ -254,7 +274,16 @@ def write_report(
         for kind, listed in (("best", ft.best), ("worst", ft.worst))
         for c in listed
     ]
-    carried_names = ["sae", "target_hook", "rank", "feature", "corr", "density_home", "density_target"]
+    carried_names = [
+        "sae",
+        "target_hook",
+        "rank",
+        "feature",
+        "corr",
+        "density_home",
+        "density_target",
+        "corr_selection",
+    ]
     _write_csv(out / "feature_transfer.csv", carried_names, carried)
     payload = {
         "title": title,
@@ -351,6 +380,19 @@ def findings(report: Report, synthetic: bool = False) -> list[str]:
             f"({above:.0%} of features above 0.5); highest at layer {best.layer} ({best.corr_median:.2f}), "
             f"lowest at layer {worst.layer} ({worst.corr_median:.2f}). "
         )
+        nulls = [t for t in group if t.corr_median_null is not None and t.corr_median_ci is not None]
+        if nulls:
+            clear = [t for t in nulls if t.clears_null]
+            example = max(nulls, key=lambda t: t.corr_median or 0.0)
+            lo, hi = example.corr_median_ci  # type: ignore[misc]
+            sentence += (
+                f"{len(clear)} of {len(nulls)} clear their permutation null (documents shuffled, positions kept): "
+                f"e.g. layer {example.layer}, {example.corr_median:.2f} (90% interval over documents {lo:.2f} to "
+                f"{hi:.2f}) against a null median of {example.corr_median_null:.2f}, and "
+                f"{example.corr_frac_above_0_5 or 0:.0%} of features above 0.5 against "
+                f"{example.corr_frac_above_0_5_null or 0:.0%} by chance"
+                + ("; the rest could be chance. " if len(clear) < len(nulls) else ". ")
+            )
         if kept:
             sentence += (
                 f"Their explained variance on T5Gemma 2 is a median {median(kept):.0%} of that on Gemma 3 "
@@ -579,10 +621,11 @@ def _transfer_markdown(report: Report) -> list[str]:
         return parts
     # fmt: off
     controls_table = _md_table(
-        ["SAE", "layer", "site", "target", "corr median", "> 0.5", "> 0.9", "norm ratio T5/G3", "EV",
-         "EV norm-matched", "L0 norm-matched", "EV causal", "corr median causal"],
-        [[t.sae, str(t.layer), t.site, t.target_stack, _fmt(t.corr_median, ".3f"),
-          _fmt(t.corr_frac_above_0_5, ".0%"), _fmt(t.corr_frac_above_0_9, ".0%"), _fmt(t.norm_ratio, ".3f"),
+        ["SAE", "layer", "site", "target", "corr median", "90% interval", "null median", "> 0.5", "> 0.5 null",
+         "> 0.9", "norm ratio T5/G3", "EV", "EV norm-matched", "L0 norm-matched", "EV causal", "corr median causal"],
+        [[t.sae, str(t.layer), t.site, t.target_stack, _fmt(t.corr_median, ".3f"), _ci(t.corr_median_ci),
+          _fmt(t.corr_median_null, ".3f"), _fmt(t.corr_frac_above_0_5, ".0%"),
+          _fmt(t.corr_frac_above_0_5_null, ".0%"), _fmt(t.corr_frac_above_0_9, ".0%"), _fmt(t.norm_ratio, ".3f"),
           _fmt(t.ev_target, ".3f"), _fmt(t.ev_norm_matched, ".3f"), _fmt(t.l0_norm_matched, ".1f"),
           _fmt(t.ev_causal, ".3f"), _fmt(t.corr_median_causal, ".3f")] for t in measured],
     )
@@ -593,7 +636,10 @@ def _transfer_markdown(report: Report) -> list[str]:
         "",
         "Per feature, the Pearson correlation over the same token positions between its activation on "
         f"Gemma 3 and on T5Gemma 2 (features firing at least {report.setup.get('min_fires', '?')} times on "
-        "Gemma 3 are scored; one silent on T5Gemma 2 counts as 0). Controls: *norm-matched* rescales "
+        "Gemma 3 are scored; one silent on T5Gemma 2 counts as 0). Intervals: 90% bootstrap over documents. "
+        "Null: the same statistics with each document's Gemma 3 activations paired with another document's "
+        "T5Gemma 2 activations at the same positions (what unrelated features give). Best and worst features "
+        "are chosen on half the documents and their correlation reported on the other half. Controls: *norm-matched* rescales "
         "T5Gemma 2's activation to Gemma 3's mean norm at the site (JumpReLU thresholds are absolute); "
         "*causal* runs T5Gemma 2's encoder with a causal mask, keeping its weights and RoPE and removing only "
         "bidirectional attention (encoder targets).",

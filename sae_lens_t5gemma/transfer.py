@@ -34,6 +34,7 @@ causal one included), each stopped after the hooked layer; memory does not grow 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,97 @@ class FeatureCorrelation:
         return torch.where(scored, r, torch.full_like(r, float("nan")))
 
 
+class TransferStatistics:
+    """Feature correlations with what a reviewer asks of them, from one streaming pass.
+
+    Documents (rows) are dealt into ``groups`` groups by their index; each group keeps its own
+    :class:`FeatureCorrelation`, so that
+
+    - the correlations of the whole run are the sum of the groups;
+    - bootstrap intervals resample the groups (documents, not tokens, are the unit);
+    - best and worst features are *selected* on the even groups and *reported* on the odd ones
+      (selection and report on the same tokens would favour chance highs);
+    - a permutation null pairs each document's home activations with another document's target
+      activations at the same positions (``n_null`` shuffles within each batch): what the
+      statistics look like when the two models' features are unrelated.
+    """
+
+    def __init__(self, d_sae: int, groups: int = 20, n_null: int = 3, seed: int = 0) -> None:
+        self.d_sae, self.groups = d_sae, groups
+        self.by_group = [FeatureCorrelation(d_sae) for _ in range(groups)]
+        self.nulls = [FeatureCorrelation(d_sae) for _ in range(n_null)]
+        self.rows_seen = 0
+        self._g = torch.Generator().manual_seed(seed)
+
+    def add(self, f_home: torch.Tensor, f_target: torch.Tensor, mask: torch.Tensor) -> None:
+        """One batch: ``[batch, n, d_sae]`` feature activations on each model, ``[batch, n]`` mask of
+        the compared positions."""
+        b = mask.shape[0]
+        for i in range(b):
+            keep = mask[i]
+            self.by_group[(self.rows_seen + i) % self.groups].add(f_home[i][keep], f_target[i][keep])
+        for null in self.nulls:
+            if b < 2:
+                break
+            shift = int(torch.randint(1, b, (1,), generator=self._g))
+            perm = (torch.arange(b) + shift) % b  # every row paired with another document
+            for i in range(b):
+                keep = mask[i] & mask[perm[i]]
+                null.add(f_home[i][keep], f_target[perm[i]][keep])
+        self.rows_seen += b
+
+    @staticmethod
+    def _merged(parts: list[FeatureCorrelation]) -> FeatureCorrelation:
+        out = FeatureCorrelation(parts[0].sa.numel())
+        for p in parts:
+            out.n += p.n
+            for name in ("sa", "sb", "saa", "sbb", "sab", "fires_a", "fires_b"):
+                getattr(out, name).add_(getattr(p, name))
+        return out
+
+    @property
+    def total(self) -> FeatureCorrelation:
+        return self._merged(self.by_group)
+
+    def summary(self, min_fires: int, n_boot: int = 200) -> dict[str, Any]:
+        """Median and fractions above 0.5/0.9 with 90% bootstrap intervals over document groups,
+        the same statistics under the permutation null, and the split-half correlations."""
+        used = [g for g in self.by_group if g.n]
+        stats = _corr_summary(self.total.correlations(min_fires))
+        boot = []
+        if len(used) >= 2:
+            for _ in range(n_boot):
+                pick = torch.randint(0, len(used), (len(used),), generator=self._g).tolist()
+                boot.append(_corr_summary(self._merged([used[i] for i in pick]).correlations(min_fires))[:3])
+        nulls = [_corr_summary(n.correlations(min_fires))[:3] for n in self.nulls if n.n]
+
+        def interval(k: int) -> tuple[float, float]:
+            vals = torch.tensor([b[k] for b in boot if not math.isnan(b[k])], dtype=torch.float64)
+            if not vals.numel():
+                return (math.nan, math.nan)
+            return float(vals.quantile(0.05)), float(vals.quantile(0.95))
+
+        def null_max(k: int) -> float:
+            vals = [n[k] for n in nulls if not math.isnan(n[k])]
+            return max(vals) if vals else math.nan
+
+        halves = (self._merged(self.by_group[0::2]), self._merged(self.by_group[1::2]))
+        return {
+            "median": stats[0], "frac_above_0_5": stats[1], "frac_above_0_9": stats[2], "n_scored": stats[3],
+            "median_ci": interval(0), "frac_above_0_5_ci": interval(1),
+            "null_median": null_max(0), "null_frac_above_0_5": null_max(1), "null_frac_above_0_9": null_max(2),
+            "selection": halves[0].correlations(min_fires), "held_out": halves[1].correlations(min_fires),
+        }  # fmt: skip
+
+
+def clears_null(value: float, ci: tuple[float, float], null: float) -> bool:
+    """Whether a statistic and its whole 90% interval lie above the largest value its permutation
+    null took (both: a bootstrap over few document groups can be biased)."""
+    if math.isnan(value) or math.isnan(ci[0]) or math.isnan(null):
+        return False
+    return value > null and ci[0] > null
+
+
 # ------------------------------------------------------------------------------ results
 
 
@@ -151,8 +243,11 @@ class CarriedFeature:
 
     feature: int
     corr: float
+    """Correlation on the held-out documents (the odd groups), not those it was selected on."""
     density_home: float
     density_target: float
+    corr_selection: float = math.nan
+    """Correlation on the documents it was selected on (the even groups)."""
 
 
 @dataclass
@@ -189,6 +284,13 @@ class FeatureTransfer:
     """Features firing at least ``min_fires`` times on the home model."""
     n_features_silent_on_target: int
     """Scored features that never fire on T5Gemma 2 (their correlation counts as 0)."""
+    corr_median_ci: tuple[float, float] = (math.nan, math.nan)
+    """90% bootstrap interval of ``corr_median`` over document groups."""
+    corr_frac_above_0_5_ci: tuple[float, float] = (math.nan, math.nan)
+    corr_median_null: float = math.nan
+    """The largest median of the permutation nulls (documents shuffled, positions kept)."""
+    corr_frac_above_0_5_null: float = math.nan
+    corr_frac_above_0_9_null: float = math.nan
     ev_causal: float | None = None
     """Encoder targets: EV with T5Gemma 2's encoder run causally (architecture control)."""
     l0_causal: float | None = None
@@ -244,6 +346,7 @@ def feature_transfer(
     top_k: int = 10,
     causal_control: bool = True,
     progress: bool = False,
+    seed: int = 0,
 ) -> FeatureTransfer:
     """Read ``sae`` on Gemma 3 and on a T5Gemma 2 stack at identical positions; see the module doc.
 
@@ -258,6 +361,7 @@ def feature_transfer(
         min_fires: fires needed on Gemma 3 for a feature's correlation to be scored.
         top_k: how many best and worst carried features to list.
         causal_control: for encoder targets, also run the causal-encoder control.
+        seed: of the permutation null and the bootstrap.
 
     Raises:
         ValueError: the target model has no conventions, or no position is compared.
@@ -275,7 +379,8 @@ def feature_transfer(
     causal = causal_control and stack == "encoder"
 
     stats = {k: ReconStats() for k in ("home", "target", "causal", "matched")}
-    corr, corr_causal = FeatureCorrelation(sae.cfg.d_sae), FeatureCorrelation(sae.cfg.d_sae)
+    corr = TransferStatistics(sae.cfg.d_sae, seed=seed)
+    corr_causal = FeatureCorrelation(sae.cfg.d_sae)
     norm_sum = {"home": 0.0, "target": 0.0}
 
     def read(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -290,14 +395,19 @@ def feature_transfer(
         tokens = tokens.to(target_model.cfg.device)
         mask = target_model.covered_mask(tokens, stack) & ~torch.isin(tokens, special.to(tokens.device))
         masks.append(mask)
-        x_home = _site(home_model, home_hook, tokens.to(home_model.cfg.device), home_layer)[
-            mask.to(home_model.cfg.device)
-        ]
-        x_target = _site(target_model, target_hook, tokens, layer)[mask]
+        full_home = _site(home_model, home_hook, tokens.to(home_model.cfg.device), home_layer)
+        full_target = _site(target_model, target_hook, tokens, layer)
+        x_home, x_target = full_home[mask.to(full_home.device)], full_target[mask]
         norm_sum["home"] += float(x_home.float().norm(dim=-1).sum())
         norm_sum["target"] += float(x_target.float().norm(dim=-1).sum())
         f_home = read(x_home, "home")
-        corr.add(f_home, read(x_target, "target"))
+        f_target = read(x_target, "target")
+        # Per row for the document-level statistics (bootstrap, split halves, permutation null).
+        rows_home = torch.zeros(*mask.shape, f_home.shape[-1], dtype=f_home.dtype, device=f_home.device)
+        rows_target = torch.zeros_like(rows_home)
+        m = mask.to(f_home.device)
+        rows_home[m], rows_target[m] = f_home, f_target
+        corr.add(rows_home, rows_target, m)
         if causal:
             with causal_encoder(target_model):
                 x_causal = _site(target_model, target_hook, tokens, layer)[mask]
@@ -312,16 +422,24 @@ def feature_transfer(
         read(x_target * scale, "matched")
 
     s = {k: stats[k].summary(sae.cfg.d_sae) for k in stats if stats[k].n}
-    r = corr.correlations(min_fires)
+    total = corr.total
+    r = total.correlations(min_fires)
+    summary = corr.summary(min_fires)
     median, above_05, above_09, n_scored = _corr_summary(r)
     scored = ~torch.isnan(r)
-    silent = int((scored & (corr.fires_b == 0)).sum())
-    order = torch.argsort(torch.where(scored, r, torch.full_like(r, -2.0)), descending=True)
-    order = order[:n_scored]
-    dens_a, dens_b = corr.fires_a.double() / n, corr.fires_b.double() / n
+    silent = int((scored & (total.fires_b == 0)).sum())
+    # Best and worst are chosen on the even document groups and reported on the odd ones.
+    sel, held = summary["selection"], summary["held_out"]
+    both = ~torch.isnan(sel) & ~torch.isnan(held)
+    order = torch.argsort(torch.where(both, sel, torch.full_like(sel, -2.0)), descending=True)
+    order = order[: int(both.sum())]
+    dens_a, dens_b = total.fires_a.double() / n, total.fires_b.double() / n
 
     def listed(idx: torch.Tensor) -> list[CarriedFeature]:
-        return [CarriedFeature(int(i), float(r[i]), float(dens_a[i]), float(dens_b[i])) for i in idx]
+        return [
+            CarriedFeature(int(i), float(held[i]), float(dens_a[i]), float(dens_b[i]), float(sel[i]))
+            for i in idx
+        ]
 
     out = FeatureTransfer(
         sae=sae_name,
@@ -347,6 +465,11 @@ def feature_transfer(
         corr_frac_above_0_9=above_09,
         n_features_scored=n_scored,
         n_features_silent_on_target=silent,
+        corr_median_ci=summary["median_ci"],
+        corr_frac_above_0_5_ci=summary["frac_above_0_5_ci"],
+        corr_median_null=summary["null_median"],
+        corr_frac_above_0_5_null=summary["null_frac_above_0_5"],
+        corr_frac_above_0_9_null=summary["null_frac_above_0_9"],
         best=listed(order[:top_k]),
         worst=listed(order.flip(0)[:top_k]),
     )
