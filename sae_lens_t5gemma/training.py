@@ -662,7 +662,6 @@ def _final_eval(recorder: EvalRecorder, path: Path, plan: TrainingPlan) -> dict[
     record = {
         **metrics,
         "model_dtype": plan.model_dtype,
-        "eval_feeds": eval_feeds(plan),
         "sae_dtype": plan.config.dtype,
         "feeds": eval_feeds(plan),
     }
@@ -681,6 +680,7 @@ def _finish(plan: TrainingPlan, result: TrainingResult) -> TrainingResult:
         "config": plan.config.to_dict(),
         "model_name": plan.dims.name,
         "model_dtype": plan.model_dtype,
+        "eval_feeds": eval_feeds(plan),
         "saes": {k: str(p) for k, p in result.paths.items()},
         "eval_metrics": result.eval_metrics,
         "convention": {s.friendly: plan.convention_metadata(s.stack) for s in plan.sites},
