@@ -23,8 +23,8 @@ from sae_lens_t5gemma.hooked import HookedT5Gemma2
 from sae_lens_t5gemma.transfer import (
     MIN_HOME_EV,
     FeatureCorrelation,
-    causal_encoder,
     TransferStatistics,
+    causal_encoder,
     clears_null,
     ev_kept,
     feature_transfer,
