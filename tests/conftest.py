@@ -29,6 +29,22 @@ DEVICE = os.environ.get("SAE_LENS_T5GEMMA_TEST_DEVICE", "cpu")
 torch.set_num_threads(1)
 
 
+def identity_sae(hook_name: str, d_in: int, **metadata):
+    """A SAELens ``StandardSAE`` that reconstructs exactly: relu(x) - relu(-x) = x."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(hook_name=hook_name, prepend_bos=True, **metadata)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=2 * d_in, apply_b_dec_to_input=False, metadata=meta))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
 @pytest.fixture(scope="session")
 def hub_cache() -> Path:
     """The offline hub cache holding the stand-in T5Gemma 2 and 36 mindchain SAEs."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import identity_sae
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 
@@ -46,22 +47,7 @@ def gemma_hub(hub_cache: Path) -> Path:
 
 def _perfect_sae(folder: Path, hook_name: str, d_in: int = 64) -> Path:
     """A SAELens folder whose SAE reconstructs exactly: relu(x) - relu(-x) = x."""
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    cfg = StandardSAEConfig(
-        d_in=d_in,
-        d_sae=2 * d_in,
-        apply_b_dec_to_input=False,
-        metadata=SAEMetadata(hook_name=hook_name, model_name=T5, prepend_bos=True, context_size=CTX),
-    )
-    sae = StandardSAE(cfg)
-    eye = torch.eye(d_in)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
+    sae = identity_sae(hook_name, d_in, model_name=T5, context_size=CTX)
     sae.save_model(folder)
     return folder
 

@@ -11,6 +11,7 @@ sites; strict keywords; the covered-position eval against a direct computation.
 
 import pytest
 import torch
+from conftest import identity_sae
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
@@ -325,15 +326,7 @@ def test_random_split_is_held_for_every_forward_of_a_batch(tiny_model_dir, token
     forwards. An exact identity SAE (relu(x) - relu(-x)) then changes nothing: CE increase 0,
     CE score 1, l2 ratio 1. Before, each forward drew its own split (CE increase 2.62 nats)."""
     model = load_t5gemma2(tiny_model_dir, dtype=torch.float32, prefix_len="random")
-    d = model.cfg.d_model
-    meta = SAEMetadata(model_name="stand-in", hook_name=hook, prepend_bos=True)
-    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False, metadata=meta))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
+    sae = identity_sae(hook, model.cfg.d_model, model_name="stand-in")
     splits = []
     real = model.run_with_hooks
 
