@@ -167,10 +167,42 @@ class _Container(nn.Module):
     """An empty module that only holds hook points under their bridge-style names."""
 
 
+# TransformerLens' cache helpers assume one stack of ``blocks.N``; on T5Gemma 2 each would fail
+# deep inside (KeyError, AttributeError). They raise one clear error instead, naming what to use.
+_SINGLE_STACK_HELPERS = (
+    "accumulated_resid", "decompose_resid", "get_full_resid_decomposition", "stack_head_results",
+    "stack_neuron_results", "compute_head_results", "get_neuron_results", "logit_attrs", "apply_ln_to_stack",
+    "stack_activation",
+)  # fmt: skip
+
+
+def _single_stack_helper(name: str) -> Callable[..., Any]:
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"ActivationCache.{name} is not supported for T5Gemma 2: TransformerLens builds it from one "
+            "stack of blocks.N, and T5Gemma 2 has an encoder and a decoder. Read the sites per stack "
+            "instead, e.g. torch.stack([cache[f'encoder_blocks.{l}.hook_resid_post'] for l in "
+            "range(model.cfg.n_layers)]), and see model.covered_mask(tokens, stack) for the real positions."
+        )
+
+    refuse.__name__ = name
+    return refuse
+
+
 class T5Gemma2ActivationCache(ActivationCache):
-    """An ``ActivationCache`` whose keys can be any spelling of a site (aliases resolve)."""
+    """An ``ActivationCache`` whose keys can be any spelling of a site (aliases resolve).
+
+    TransformerLens' single-stack helpers (``accumulated_resid``, ``decompose_resid``, ...) and its
+    ``cache["resid_post", 5]`` shorthand raise a clear error naming the per-stack alternative.
+    """
 
     def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, tuple):
+            name, layer = (key + (None,))[:2]
+            raise KeyError(
+                f"cache[{key!r}] is HookedTransformer's shorthand for blocks.{layer}.hook_{name}; T5Gemma 2 has "
+                f"two stacks: cache['encoder_blocks.{layer}.hook_{name}'] or cache['decoder_blocks.{layer}.hook_{name}']"
+            )
         if isinstance(key, str) and key not in self.cache_dict:
             try:
                 vision = sites_mod.resolve_vision(key)
@@ -191,6 +223,10 @@ class T5Gemma2ActivationCache(ActivationCache):
             return site.hook_name in self.cache_dict
         except ValueError:
             return False
+
+
+for _name in _SINGLE_STACK_HELPERS:
+    setattr(T5Gemma2ActivationCache, _name, _single_stack_helper(_name))
 
 
 class HookedT5Gemma2(SAEMixin, HookedRootModule):

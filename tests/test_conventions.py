@@ -385,3 +385,19 @@ def test_saelens_definitions_ablate_every_position(model, tokens, split):
     assert theirs["ce_loss_with_ablation"] != pytest.approx(ours["ce_loss_with_ablation"], rel=1e-3)
     with pytest.raises(ValueError, match="definitions must be 'covered' or 'saelens', not 'gemma'"):
         evaluate_sae(model, sae, [tokens], definitions="gemma")
+
+
+def test_single_stack_cache_helpers_say_what_to_use(model, tokens):
+    """Issue 19, Deliver 7 (in part): TransformerLens' helpers failed deep inside (KeyError,
+    AttributeError); they now raise one clear error naming the per-stack alternative."""
+    _, cache = model.run_with_cache(tokens, names_filter=["encoder_blocks.0.hook_resid_post"])
+    for call in (cache.accumulated_resid, cache.decompose_resid, cache.stack_head_results):
+        with pytest.raises(
+            NotImplementedError, match=r"is not supported for T5Gemma 2: .* encoder and a decoder"
+        ):
+            call()
+    with pytest.raises(
+        KeyError, match=r"cache\['encoder_blocks.5.hook_resid_post'\] or cache\['decoder_blocks.5"
+    ):
+        cache["resid_post", 5]
+    assert cache["encoder_blocks.0.hook_resid_post"].shape[:2] == tokens.shape
