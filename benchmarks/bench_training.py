@@ -63,7 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_hooks import _reset_peak, _status_kib  # noqa: E402
 
-from sae_lens_t5gemma.dtypes import cpu_has_fast_bf16, cpu_model, resolve_dtype  # noqa: E402
+from sae_lens_t5gemma.dtypes import cpu_has_fast_bf16, cpu_model, dtype_name, resolve_dtype  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WORKERS = ("one", "all36", "scaling", "mem1", "mem36")
@@ -189,7 +189,7 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        model_dtype = str(resolve_dtype(args.model_dtype, args.device, "training")).removeprefix("torch.")
+        model_dtype = dtype_name(resolve_dtype(args.model_dtype, args.device, "training"))
         model, model_dir, data = _setup(tmp, args.threads, model_dtype, args.device)
         if all36:
             hooks = ["encoder.*.attn_out", "decoder.*.attn_out"]

@@ -61,6 +61,7 @@ def section_hook_and_steer(
     from sae_lens import SAE
 
     import sae_lens_t5gemma  # noqa: F401 (registers the t5gemma2-270m-attn_out release)
+    from sae_lens_t5gemma.dtypes import dtype_name
     from sae_lens_t5gemma.hooked import load_t5gemma2
     from sae_lens_t5gemma.steering import top_features
 
@@ -72,7 +73,7 @@ def section_hook_and_steer(
         sae = SAE.from_pretrained(release="t5gemma2-270m-attn_out", sae_id="encoder/layer_5", device=device)
     hook = sae.cfg.metadata.hook_name
     print(
-        f"\n== hook and steer: {model.cfg.model_name} ({label}, {str(model.cfg.dtype).removeprefix('torch.')}), "
+        f"\n== hook and steer: {model.cfg.model_name} ({label}, {dtype_name(model.cfg.dtype)}), "
         f"SAE encoder/layer_5 at {hook} =="
     )
     text = "The cat sat on the mat."
@@ -119,7 +120,7 @@ def section_hook_and_steer(
     record = {
         "label": label,
         "model": model.cfg.model_name,
-        "dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "dtype": dtype_name(model.cfg.dtype),
         "hook": hook,
         "text": text,
         "top_features": [r.__dict__ for r in rows],

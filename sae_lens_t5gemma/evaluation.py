@@ -56,7 +56,7 @@ def position_masks(
     special_ids: list[int],
     score_from: int | None = None,
     site_span: tuple[int | None, int | None] | None = None,
-    definitions: str = "covered",
+    definitions: Literal["covered", "saelens"] = "covered",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sae_mask [batch, n], prediction_mask [batch, n - 1])`` for one token batch.
 
@@ -176,7 +176,7 @@ def evaluate_sae(
             feats = sae.encode(scale(x_sae))
             recon_sae = unscale(sae.decode(feats)).reshape(x_full.shape)
             sel = sae_mask.to(x_sae.device)
-            recon_stats.add(_flat(to_sae(sae, x_full))[sel], _flat(recon_sae)[sel], _flat(feats)[sel])
+            recon_stats.add(_flat(x_sae)[sel], _flat(recon_sae)[sel], _flat(feats)[sel])
             recon_full = to_model(recon_sae, x_full, f"evaluate_sae at {hook}")
             sel = sel.to(x_full.device)
             if not compute_downstream:

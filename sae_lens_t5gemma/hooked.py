@@ -514,13 +514,21 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         if self.convention != "prefix_lm" or self.prefix_len != "random":
             yield None
             return
-        n = tokens.shape[-1]
-        if n < 2:
-            raise ValueError("prefix_len='random' needs rows of at least 2 tokens")
-        p = int(torch.randint(1, n, (1,), generator=self._split_rng))
+        p = self._random_split(tokens.shape[-1])
         with self.fed(prefix_len=p):
             self.last_prefix_len = p
             yield p
+
+    def _random_split(self, n: int, first: int = 1) -> int:
+        """A ``prefix_len="random"`` split in ``[first, n - 1]`` from the model's own generator."""
+        if n < 2:
+            raise ValueError("prefix_len='random' needs rows of at least 2 tokens")
+        if n - first < 1:
+            raise ValueError(
+                f"prefix_len='random' needs a split in [{first}, {n - 1}] (after the last image "
+                f"token and before the row's end); rows of {n} tokens leave none"
+            )
+        return int(torch.randint(first, n, (1,), generator=self._split_rng))
 
     def describe_convention(self) -> str:
         """One line for metadata and report rows: the convention, its split and what it means."""
@@ -709,17 +717,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             return _Feed(tokens, tokens, attention_mask, tokens, dec_labels, spans)
         # The encoder alone reads images: a random split falls after the last image token.
         first = 1 if image is None else max(1, _last_true(image) + 1)
-        if self.prefix_len == "random":
-            if n < 2:
-                raise ValueError("prefix_len='random' needs rows of at least 2 tokens")
-            if n - first < 1:
-                raise ValueError(
-                    f"prefix_len='random' needs a split in [{first}, {n - 1}] (after the last image "
-                    f"token and before the row's end); rows of {n} tokens leave none"
-                )
-            p = int(torch.randint(first, n, (1,), generator=self._split_rng))
-        else:
-            p = self.split_point(n)
+        p = self._random_split(n, first) if self.prefix_len == "random" else self.split_point(n)
         if image is not None and p < first:
             raise ValueError(
                 f"An image placeholder token sits at position {first - 1}, at or after the prefix_lm "
