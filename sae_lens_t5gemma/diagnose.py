@@ -26,6 +26,7 @@ nothing.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,13 +98,8 @@ class Diagnosis:
         stable = sorted(self.stability.values())
         strength = ""
         if stable:
-            mid = (
-                stable[len(stable) // 2]
-                if len(stable) % 2
-                else (stable[len(stable) // 2 - 1] + stable[len(stable) // 2]) / 2
-            )
             strength = (
-                f"; each SAE's best match stays best in a median {mid:.0%} of {BOOTSTRAP} bootstrap resamples "
+                f"; each SAE's best match stays best in a median {statistics.median(stable):.0%} of {BOOTSTRAP} bootstrap resamples "
                 f"of the {self.n_documents} documents (lowest {stable[0]:.0%})"
             )
         return (

@@ -197,9 +197,12 @@ class TransferStatistics:
 
     def summary(self, min_fires: int, n_boot: int = 200) -> dict[str, Any]:
         """Median and fractions above 0.5/0.9 with 90% bootstrap intervals over document groups,
-        the same statistics under the permutation null, and the split-half correlations."""
+        the same statistics under the permutation null, and the split-half correlations; also the
+        merged ``total`` and its per-feature correlations ``r``."""
         used = [g for g in self.by_group if g.n]
-        stats = _corr_summary(self.total.correlations(min_fires))
+        total = self.total
+        r = total.correlations(min_fires)
+        stats = _corr_summary(r)
         boot = []
         if len(used) >= 2:
             for _ in range(n_boot):
@@ -219,6 +222,7 @@ class TransferStatistics:
 
         halves = (self._merged(self.by_group[0::2]), self._merged(self.by_group[1::2]))
         return {
+            "total": total, "r": r,
             "median": stats[0], "frac_above_0_5": stats[1], "frac_above_0_9": stats[2], "n_scored": stats[3],
             "median_ci": interval(0), "frac_above_0_5_ci": interval(1),
             "null_median": null_max(0), "null_frac_above_0_5": null_max(1), "null_frac_above_0_9": null_max(2),
@@ -422,10 +426,11 @@ def feature_transfer(
         read(x_target * scale, "matched")
 
     s = {k: stats[k].summary(sae.cfg.d_sae) for k in stats if stats[k].n}
-    total = corr.total
-    r = total.correlations(min_fires)
     summary = corr.summary(min_fires)
-    median, above_05, above_09, n_scored = _corr_summary(r)
+    total, r = summary["total"], summary["r"]
+    median, above_05, above_09, n_scored = (
+        summary[k] for k in ("median", "frac_above_0_5", "frac_above_0_9", "n_scored")
+    )
     scored = ~torch.isnan(r)
     silent = int((scored & (total.fires_b == 0)).sum())
     # Best and worst are chosen on the even document groups and reported on the odd ones.
