@@ -202,14 +202,17 @@ def diagnose(
             raise ValueError(f"SAE {sae_id} reads {hook}: diagnose compares decoder SAEs only")
         history = final_l0(training_history(sae))
         for conv in CANDIDATES:
-            xs, row_l0 = [], []
+            xs, fs, row_l0 = [], [], []
             for (t, m), keep in zip(pairs, keeps, strict=True):
-                x = _activations(model, t, m, hook, conv)
-                fired = (sae.encode(to_sae(sae, x)) > 0).sum(-1).float() * keep.to(x.device)
-                row_l0.append(fired.sum(1).cpu())
-                xs.append(x[keep])
-            x = torch.cat(xs)
-            feats = sae.encode(to_sae(sae, x))
+                # Encoded once, at the scored positions only; per-row L0 sums feed the bootstrap.
+                x = to_sae(sae, _activations(model, t, m, hook, conv)[keep])
+                f = sae.encode(x)
+                row_l0.append(torch.zeros(keep.shape[0]).index_add_(
+                    0, keep.nonzero()[:, 0].cpu(), (f > 0).sum(-1).float().cpu()
+                ))  # fmt: skip
+                xs.append(x)
+                fs.append(f)
+            x, feats = torch.cat(xs), torch.cat(fs)
             recon = sae.decode(feats)
             l0_boot = torch.cat(row_l0)[resample].sum(1) / counts
             boot.setdefault(sae_id, {})[conv] = l0_boot
