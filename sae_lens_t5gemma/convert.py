@@ -23,20 +23,15 @@ The output is complete or absent, never mixed:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import socket
-import time
 import uuid
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from sae_lens_t5gemma import mindchain
+from sae_lens_t5gemma.outputs import OutputLockedError, lock_path, output_lock  # noqa: F401 (lock_path: convert's API)
 from sae_lens_t5gemma.registration import PACKAGE_RELEASE, release_yaml
 
 YAML_NAME = "pretrained_saes.yaml"
@@ -48,7 +43,7 @@ REPO_ID_PLACEHOLDER = "YOUR-HF-USER/t5gemma2-270m-attn_out-saelens"
 """Where the converted folders would be uploaded; replace it in the YAML before proposing."""
 
 
-class ConvertLockedError(FileExistsError):
+class ConvertLockedError(OutputLockedError):
     """Another ``convert`` holds the lock on the output folder; the message names its pid."""
 
 
@@ -136,76 +131,6 @@ def _validate_all(files: list[Path]) -> list[mindchain.MindchainCheckpoint]:
             f"the checkpoints name {len(models)} different models {models}; one release has one model"
         )
     return checked
-
-
-# ------------------------------------------------------------------------------- the lock
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def lock_path(out: Path) -> Path:
-    """The lock file of an output folder: ``.<name>.lock`` beside it."""
-    return out.parent / f".{out.name}.lock"
-
-
-def _read_lock(lock: Path) -> dict[str, Any]:
-    try:
-        info = json.loads(lock.read_text(encoding="utf-8"))
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-@contextlib.contextmanager
-def output_lock(out: str | Path) -> Iterator[Path]:
-    """Hold the exclusive write lock on ``out`` for a block.
-
-    The lock is a file created with ``O_EXCL`` holding this process's pid, host and start
-    time. A lock whose pid is dead (on this host) is stale: it is removed with a warning.
-
-    Raises:
-        ConvertLockedError: a live process holds the lock; the message names its pid.
-    """
-    out = Path(out)
-    lock = lock_path(out)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            info = _read_lock(lock)
-            pid = info.get("pid")
-            same_host = info.get("host") in (None, me["host"])
-            if attempt == 0 and isinstance(pid, int) and same_host and not _pid_alive(pid):
-                warnings.warn(f"{lock}: removing a stale lock of process {pid}, which is gone", stacklevel=3)
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            holder = (
-                f"pid {pid} on {info.get('host')}, since {info.get('started')}" if pid else "unknown holder"
-            )
-            raise ConvertLockedError(
-                f"{out}: another convert is writing this folder ({holder}); lock file {lock}. "
-                "If that process is gone, remove the lock file."
-            ) from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
-        break
-    try:
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            if _read_lock(lock).get("pid") == os.getpid():
-                lock.unlink()
 
 
 # --------------------------------------------------------------------------- the output
@@ -349,7 +274,7 @@ def convert_snapshot(
     out = Path(out_dir)
     files = find_checkpoints(src_dir)
     _check_out_dir(out, force)
-    with output_lock(out):
+    with output_lock(out, "convert", ConvertLockedError):
         _step("locked")
         _remove_leftovers(out)
         _check_out_dir(out, force)  # again, now that nobody else can write it
