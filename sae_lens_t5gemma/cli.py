@@ -273,9 +273,18 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> None:
         import contextlib
 
-        from sae_lens_t5gemma.compare import Pair, compare, read_texts, stand_in_hub, standard_pairs
+        from sae_lens_t5gemma.compare import (
+            Pair,
+            check_arguments,
+            compare,
+            read_texts,
+            stand_in_hub,
+            standard_pairs,
+        )
         from sae_lens_t5gemma.demo import BANNER
 
+        context_size = a.context_size if a.context_size is not None else (32 if a.stand_in else 128)
+        check_arguments(context_size, a.batch_size, a.n_batches, a.dense_threshold, a.prefix_len, a.min_fires)
         pairs = standard_pairs(
             a.layers,
             mindchain=not a.no_mindchain,
@@ -313,7 +322,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                 pairs,
                 texts,
                 a.out,
-                context_size=a.context_size or (32 if a.stand_in else 128),
+                context_size=context_size,
                 batch_size=a.batch_size,
                 n_batches=a.n_batches,
                 device=a.device,

@@ -45,6 +45,7 @@ import torch
 
 from sae_lens_t5gemma import sites as sites_mod
 from sae_lens_t5gemma.dtypes import dtype_name, resolve_dtype, sae_dtype
+from sae_lens_t5gemma.outputs import owned_outputs
 from sae_lens_t5gemma.registration import PACKAGE_RELEASE
 from sae_lens_t5gemma.report import (  # noqa: F401 (re-exported: the comparison API in one import)
     CE_KL_CAVEAT,
@@ -211,6 +212,10 @@ def standard_pairs(
     """
     from sae_lens_t5gemma.sizes import get_size
 
+    layers = list(layers)
+    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0]
+    if bad:
+        raise ValueError(f"layers (--layers): {bad[0]!r} is not a layer index (an integer >= 0).")
     releases = _releases(size)
     if size != "270m":
         mindchain = False  # the community SAEs were trained on 270M-270M only
@@ -325,11 +330,20 @@ def stand_in_hub(size: str | None = None) -> Iterator[Path]:
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Non-empty lines of a text file, one text each."""
+    """Non-empty lines of a UTF-8 text file, one text each.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not UTF-8 text, or no non-empty line (the message names the file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Texts file {path} does not exist.")
-    texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Texts file {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"Texts file {path} has no non-empty line.")
     return texts
@@ -506,11 +520,89 @@ def compare(
     Returns:
         The :class:`Report`; its ``files`` name what was written.
 
+    Output: ``out_dir`` is locked for the whole run (a second run into it fails at once), the
+    files are written atomically and never through a symlink, and the files an earlier run
+    wrote there that this one did not (plots of pairs no longer compared) are removed; files
+    the package did not write are left alone (:func:`~sae_lens_t5gemma.outputs.owned_outputs`).
+
     Raises:
         ValueError / KeyError / FileNotFoundError: a pair names an unknown release, id,
             folder or hook, or an SAE whose width does not fit the site; checked for every
-            pair before anything is evaluated where possible.
+            pair before anything is evaluated where possible. ValueError: a numeric argument
+            out of range (checked first).
+        OutputLockedError: another run is writing ``out_dir``.
     """
+    check_arguments(context_size, batch_size, n_batches, dense_threshold, prefix_len, min_fires, top_k)
+    with owned_outputs(out_dir, "compare") as out_run:
+        report = _compare(
+            pairs, texts, context_size, batch_size, n_batches, device, dtype, dense_threshold, progress, convention,
+            prefix_len, pack, synthetic, min_fires, top_k,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="sae_lens_t5gemma_compare_") as staging:
+            # report.py writes plain files; staged privately, they enter out_dir atomically.
+            write_report(report, staging, title=title, banner=banner, synthetic=synthetic)
+            report.files = {
+                name: out_run.write(Path(out_dir) / path.name, path.read_bytes())
+                for name, path in report.files.items()
+            }
+    return report
+
+
+def check_arguments(
+    context_size: int = 128,
+    batch_size: int = 4,
+    n_batches: int | None = None,
+    dense_threshold: float = 0.1,
+    prefix_len: int | None = None,
+    min_fires: int = 5,
+    top_k: int = 10,
+) -> None:
+    """:func:`compare`'s numeric arguments, checked before anything loads.
+
+    Raises:
+        ValueError: one line naming the argument (and its flag), the bound and the value.
+    """
+
+    def integer(name: str, v: Any, low: int, none_ok: bool = False) -> None:
+        if v is None and none_ok:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= {low}, got {v!r}")
+
+    integer("context_size", context_size, 2)
+    integer("batch_size", batch_size, 1)
+    integer("n_batches", n_batches, 1, none_ok=True)
+    integer("prefix_len", prefix_len, 1, none_ok=True)
+    integer("min_fires", min_fires, 1)
+    integer("top_k", top_k, 1)
+    if prefix_len is not None and prefix_len >= context_size:
+        raise ValueError(
+            f"prefix_len (--prefix-len) must be below context_size ({context_size}) to leave a continuation, "
+            f"got {prefix_len}"
+        )
+    t = dense_threshold
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+        raise ValueError(f"dense_threshold (--dense-threshold) must be a fraction in [0, 1], got {t!r}")
+
+
+def _compare(
+    pairs: Sequence[Pair | str],
+    texts: Sequence[str] | None,
+    context_size: int,
+    batch_size: int,
+    n_batches: int | None,
+    device: str,
+    dtype: torch.dtype | str | None,
+    dense_threshold: float,
+    progress: bool,
+    convention: str,
+    prefix_len: int | None,
+    pack: bool,
+    synthetic: bool,
+    min_fires: int,
+    top_k: int,
+) -> Report:
+    """:func:`compare`'s evaluation: the rows, transfers and setup of the report (nothing written)."""
     from tqdm.auto import tqdm
 
     from sae_lens_t5gemma.hooked import CONVENTIONS
@@ -618,9 +710,7 @@ def compare(
         min_fires=min_fires,
     )
     transfer, features = _transfer_rows(rows, run, min_fires, top_k)
-    report = Report(rows=rows, transfer=transfer, setup=setup, notes=_notes(rows), features=features)
-    write_report(report, out_dir, title=title, banner=banner, synthetic=synthetic)
-    return report
+    return Report(rows=rows, transfer=transfer, setup=setup, notes=_notes(rows), features=features)
 
 
 @dataclass

@@ -11,11 +11,19 @@ under ``prefix_lm``.
 Pages are rendered with Jinja2 from ``templates/*.html.j2``; plots are matplotlib figures
 embedded as inline SVG. Nothing is loaded from the network. (SAEDashboard itself cannot
 be installed beside this package: it pins ``transformer-lens<3`` / ``transformers<4.57``.)
+
+The output folder holds one run's files only (:func:`outputs.owned_outputs`): it is locked
+while written, every file is written atomically and never through a symlink, and the pages
+and export files of an earlier run that this run did not write again are removed at the end
+(files the package did not write are left alone; ``stats/`` is :func:`features.corpus_stats`'
+own, where a symlink is refused). Features whose activations hold NaN or Inf are reported as
+non-finite, never as dead.
 """
 
 from __future__ import annotations
 
 import io
+import operator
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sae_lens_t5gemma.features import Example, FeatureEffect, FeatureStats, SAEInfo
+from sae_lens_t5gemma.outputs import OutputRun, owned_outputs, refuse_symlinks
 from sae_lens_t5gemma.sites import IMAGE_TOKEN_LABEL
 
 if TYPE_CHECKING:
@@ -149,6 +158,47 @@ def load_sae(spec: str, device: str = "cpu") -> tuple[SAE[Any], str]:
     return SAE.from_pretrained(release=release, sae_id=sae_id, device=device), spec
 
 
+def nonfinite_features(stats: FeatureStats, key: str) -> list[int]:
+    """Features whose activations held NaN or Inf somewhere in the corpus pass.
+
+    A NaN activation never counts as firing, so such a feature's density can be 0: it is
+    broken, not dead. Read from the activation sum and maximum, which any NaN/Inf reaches.
+    """
+    ok = stats.max_activation(key).isfinite() & stats.mean_activation(key).isfinite()
+    return [int(f) for f in (~ok).nonzero().flatten().tolist()]
+
+
+def check_features(
+    features: Sequence[int] | None, d_sae: int | None, what: str = "the SAE"
+) -> list[int] | None:
+    """Feature indices as ints, each in ``[0, d_sae)`` (``d_sae`` None: only ``>= 0``).
+
+    Raises:
+        ValueError: a feature out of range or not an integer (named, with the width).
+    """
+    if features is None:
+        return None
+    out = []
+    for f in features:
+        try:
+            i = operator.index(f) if not isinstance(f, bool) else None
+        except TypeError:
+            i = None
+        if i is None or i < 0:
+            raise ValueError(f"Feature {f!r}: feature indices are integers >= 0")
+        if d_sae is not None and i >= d_sae:
+            raise ValueError(f"Feature {i} out of range: {what} has {d_sae} features (0-{d_sae - 1})")
+        out.append(i)
+    return out
+
+
+def _positive(name: str, value: Any, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def feature_effect(
     model: HookedT5Gemma2,
     sae: SAE[Any],
@@ -203,11 +253,11 @@ def write_dashboard(
 
     Returns:
         The index page's path.
+
+    Raises:
+        OutputLockedError: another run is writing ``out``.
+        OutputPathError: a page's path in ``out`` is a symlink.
     """
-    from tqdm.auto import tqdm
-
-    from sae_lens_t5gemma.features import log10_density, rows_by_index
-
     key = key or (stats.keys[0] if len(stats.keys) == 1 else None)
     if key is None:
         raise ValueError(f"These statistics hold several SAEs {stats.keys}: say which with key=")
@@ -216,16 +266,25 @@ def write_dashboard(
         raise ValueError(
             f"SAE has d_sae {sae.cfg.d_sae}, the statistics for {key!r} {info.d_sae}: not the same SAE"
         )
+    _positive("n_features (--n-features)", n_features)
+    features = check_features(features, info.d_sae, f"SAE {key!r}")  # before anything is written
+    with owned_outputs(out, "dashboard") as run:
+        return _write_pages(model, sae, stats, Path(out), features, key, dataset, texts, n_features, k_effects,
+                            progress, run)  # fmt: skip
+
+
+def _write_pages(model: HookedT5Gemma2, sae: SAE[Any], stats: FeatureStats, out: Path, features: list[int] | None,
+                 key: str, dataset: str | Path | None, texts: Sequence[str] | None, n_features: int, k_effects: int,
+                 progress: bool, run: OutputRun) -> Path:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    from sae_lens_t5gemma.features import log10_density, rows_by_index
+
+    info = stats.info(key)
     density = stats.density(key)
     if features is None:
         order = [f for f in density.argsort(descending=True).tolist() if density[f] > 0]
         features = sorted(order[:n_features])
-    features = [int(f) for f in features]
-    for f in features:
-        if not 0 <= f < info.d_sae:
-            raise ValueError(f"Feature {f} out of range: SAE {key!r} has {info.d_sae} features")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     env = _environment()
     synthetic = bool(stats.meta.get("synthetic")) or info.synthetic
     rows = None
@@ -264,22 +323,24 @@ def write_dashboard(
             if effect and effect.values
             else "",
         )
-        (out / f"feature_{f}.html").write_text(page, encoding="utf-8")
+        run.write(out / f"feature_{f}.html", page)
         top_tokens = [t for t, _ in Counter(e.tokens[e.center] for e in top).most_common(3)]
         index_rows.append({
             "feature": f, "density": float(density[f]), "max_act": max_act, "top_tokens": top_tokens,
             "effect_tokens": [r.token for r in effect.top[:3]] if effect else [],
         })  # fmt: skip
+    broken = nonfinite_features(stats, key)
+    dead = density == 0
+    dead[broken] = False  # a NaN never fires: such a feature is broken, not dead
     index = env.get_template("index.html.j2").render(
         **common,
         rows=index_rows,
         n_tokens=stats.n_tokens(key),
-        n_dead=int((density == 0).sum()),
+        n_dead=int(dead.sum()),
+        nonfinite=broken,
         density_svg=values_svg(log10_density(density).tolist(), "log10 feature density (dead at -10)"),
     )
-    path = out / "index.html"
-    path.write_text(index, encoding="utf-8")
-    return path
+    return run.write(out / "index.html", index)
 
 
 def _info_view(info: SAEInfo) -> dict[str, Any]:
@@ -320,6 +381,11 @@ def run_dashboard(
     and, with ``neuronpedia``, ``out/neuronpedia/`` (see :mod:`neuronpedia`). ``stand_in``
     runs offline on the synthetic stand-in hub (tiny random model, random SAEs), and uses
     its embedded corpus when no dataset is given. Returns the index page's path.
+
+    Every argument (features against the SAE's width included) is checked before the model
+    loads; ``out`` is locked for the whole run and ends up holding this run's files only.
+    With ``neuronpedia``, features with NaN/Inf activations are refused (JSON cannot carry
+    them) before any page is written.
     """
     import contextlib
 
@@ -329,24 +395,34 @@ def run_dashboard(
 
     if dataset is None and not stand_in:
         raise ValueError("--dataset is required: a Hugging Face dataset name or local .txt/.jsonl files")
+    _positive("n_features (--n-features)", n_features)
+    _positive("max_rows (--max-rows)", max_rows, none_ok=True)
+    check_features(features, None)  # types and signs now; the width once the SAE is loaded
     context: Any = contextlib.nullcontext()
     if stand_in:
         from sae_lens_t5gemma.compare import stand_in_hub
 
         context = stand_in_hub()
     out = Path(out)
-    with context:
+    with context, owned_outputs(out, "dashboard"):
         sae, source = load_sae(sae_spec, device)
+        features = check_features(features, sae.cfg.d_sae, f"SAE {sae_spec}")
+        key = _key_for(sae)
+        stats_dir = out / "stats"  # corpus_stats' own folder (its files are its to keep or replace)
+        refuse_symlinks(stats_dir)  # nothing written there may go through a link
         name = model_name or getattr(sae.cfg.metadata, "model_name", None) or synthetic.T5GEMMA2_MODEL
         model = load_t5gemma2(name, device=device, dtype=dtype)
         if convention is not None:
             model.convention = convention
         texts = synthetic.stand_in_texts() if dataset is None else None
-        key = _key_for(sae)
         stats = corpus_stats(
-            model, {key: sae}, dataset, out / "stats", texts=texts, config=config, max_rows=max_rows,
+            model, {key: sae}, dataset, stats_dir, texts=texts, config=config, max_rows=max_rows,
             resume=resume, overwrite=overwrite, sources={key: source}, synthetic=stand_in, progress=progress,
         )  # fmt: skip
+        if neuronpedia:
+            from sae_lens_t5gemma.neuronpedia import check_finite
+
+            check_finite(stats, key, None, hint=" Pass --no-neuronpedia to write the pages alone.")
         index = write_dashboard(model, sae, stats, out, features, key=key, dataset=dataset, texts=texts,
                                 n_features=n_features, progress=progress)  # fmt: skip
         if neuronpedia:
@@ -366,7 +442,11 @@ def _read_lines(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"Text file {str(p)!r} does not exist")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Text file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"Text file {str(p)!r} holds no texts")
     return lines
@@ -390,6 +470,7 @@ def run_find_features(
     from sae_lens_t5gemma.features import find_features
     from sae_lens_t5gemma.hooked import load_t5gemma2
 
+    _positive("k (-k)", k)
     texts_with, texts_without = _read_lines(with_file), _read_lines(without_file)
     context: Any = contextlib.nullcontext()
     if stand_in:

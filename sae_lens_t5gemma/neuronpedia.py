@@ -35,6 +35,12 @@ What differs, and where the T5Gemma 2 facts go:
 - ``run_settings.json`` (the run's settings) and ``skipped_indexes.json`` (features that never
   fired) as the runner writes them.
 
+The JSON is strict (no ``NaN``/``Infinity``, which ``JSON.parse`` rejects): a feature whose
+activations held NaN or Inf is refused, naming it and the field, before anything is written,
+and :func:`validate_batch` rejects non-finite numbers too. The folder is locked while written
+and holds one export's files only (:func:`outputs.owned_outputs`): batches of an earlier,
+wider export are removed.
+
 Neuronpedia ids (SAELens' ``neuronpedia`` field in a release YAML, ``<model_id>/<source id>``
 with source id ``<layer>-<sae_set>``) are produced by :func:`neuronpedia_id`, e.g.
 ``t5gemma-2-270m-270m/5-mindchain-enc-attn-out-4k``.
@@ -43,6 +49,7 @@ with source id ``<layer>-<sae_set>``) are produced by :func:`neuronpedia_id`, e.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sae_lens_t5gemma.features import FeatureStats, SAEInfo
+from sae_lens_t5gemma.outputs import OutputRun, owned_outputs
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -138,6 +146,52 @@ def mindchain_neuronpedia_ids(model_name: str = "google/t5gemma-2-270m-270m", n_
             )
             out[f"{stack}/layer_{layer}"] = neuronpedia_id(info, model_name)
     return out
+
+
+class NonFiniteError(ValueError):
+    """A value the export would write is NaN or Inf; the message names the feature and field."""
+
+
+def _first_nonfinite(obj: Any, path: str) -> tuple[str, float] | None:
+    """The path and value of the first NaN/Inf number in a JSON-like object, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path, obj)
+    if isinstance(obj, dict):
+        items: Any = ((f"{path}.{k}", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for p, v in items:
+        found = _first_nonfinite(v, p)
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite(
+    stats: FeatureStats, key: str, features: Sequence[int] | None = None, hint: str = ""
+) -> None:
+    """Refuse statistics whose exported features saw NaN/Inf activations (default: every feature).
+
+    Raises:
+        NonFiniteError: naming the first such feature, its field and value, and how many there are.
+    """
+    from sae_lens_t5gemma.dashboard import nonfinite_features
+
+    broken = nonfinite_features(stats, key)
+    if features is not None:
+        wanted = set(features)
+        broken = [f for f in broken if f in wanted]
+    if broken:
+        f = broken[0]
+        peak, mean = float(stats.max_activation(key)[f]), float(stats.mean_activation(key)[f])
+        more = f"{len(broken)} such features: {broken[:10]}{' ...' if len(broken) > 10 else ''}"
+        raise NonFiniteError(
+            f"Neuronpedia export of {key!r}: feature {f} field activations.values holds non-finite activations "
+            f"(max {peak}, mean {mean}; {more}); the export's JSON cannot carry NaN/Inf, check the SAE and model "
+            f"for NaN/Inf.{hint}"
+        )
 
 
 def _round(values: Sequence[float] | torch.Tensor) -> list[float]:
@@ -242,7 +296,41 @@ def export_neuronpedia(
 
     Returns:
         The batch files written.
+
+    Raises:
+        NonFiniteError: (a ``ValueError``) a value to export is NaN or Inf, named by feature and
+            field: refused before anything is written where the statistics show it (NaN/Inf
+            activations), at that feature where it comes from the SAE's weights (logit effects).
+        OutputLockedError: another run is writing ``out``.
     """
+    from sae_lens_t5gemma.dashboard import check_features, nonfinite_features
+
+    key = key or (stats.keys[0] if len(stats.keys) == 1 else None)
+    if key is None:
+        raise ValueError(f"These statistics hold several SAEs {stats.keys}: say which with key=")
+    info = stats.info(key)
+    if (
+        isinstance(features_per_batch, bool)
+        or not isinstance(features_per_batch, int)
+        or features_per_batch < 1
+    ):
+        raise ValueError(f"features_per_batch must be a positive integer, got {features_per_batch!r}")
+    density = stats.density(key)
+    broken = nonfinite_features(stats, key)
+    fired = [int(f) for f in (density > 0).nonzero().flatten().tolist()]
+    chosen = (
+        sorted(set(fired) | set(broken)) if features is None else (check_features(features, info.d_sae) or [])
+    )
+    check_finite(stats, key, chosen)
+    out = Path(out)
+    with owned_outputs(out, "neuronpedia export") as run:
+        return _export(model, sae, stats, out, run, key, info, chosen, fired, set_name, features_per_batch,
+                       ablation, dataset, texts, k)  # fmt: skip
+
+
+def _export(model: HookedT5Gemma2, sae: SAE[Any], stats: FeatureStats, out: Path, run: OutputRun, key: str, info: SAEInfo,
+            chosen: list[int], fired: list[int], set_name: str | None, features_per_batch: int, ablation: bool,
+            dataset: str | Path | None, texts: Sequence[str] | None, k: int) -> list[Path]:  # fmt: skip
     from sae_lens_t5gemma.features import (
         ablation_effects,
         decoder_logit_vectors,
@@ -250,15 +338,6 @@ def export_neuronpedia(
         rows_by_index,
     )
 
-    key = key or (stats.keys[0] if len(stats.keys) == 1 else None)
-    if key is None:
-        raise ValueError(f"These statistics hold several SAEs {stats.keys}: say which with key=")
-    info = stats.info(key)
-    density = stats.density(key)
-    fired = [int(f) for f in (density > 0).nonzero().flatten().tolist()]
-    chosen = fired if features is None else [int(f) for f in features]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = None
     if info.stack == "encoder" and ablation:
         if dataset is None and texts is None:
@@ -287,6 +366,12 @@ def export_neuronpedia(
             elif rows is not None:
                 effect = ablation_effects(model, sae, f, stats.top_examples(key, f), rows, k)
             record, segments = feature_record(stats, key, f, effect)
+            bad = _first_nonfinite(record, "")
+            if bad is not None:  # e.g. NaN/Inf in the SAE's decoder weights, through the logit effects
+                raise NonFiniteError(
+                    f"Neuronpedia export of {key!r}: feature {f} field {bad[0].lstrip('.')} holds {bad[1]}; "
+                    "the export's JSON cannot carry NaN/Inf, check the SAE and model for NaN/Inf."
+                )
             if effect is not None:
                 extras.setdefault("approximation", effect.approximation.split(";")[0])
             extras["segments"][str(f)] = segments
@@ -298,28 +383,33 @@ def export_neuronpedia(
             "sae_id_suffix": None,
             "features": batch_features,
         }
-        path = out / f"batch-{b // features_per_batch}.json"
-        path.write_text(json.dumps(batch))
-        paths.append(path)
-    (out / "skipped_indexes.json").write_text(
-        json.dumps({"skipped_indexes": [f for f in range(info.d_sae) if f not in set(fired)]})
-    )
+        paths.append(run.write(out / f"batch-{b // features_per_batch}.json", _dumps(batch)))
+    # Never fired, and finite: a NaN feature is broken, not dead (it was refused above).
+    fired_set = set(fired)
+    run.write(out / "skipped_indexes.json",
+              _dumps({"skipped_indexes": [f for f in range(info.d_sae) if f not in fired_set]}))  # fmt: skip
     settings = {
         "model_id": model_id, "layer": info.layer, "sae_set": source.split("-", 1)[1], "neuronpedia_id": np_id,
         "hook_name": info.hook_name, "dataset": stats.meta["dataset"], "n_prompts_total": stats.meta["rows_done"],
         "n_tokens_in_prompt": stats.meta["config"]["context_size"], "top_k": stats.meta["config"]["top_k"],
         "convention": stats.meta["convention"], "features_per_batch": features_per_batch,
     }  # fmt: skip
-    (out / "run_settings.json").write_text(json.dumps(settings, indent=2))
-    (out / "t5gemma2.json").write_text(json.dumps(extras))
+    run.write(out / "run_settings.json", _dumps(settings, indent=2))
+    run.write(out / "t5gemma2.json", _dumps(extras))
     return paths
+
+
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON: NaN/Inf raise instead of becoming ``NaN``/``Infinity``."""
+    return json.dumps(obj, allow_nan=False, indent=indent)
 
 
 def validate_batch(batch: Any, where: str = "batch") -> None:
     """Check one ``batch-<n>.json`` object against the documented layout.
 
     Raises:
-        ValueError: the first missing or extra field, or a field of the wrong type, named by path.
+        ValueError: the first missing or extra field, a field of the wrong type, or a NaN/Inf
+            number (``JSON.parse`` rejects them), named by path.
     """
 
     def check(obj: Any, fields: dict[str, Any], path: str) -> None:
@@ -338,6 +428,9 @@ def validate_batch(batch: Any, where: str = "batch") -> None:
                 raise ValueError(f"{path}.{name}: expected {typ}, got {type(value).__name__}")
 
     check(batch, BATCH_FIELDS, where)
+    bad = _first_nonfinite(batch, where)
+    if bad is not None:
+        raise ValueError(f"{bad[0]}: {bad[1]} is not a finite number (strict JSON has no NaN/Infinity)")
     for i, feat in enumerate(batch["features"]):
         fp = f"{where}.features[{i}]"
         check(feat, FEATURE_FIELDS, fp)
