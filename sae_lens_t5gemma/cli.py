@@ -441,7 +441,8 @@ def _add_find_features(sub: argparse._SubParsersAction) -> None:
         "find-features",
         help="features that fire more on one set of texts than another",
         description="Rank an SAE's features by the mean peak activation on --with texts minus that on "
-        "--without texts (one text per line in each file). Encoder SAEs read the whole text.",
+        "--without texts (one text per line in each file). Texts are read under the model's convention "
+        "(prefix_lm: an encoder SAE sees each text's first half), as every command reads a prompt.",
     )
     p.add_argument("sae", help="RELEASE:SAE_ID or a SAELens folder")
     p.add_argument("--with", dest="with_file", required=True, help="text file: texts with the concept")
@@ -451,12 +452,15 @@ def _add_find_features(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     _add_dtype(p)
     p.add_argument("--stand-in", action="store_true", help="run offline on the synthetic stand-in")
+    p.add_argument("--encoder-reads-whole-text", action="store_true",
+                   help="encoder SAEs: let the encoder read each whole text (the decoder does not run)")  # fmt: skip
 
     def run(a: argparse.Namespace) -> None:
         from sae_lens_t5gemma.dashboard import run_find_features
 
         print(run_find_features(a.sae, a.with_file, a.without_file, a.k, model_name=a.model,
-                                stand_in=a.stand_in, device=a.device, dtype=a.dtype))  # fmt: skip
+                                stand_in=a.stand_in, device=a.device, dtype=a.dtype,
+                                encoder_reads_whole_text=a.encoder_reads_whole_text))  # fmt: skip
 
     p.set_defaults(func=run)
 

@@ -892,6 +892,7 @@ def _transfer_rows(
             row.l0_target, row.l0_home = ft.l0_target, ft.l0_home
             for name in ("norm_ratio", "ev_norm_matched", "l0_norm_matched", "ev_causal", "ev_kept_causal",
                          "corr_median", "corr_frac_above_0_5", "corr_frac_above_0_9", "corr_median_causal",
+                         "ev_causal_home_rope", "corr_median_causal_home_rope",
                          "corr_median_ci", "corr_frac_above_0_5_ci", "corr_median_null", "corr_frac_above_0_5_null",
                          "corr_frac_above_0_9_null"):  # fmt: skip
                 setattr(row, name, getattr(ft, name))

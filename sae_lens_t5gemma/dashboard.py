@@ -462,8 +462,12 @@ def run_find_features(
     stand_in: bool = False,
     device: str = "cpu",
     dtype: str | None = None,
+    encoder_reads_whole_text: bool = False,
 ) -> str:
-    """The ``find-features`` command: a table of the features that fire more on one set of texts."""
+    """The ``find-features`` command: a table of the features that fire more on one set of texts.
+
+    Texts are read under the model's convention, as every call reads a prompt; with
+    ``encoder_reads_whole_text`` an encoder SAE's encoder reads each whole text instead."""
     import contextlib
 
     from sae_lens_t5gemma import synthetic
@@ -482,11 +486,14 @@ def run_find_features(
         model = load_t5gemma2(
             model_name or sae.cfg.metadata.model_name or synthetic.T5GEMMA2_MODEL, device=device, dtype=dtype
         )
-        rows = find_features(model, sae, texts_with, texts_without, k=k)
+        rows = find_features(model, sae, texts_with, texts_without, k=k,
+                             encoder_reads_whole_text=encoder_reads_whole_text)  # fmt: skip
     label = " SYNTHETIC stand-in," if stand_in else ""
+    read = "whole texts" if encoder_reads_whole_text and model._sites[
+        model.canonical_name(sae.cfg.metadata.hook_name)].stack == "encoder" else f"convention {model.convention}"  # fmt: skip
     lines = [
-        f"features of {source} ({sae.cfg.metadata.hook_name}, d_sae {sae.cfg.d_sae},{label} convention "
-        f"{model.convention}) ranked by mean peak activation on {len(texts_with)} texts with minus "
+        f"features of {source} ({sae.cfg.metadata.hook_name}, d_sae {sae.cfg.d_sae},{label} "
+        f"{read}) ranked by mean peak activation on {len(texts_with)} texts with minus "
         f"{len(texts_without)} without",
         f"{'feature':>8}{'score':>10}{'with':>10}{'without':>10}{'fires with':>12}{'without':>9}",
     ]

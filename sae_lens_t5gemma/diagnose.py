@@ -154,12 +154,14 @@ def scored_positions(
     model: Any, tokens: torch.Tensor, mask: torch.Tensor, special: torch.Tensor
 ) -> torch.Tensor:
     """The (row, position) set every candidate is scored on: the positions ``t >= p`` that the
-    ``prefix_lm`` decoder computes from a token (``p`` the model's split, ``n // 2`` if random),
+    ``prefix_lm`` decoder computes from a token (``p`` each row's own split, ``L // 2`` if random),
     holding a real, non-special token. Under ``reconstruct`` and ``shifted_copy`` the decoder
     computes these too, so all three read the same positions of the same documents."""
     n = tokens.shape[1]
-    p = n // 2 if model.prefix_len in (None, "random") else model.split_point(n)
-    after = torch.arange(n, device=tokens.device)[None, :] >= p
+    fixed = None if model.prefix_len == "random" else model.prefix_len
+    with model.fed(convention="prefix_lm", prefix_len=fixed):
+        p = model.splits(tokens, mask).to(tokens.device)  # each row's own split
+    after = torch.arange(n, device=tokens.device)[None, :] >= p[:, None]
     return after & mask.bool() & ~torch.isin(tokens, special.to(tokens.device))
 
 

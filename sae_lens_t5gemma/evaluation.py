@@ -57,6 +57,7 @@ def position_masks(
     score_from: int | None = None,
     site_span: tuple[int | None, int | None] | None = None,
     definitions: Literal["covered", "saelens"] = "covered",
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sae_mask [batch, n], prediction_mask [batch, n - 1])`` for one token batch.
 
@@ -65,9 +66,12 @@ def position_masks(
     are not special tokens (``definitions="saelens"``: continuation targets predicted *from* a
     token that is not special, SAELens' ``mask[:, :-1]``). ``site_span = (start, end)`` further
     restricts ``sae_mask`` to positions ``start <= t < end`` (e.g. Gemma 3 spliced only where
-    T5Gemma 2's encoder reads).
+    T5Gemma 2's encoder reads). ``attention_mask`` (0 at padding): padded positions and targets
+    never count, and each row is split at its own length (``covered_mask``).
     """
     special = torch.isin(tokens, torch.tensor(special_ids, device=tokens.device))
+    if attention_mask is not None:
+        special = special | (attention_mask.to(tokens.device) == 0)
     stack = _stack_of(model, hook_name)
     if stack is None:
         covered = torch.ones_like(tokens, dtype=torch.bool)
@@ -75,14 +79,17 @@ def position_masks(
         if score_from is not None:
             target_ok[:, :score_from] = False
     else:
-        covered = model.covered_mask(tokens, stack)
-        target_ok = model.covered_mask(tokens, "decoder")
+        covered = model.covered_mask(tokens, stack, attention_mask)
+        target_ok = model.covered_mask(tokens, "decoder", attention_mask)
     if site_span is not None:
         in_span = torch.zeros_like(covered)
         in_span[:, slice(*site_span)] = True
         covered = covered & in_span
     if definitions == "saelens":
-        return covered & ~special, target_ok[:, 1:] & ~special[:, :-1]
+        real_target = (
+            torch.ones_like(special) if attention_mask is None else attention_mask.to(tokens.device) != 0
+        )
+        return covered & ~special, target_ok[:, 1:] & ~special[:, :-1] & real_target[:, 1:]
     return covered & ~special, (target_ok & ~special)[:, 1:]
 
 
@@ -100,7 +107,7 @@ def _kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def evaluate_sae(
     model: Any,
     sae: Any,
-    batches: Iterable[torch.Tensor],
+    batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     hook_name: str | None = None,
     exclude_special_tokens: bool = True,
     dense_threshold: float = 0.1,
@@ -123,7 +130,8 @@ def evaluate_sae(
     Args:
         model: a ``HookedT5Gemma2`` (its convention applies) or a TransformerLens model.
         sae: a SAELens SAE whose ``d_in`` fits the hook.
-        batches: token batches ``[batch, n]``.
+        batches: token batches ``[batch, n]``, or ``(tokens, attention_mask)`` pairs for padded
+            rows (right padding; each row is split at its own length, padding never counts).
         hook_name: where to read and splice (default ``sae.cfg.metadata.hook_name``).
         exclude_special_tokens: leave BOS/EOS/PAD positions and targets out, as SAELens does.
         dense_threshold: a feature firing on more than this fraction of tokens counts as dense.
@@ -151,20 +159,23 @@ def evaluate_sae(
     special = special_token_ids(model.tokenizer) if exclude_special_tokens else []
     recon_stats = ReconStats()
     down = dict(n=0, clean=0.0, sae=0.0, abl=0.0, kl_sae=0.0, kl_abl=0.0)
-    for tokens in tqdm(batches, desc=f"eval {hook}", disable=not progress, leave=False):
+    for batch in tqdm(batches, desc=f"eval {hook}", disable=not progress, leave=False):
+        tokens, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
         tokens = tokens.to(model.cfg.device)
+        mask = None if mask is None else mask.to(tokens.device)
+        fed = {} if mask is None else {"attention_mask": mask}
         # A random prefix_lm split is drawn once per batch and held for its masks and every forward.
-        held = model.held_split(tokens) if hasattr(model, "held_split") else contextlib.nullcontext()
+        held = model.held_split(tokens, mask) if hasattr(model, "held_split") else contextlib.nullcontext()
         with held:
             sae_mask, pred_mask = position_masks(
-                model, tokens, hook, special, score_from, site_span, definitions
+                model, tokens, hook, special, score_from, site_span, definitions, mask
             )
             if compute_downstream:
                 (clean_logits, clean_loss), cache = model.run_with_cache(
-                    tokens, names_filter=[hook], return_type="both", loss_per_token=True
+                    tokens, names_filter=[hook], return_type="both", loss_per_token=True, **fed
                 )
             else:
-                _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None)
+                _, cache = model.run_with_cache(tokens, names_filter=[hook], return_type=None, **fed)
             x_full = cache[hook]
             # hook_z arrives as [batch, n, heads, d_head]: flatten it unless the SAE does so itself.
             x_in = x_full if getattr(sae, "hook_z_reshaping_mode", False) else _flat(x_full)
@@ -192,6 +203,7 @@ def evaluate_sae(
                 fwd_hooks=[(hook, lambda a, hook, r=recon_full: splice(a, r))],
                 return_type="both",
                 loss_per_token=True,
+                **fed,
             )
             abl_logits, abl_loss = model.run_with_hooks(
                 tokens,
@@ -199,6 +211,7 @@ def evaluate_sae(
                 fwd_hooks=[(hook, lambda a, hook, e=every: splice(a, torch.zeros_like(a), m=e))],
                 return_type="both",
                 loss_per_token=True,
+                **fed,
             )
             pm = pred_mask.to(clean_loss.device)
             down["n"] += int(pm.sum())

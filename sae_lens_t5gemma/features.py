@@ -236,8 +236,8 @@ def special_ids(model: HookedT5Gemma2) -> list[int]:
 def segment_codes(model: HookedT5Gemma2, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[batch, n]`` uint8: 1 encoder input, 2 decoder continuation, 3 both, 0 padding."""
     real = attention_mask.bool()
-    enc = model.covered_mask(tokens, "encoder") & real
-    dec = model.covered_mask(tokens, "decoder") & real
+    enc = model.covered_mask(tokens, "encoder", attention_mask) & real
+    dec = model.covered_mask(tokens, "decoder", attention_mask) & real
     return (enc.to(torch.uint8) + 2 * dec.to(torch.uint8)).cpu()
 
 
@@ -247,13 +247,14 @@ def feature_acts(
     saes: Sequence[SAE[Any]],
     tokens: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], int | None]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
     """SAE feature activations on one token batch, one forward for all SAEs.
 
     Returns:
         ``(acts, valid, split)``: per SAE ``[batch, n, d_sae]`` float32 (on CPU) and the
         ``[batch, n]`` bool mask of positions that count (covered by the SAE's stack, real,
-        not special); ``split`` is the prefix_lm split ``p`` of this forward (None under reconstruct).
+        not special); ``split`` is each row's prefix_lm split ``p`` in this forward, ``[batch]``
+        (None under reconstruct).
     """
     from sae_lens_t5gemma.steering import _sae_input, check_sae_fits
 
@@ -262,14 +263,14 @@ def feature_acts(
     _, cache = model.run_with_cache(
         tokens, attention_mask=mask, names_filter=list(dict.fromkeys(names)), return_type=None
     )
-    split = model.last_prefix_len if model.convention == "prefix_lm" else None
+    split = model.last_splits.cpu() if model.convention == "prefix_lm" else None
     special = torch.isin(tokens, torch.tensor(special_ids(model), device=tokens.device)) | (mask == 0)
     out, valid = [], []
     for sae, name in zip(saes, names, strict=True):
         stack = sites_mod.resolve(name).stack
         x = to_sae(sae, _sae_input(sae, cache[name]))
         f = sae.encode(x).float().cpu()
-        v = (model.covered_mask(tokens, stack) & ~special).cpu()
+        v = (model.covered_mask(tokens, stack, mask) & ~special).cpu()
         out.append(f.masked_fill(~v[..., None], 0.0))
         valid.append(v)
     return out, valid, split
@@ -305,7 +306,7 @@ class _Accumulator:
             self.t[f"{bank}_seg"] = torch.zeros(F, size, W, dtype=torch.uint8)
 
     def update(self, acts: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, seg: torch.Tensor,
-               rows: torch.Tensor, split: int | None, gen: torch.Generator) -> None:  # fmt: skip
+               rows: torch.Tensor, split: torch.Tensor | int | None, gen: torch.Generator) -> None:  # fmt: skip
         cfg, t = self.cfg, self.t
         b, n, F = acts.shape
         flat = acts.reshape(b * n, F)
@@ -333,7 +334,7 @@ class _Accumulator:
         self._merge("sample", skeys.T, svals.T, sidx.T, acts, tokens, seg, rows, split)
 
     def _merge(self, bank: str, keys: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, acts: torch.Tensor,
-               tokens: torch.Tensor, seg: torch.Tensor, rows: torch.Tensor, split: int | None) -> None:  # fmt: skip
+               tokens: torch.Tensor, seg: torch.Tensor, rows: torch.Tensor, split: torch.Tensor | int | None) -> None:  # fmt: skip
         cfg, t = self.cfg, self.t
         b, n, F = acts.shape
         r, p = idx // n, idx % n  # [F, c]
@@ -349,7 +350,7 @@ class _Accumulator:
             "val": vals,
             "row": torch.where(firing, rows[r], -1),
             "pos": torch.where(firing, p, -1),
-            "split": torch.full_like(p, -1 if split is None else split),
+            "split": torch.full_like(p, -1) if split is None else torch.as_tensor(split).expand(b)[r],
             "tokens": torch.where(real, tokens[rr, wpos_c], -1),
             "acts": torch.where(real, acts[rr, wpos_c, feat], 0.0),
             "seg": torch.where(real, seg[rr, wpos_c], 0).to(torch.uint8),
@@ -480,8 +481,8 @@ def corpus_stats(
 
     def run_chunk(chunk: list[tuple[int, list[int]]]) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + chunk[0][0])
-        # Sorted by length: rows in a batch have similar lengths, so the prefix_lm split
-        # n // 2 of the padded batch falls near the middle of each row.
+        # Sorted by length: rows in a batch have similar lengths (little padding); each row is
+        # split at its own length (model.splits).
         ordered = sorted(chunk, key=lambda x: (len(x[1]), x[0]))
         for i in range(0, len(ordered), cfg.batch_size):
             part = ordered[i : i + cfg.batch_size]
@@ -926,8 +927,7 @@ def ablation_effects(model: HookedT5Gemma2, sae: SAE[Any], feature: int, example
             clean = model(tokens, attention_mask=mask)
             with model.steer(sae, feature, ablate=True):
                 ablated = model(tokens, attention_mask=mask)
-            _, pred = position_masks(model, tokens, sae.cfg.metadata.hook_name, specials)
-            pred = pred & mask[:, 1:].bool()
+            _, pred = position_masks(model, tokens, sae.cfg.metadata.hook_name, specials, attention_mask=mask)
             lp = clean[:, :-1].float().log_softmax(-1)[pred]
             lq = ablated[:, :-1].float().log_softmax(-1)[pred]
             if not len(lp):
@@ -967,12 +967,13 @@ class FeatureMatch:
 
 @torch.no_grad()
 def text_peaks(model: HookedT5Gemma2, sae: SAE[Any], texts: Sequence[str], batch_size: int = 16,
-               encoder_reads_whole_text: bool = True) -> torch.Tensor:  # fmt: skip
+               encoder_reads_whole_text: bool = False) -> torch.Tensor:  # fmt: skip
     """``[len(texts), d_sae]``: each feature's peak activation on each text (counted positions only).
 
     Args:
         encoder_reads_whole_text: for an encoder SAE, let the encoder read the whole text (the
-            decoder does not run), rather than the prefix the convention gives it.
+            decoder does not run), rather than the prefix the convention gives it (the default,
+            as every call reads a prompt).
     """
     from sae_lens_t5gemma.steering import check_sae_fits
 
@@ -993,7 +994,7 @@ def text_peaks(model: HookedT5Gemma2, sae: SAE[Any], texts: Sequence[str], batch
 
 
 def find_features(model: HookedT5Gemma2, sae: SAE[Any], texts_with: Sequence[str], texts_without: Sequence[str],
-                  k: int = 20, encoder_reads_whole_text: bool = True) -> list[FeatureMatch]:  # fmt: skip
+                  k: int = 20, encoder_reads_whole_text: bool = False) -> list[FeatureMatch]:  # fmt: skip
     """Features that fire more on ``texts_with`` than on ``texts_without``, best first.
 
     The score is the mean over texts of the feature's peak activation on ``texts_with`` minus

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,10 +88,15 @@ class _StopForward(Exception):
 
 @dataclass(frozen=True)
 class _Span:
-    """Where one stack's positions sit in the ``[batch, n]`` token batch."""
+    """Where one stack's positions sit in the ``[batch, n]`` token batch.
+
+    ``rows`` (per-row splits, rows of different lengths): ``(offsets, lengths)``, each ``[batch]``;
+    a stack's position ``j`` of row ``b`` lands at ``offsets[b] + j`` when ``j < lengths[b]``.
+    """
 
     offset: int
     n: int
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -104,9 +111,28 @@ class _Feed:
     """Targets aligned with ``dec_ids`` (transformers' layout: no further shift), -100 = none."""
     spans: dict[str, _Span] | None
     """Per stack; None for explicit decoder inputs (activations keep transformers' shapes)."""
+    dec_mask: torch.Tensor | None = None
+    """The decoder's attention mask (rows of different lengths), or None."""
+
+
+def _row_positions(span: _Span, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a per-row span and a stack tensor of ``m`` positions: (row ids, batch positions,
+    which of the ``[batch, m]`` stack positions belong to the row)."""
+    offsets, lengths = span.rows  # type: ignore[misc]
+    j = torch.arange(m, device=offsets.device)
+    pos = offsets[:, None] + j
+    keep = (j < lengths[:, None]) & (pos < span.n)
+    rows = torch.arange(len(offsets), device=offsets.device)[:, None].expand_as(pos)
+    return rows, pos, keep
 
 
 def _pad(x: torch.Tensor, dim: int, span: _Span) -> torch.Tensor:
+    if span.rows is not None:
+        xm = x.movedim(dim, 1)
+        rows, pos, keep = _row_positions(span, xm.shape[1])
+        full = xm.new_zeros((xm.shape[0], span.n, *xm.shape[2:]))
+        full[rows[keep], pos[keep]] = xm[keep]
+        return full.movedim(1, dim)
     if span.offset == 0 and x.shape[dim] == span.n:
         return x
     shape = list(x.shape)
@@ -114,6 +140,18 @@ def _pad(x: torch.Tensor, dim: int, span: _Span) -> torch.Tensor:
     full = x.new_zeros(shape)
     full.narrow(dim, span.offset, x.shape[dim]).copy_(x)
     return full
+
+
+def _take(full: torch.Tensor, dim: int, span: _Span, m: int) -> torch.Tensor:
+    """The inverse of :func:`_pad`: a stack's ``m`` positions out of the batch's ``n``
+    (positions outside a row's own part come back as zeros)."""
+    if span.rows is None:
+        return full.narrow(dim, span.offset, m)
+    fm = full.movedim(dim, 1)
+    rows, pos, keep = _row_positions(span, m)
+    out = fm.new_zeros((fm.shape[0], m, *fm.shape[2:]))
+    out[keep] = fm[rows[keep], pos[keep]]
+    return out.movedim(1, dim)
 
 
 # The decoder's merged attention keeps z = softmax([q k_dec | q k_enc]) @ [v_dec | v_enc] inside
@@ -189,14 +227,83 @@ def _single_stack_helper(name: str) -> Callable[..., Any]:
     return refuse
 
 
+class UncoveredPositionsWarning(UserWarning):
+    """A cached encoder or decoder activation holds positions its stack did not compute (zeros)."""
+
+
+def _stack_of_key(key: str) -> str | None:
+    for stack in sites_mod.STACKS:
+        if key.startswith(f"{stack}_blocks."):
+            return stack
+    return None
+
+
+def _called_from_user_code() -> bool:
+    """True unless the caller (two frames up) is this package, SAELens or TransformerLens,
+    which read caches with the position masks in hand."""
+    module = sys._getframe(2).f_globals.get("__name__", "")
+    return not module.startswith(("sae_lens", "transformer_lens"))
+
+
 class T5Gemma2ActivationCache(ActivationCache):
     """An ``ActivationCache`` whose keys can be any spelling of a site (aliases resolve).
 
-    TransformerLens' single-stack helpers (``accumulated_resid``, ``decompose_resid``, ...) and its
-    ``cache["resid_post", 5]`` shorthand raise a clear error naming the per-stack alternative.
+    It knows which positions each stack computed (:meth:`covered_mask`). Under ``prefix_lm`` a
+    stack leaves positions of the batch uncovered (the encoder those at and after the split, the
+    decoder those before it); reading such a hook from user code warns once per key
+    (:class:`UncoveredPositionsWarning`), so ``cache[encoder_hook][:, -1]`` cannot read zeros
+    unnoticed. TransformerLens' single-stack helpers (``accumulated_resid``, ``decompose_resid``,
+    ...) and its ``cache["resid_post", 5]`` shorthand raise a clear error naming the per-stack
+    alternative.
     """
 
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: Any, has_batch_dim: bool = True,
+                 covered: dict[str, torch.Tensor] | None = None, split: str = "") -> None:  # fmt: skip
+        super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        self._covered = covered or {}
+        self._split = split
+        self._warned: set[str] = set()
+
+    def covered_mask(self, key: str) -> torch.Tensor:
+        """``[batch, n]`` bool: the positions of ``key`` that its stack computed from a token of
+        the batch (all True for the vision tower, under ``reconstruct`` and for explicit decoder
+        inputs)."""
+        x = self[key] if _stack_of_key(key) is None else self.cache_dict.get(self._canonical(key))
+        if x is None:
+            raise KeyError(f"{key!r} is not in this cache; cached: {sorted(self.cache_dict)[:8]} ...")
+        stack = _stack_of_key(self._canonical(key))
+        full = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return self._covered[stack].to(x.device) if stack in self._covered else full
+
+    def _canonical(self, key: str) -> str:
+        if key in self.cache_dict:
+            return key
+        try:
+            return sites_mod.resolve(key).hook_name
+        except ValueError:
+            return key
+
+    def _warn_uncovered(self, key: str) -> None:
+        stack = _stack_of_key(key)
+        if stack not in self._covered or key in self._warned or bool(self._covered[stack].all()):
+            return
+        self._warned.add(key)
+        which = (
+            "at and after the split p hold zeros" if stack == "encoder"
+            else "before p - 1 hold zeros and p - 1 its BOS-only state"
+        )  # fmt: skip
+        warnings.warn(
+            f"cache[{key!r}]: under prefix_lm ({self._split}) the {stack} reads part of each row: positions "
+            f"{which}, so cache[{key!r}][:, -1] is not necessarily the last "
+            f"token's {stack} state. cache.covered_mask({key!r}) marks the real positions; "
+            "`with model.fed(prefix_len=n): ...` lets the encoder read the whole prompt.",
+            UncoveredPositionsWarning,
+            stacklevel=3,
+        )
+
     def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, str) and self._covered and _called_from_user_code():
+            self._warn_uncovered(self._canonical(key))
         if isinstance(key, tuple):
             name, layer = (key + (None,))[:2]
             raise KeyError(
@@ -239,7 +346,9 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         convention: ``"prefix_lm"`` (default) or ``"reconstruct"``; see the module docstring.
             Settable later: ``model.convention = "reconstruct"``.
         prefix_len: under ``prefix_lm``, the split ``p``: an int, None (``n // 2`` of each batch)
-            or ``"random"`` (a fresh split in ``[1, n - 1]`` per forward; see ``last_prefix_len``).
+            or ``"random"`` (a fresh split per forward, in ``[1, n - 1]``; see ``last_splits``). Rows of
+            different lengths (an attention mask) are split each at its own length: ``L // 2``,
+            or the batch's random draw scaled to the row.
     """
 
     def __init__(
@@ -262,6 +371,8 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         self.convention = convention
         self.prefix_len = prefix_len
         self.last_prefix_len: int | None = None
+        self.last_splits: torch.Tensor | None = None
+        self._held_draw: int | None = None
         """The split the last forward used under ``prefix_lm`` (None otherwise)."""
         self._split_rng = torch.Generator().manual_seed(0)
         self._spans: dict[str, _Span] | None = None
@@ -401,24 +512,76 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         self._prefix_len = value
 
     def split_point(self, n: int) -> int:
-        """The ``prefix_lm`` split ``p`` for a batch of length ``n`` (a fixed prefix_len, or ``n // 2``).
+        """The ``prefix_lm`` split ``p`` for rows of ``n`` tokens (a fixed prefix_len, or ``n // 2``).
 
         Raises:
             ValueError: ``prefix_len`` is larger than ``n``, or ``"random"`` (no fixed split).
         """
         if self.prefix_len == "random":
-            raise ValueError("prefix_len='random' has no fixed split point; see model.last_prefix_len")
+            raise ValueError("prefix_len='random' has no fixed split point; see model.last_splits")
         p = max(1, n // 2) if self.prefix_len is None else self.prefix_len
         if p > n:
             raise ValueError(f"prefix_len={p} is longer than the token batch ({n} positions)")
         return p
 
-    def covered_mask(self, tokens: torch.Tensor, stack: str) -> torch.Tensor:
+    @staticmethod
+    def row_lengths(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch]``: each row's length (the mask's ones; rows start at position 0).
+
+        Raises:
+            ValueError: a mask row is not ones followed by zeros (left padding or holes): the
+                position contract and the per-row split read a row from position 0.
+        """
+        tokens = tokens if tokens.ndim == 2 else tokens.unsqueeze(0)
+        if attention_mask is None:
+            return torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
+        mask = (attention_mask if attention_mask.ndim == 2 else attention_mask.unsqueeze(0)).to(
+            tokens.device
+        ) != 0
+        lengths = mask.sum(1)
+        pos = torch.arange(mask.shape[1], device=mask.device)
+        bad = ((pos[None] < lengths[:, None]) != mask).any(1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise ValueError(
+                f"attention_mask row {row} is not right-padded (ones, then zeros): rows must start at "
+                "position 0 (to_tokens pads on the right whatever the tokenizer says)"
+            )
+        return lengths
+
+    def splits(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, first: int = 1
+    ) -> torch.Tensor:
+        """``[batch]``: the ``prefix_lm`` split of each row, at the row's own length.
+
+        ``prefix_len=None``: ``max(1, L // 2)``; an int: that int for every row; ``"random"``: the
+        held draw (:meth:`held_split`) or a fresh one, one per batch, scaled to each row's length.
+        """
+        tokens = tokens if tokens.ndim == 2 else tokens.unsqueeze(0)
+        lengths = self.row_lengths(tokens, attention_mask)
+        n = tokens.shape[1]
+        if self.prefix_len == "random":
+            longest = int(lengths.max()) if len(lengths) else n
+            r = self._held_draw if self._held_draw is not None else self._random_split(longest, first)
+            if longest <= first + 1:
+                return torch.full_like(lengths, r)
+            # The same draw in every row, scaled from the longest row to each row's own length.
+            scaled = first + (r - first) * (lengths - first).clamp(min=1) // (longest - first)
+            return scaled.clamp(min=first)
+        if self.prefix_len is None:
+            return (lengths // 2).clamp(min=1)
+        return torch.full_like(lengths, self.split_point(n))
+
+    def covered_mask(
+        self, tokens: torch.Tensor, stack: str, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[batch, n]`` bool: the positions whose state ``stack`` computes from a token of the batch.
 
         Under ``prefix_lm``: encoder ``t < p``; decoder ``t >= p`` (the BOS-only state at ``p - 1``
-        is left out: it has read no token of the batch). Under ``reconstruct``: every position.
-        A ``"random"`` split uses the last forward's (``last_prefix_len``).
+        is left out: it has read no token of the batch), with ``p`` each row's split
+        (:meth:`splits`; pass the forward's ``attention_mask`` for padded rows). Under
+        ``reconstruct``: every position. A ``"random"`` split is the held one
+        (:meth:`held_split`), else the last forward's.
         """
         if stack not in sites_mod.STACKS:
             raise ValueError(f"Unknown stack {stack!r}: expected one of {sites_mod.STACKS}")
@@ -426,11 +589,17 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         if self.convention == "reconstruct":
             return mask
-        n = tokens.shape[1]
-        p = self.last_prefix_len if self.prefix_len == "random" else self.split_point(n)
-        if p is None:
-            raise ValueError("prefix_len='random': run a forward first, covered_mask uses its split")
-        pos = torch.arange(n, device=tokens.device)
+        if self.prefix_len == "random" and self._held_draw is None:
+            p = self.last_splits
+            if p is None or len(p) != tokens.shape[0]:
+                raise ValueError(
+                    "prefix_len='random': covered_mask reads the split of the forward it describes; hold "
+                    "one for the batch with `with model.held_split(tokens): ...` (or run the forward first)"
+                )
+        else:
+            p = self.splits(tokens, attention_mask)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        p = p.to(tokens.device)[:, None]
         return mask & ((pos < p) if stack == "encoder" else (pos >= p))
 
     @property
@@ -507,17 +676,22 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             self.convention, self.prefix_len = before
 
     @contextmanager
-    def held_split(self, tokens: torch.Tensor) -> Iterator[int | None]:
+    def held_split(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> Iterator[torch.Tensor | None]:
         """Under ``prefix_len="random"``: draw one split for ``tokens`` and hold it for every forward
-        inside (clean, spliced, ablated; masks read it too). Yields the split, or None when the
-        split is not random (nothing to hold)."""
+        inside (clean, spliced, ablated; :meth:`covered_mask` reads it too). Yields each row's
+        split (:meth:`splits`), or None when the split is not random (nothing to hold)."""
         if self.convention != "prefix_lm" or self.prefix_len != "random":
             yield None
             return
-        p = self._random_split(tokens.shape[-1])
-        with self.fed(prefix_len=p):
-            self.last_prefix_len = p
-            yield p
+        lengths = self.row_lengths(tokens, attention_mask)
+        before = self._held_draw
+        self._held_draw = self._random_split(int(lengths.max()))
+        try:
+            yield self.splits(tokens, attention_mask)
+        finally:
+            self._held_draw = before
 
     def _random_split(self, n: int, first: int = 1) -> int:
         """A ``prefix_len="random"`` split in ``[first, n - 1]`` from the model's own generator."""
@@ -596,7 +770,13 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
             *model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs
         )
         if return_cache_object:
-            return out, T5Gemma2ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            covered, split = {}, ""
+            if self.convention == "prefix_lm" and self.last_splits is not None and not remove_batch_dim:
+                p = self.last_splits
+                split = f"p = {int(p[0])}" if bool((p == p[0]).all()) else f"p = {p.tolist()} per row"
+                pos = torch.arange(self._last_width, device=p.device)[None, :]
+                covered = {"encoder": pos < p[:, None], "decoder": pos >= p[:, None]}
+            return out, T5Gemma2ActivationCache(cache, self, not remove_batch_dim, covered, split)
         for alias, canonical in aliases.items():
             if canonical in cache:
                 cache[alias] = cache[canonical]
@@ -696,7 +876,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens {tuple(tokens.shape)}"
                 )
-        self.last_prefix_len = None
+        self.last_prefix_len, self.last_splits = None, None
         image = self._check_images(tokens, pixel_values)
         if decoder_input_ids is not None or labels is not None:
             # Real source/target pairs: transformers' own semantics, no position contract.
@@ -714,24 +894,57 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         if self.convention == "reconstruct":
             spans = {"encoder": _Span(0, n), "decoder": _Span(0, n)}
             dec_labels = torch.cat([targets[:, 1:], no_target], dim=1)
-            return _Feed(tokens, tokens, attention_mask, tokens, dec_labels, spans)
+            dec_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+            return _Feed(tokens, tokens, attention_mask, tokens, dec_labels, spans, dec_mask)
         # The encoder alone reads images: a random split falls after the last image token.
         first = 1 if image is None else max(1, _last_true(image) + 1)
-        p = self._random_split(n, first) if self.prefix_len == "random" else self.split_point(n)
-        if image is not None and p < first:
+        splits = self.splits(tokens, attention_mask, first)
+        if image is not None and bool((splits < first).any()):
+            p = int(splits.min())
             raise ValueError(
                 f"An image placeholder token sits at position {first - 1}, at or after the prefix_lm "
                 f"split p={p}: only the encoder (tokens[:, :p]) reads images, the decoder cannot. "
                 f"Put the images before the split: model.prefix_len >= {first} (e.g. "
                 f"`with model.fed(prefix_len={first}): ...`)."
             )
-        self.last_prefix_len = p
+        self.last_splits, self._last_width = splits, n
         bos = torch.full_like(tokens[:, :1], self.hf_model.config.decoder.bos_token_id)
-        spans = {"encoder": _Span(0, n), "decoder": _Span(p - 1, n)}
-        enc_mask = None if attention_mask is None else attention_mask[:, :p]
-        dec_ids = torch.cat([bos, tokens[:, p:]], dim=1)
-        dec_labels = torch.cat([targets[:, p:], no_target], dim=1)
-        return _Feed(tokens, tokens[:, :p], enc_mask, dec_ids, dec_labels, spans)
+        if bool((splits == splits[0]).all()):
+            p = int(splits[0])
+            self.last_prefix_len = p
+            spans = {"encoder": _Span(0, n), "decoder": _Span(p - 1, n)}
+            enc_mask = None if attention_mask is None else attention_mask[:, :p]
+            dec_ids = torch.cat([bos, tokens[:, p:]], dim=1)
+            dec_labels = torch.cat([targets[:, p:], no_target], dim=1)
+            dec_mask = None
+            if attention_mask is not None and not bool(attention_mask.all()):
+                dec_mask = torch.cat([torch.ones_like(bos), attention_mask[:, p:]], dim=1)
+            return _Feed(tokens, tokens[:, :p], enc_mask, dec_ids, dec_labels, spans, dec_mask)
+        # Rows of different lengths, each split at its own p: the encoder reads tokens[b, :p_b],
+        # the decoder [BOS] + tokens[b, p_b:L_b] (left-aligned, padded on the right).
+        self.last_prefix_len = None
+        lengths = self.row_lengths(tokens, attention_mask)
+        width = int(splits.max())
+        enc_mask = (torch.arange(width, device=tokens.device) < splits[:, None]).long()
+        if attention_mask is not None:
+            enc_mask = enc_mask * (attention_mask[:, :width] != 0)
+        cont = (lengths - splits).clamp(min=0)
+        k = torch.arange(max(int(cont.max()), 1), device=tokens.device)
+        idx = (splits[:, None] + k).clamp(max=n - 1)
+        valid = k < cont[:, None]
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer is not None and self.tokenizer.pad_token_id is not None
+            else 0
+        )
+        dec_ids = torch.cat([bos, tokens.gather(1, idx).masked_fill(~valid, pad)], dim=1)
+        dec_mask = torch.cat([torch.ones_like(bos), valid.long()], dim=1)
+        dec_labels = torch.cat([targets.gather(1, idx).masked_fill(~valid, -100), no_target], dim=1)
+        spans = {
+            "encoder": _Span(0, n, (torch.zeros_like(splits), splits)),
+            "decoder": _Span(0, n, (splits - 1, cont + 1)),
+        }
+        return _Feed(tokens, tokens[:, :width], enc_mask, dec_ids, dec_labels, spans, dec_mask)
 
     # ------------------------------------------------------------------ forward
 
@@ -781,7 +994,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         if full is x:
             return new
         for dim, stack in dims:
-            new = new.narrow(dim, spans[stack].offset, x.shape[dim])  # type: ignore[index]
+            new = _take(new, dim, spans[stack], x.shape[dim])  # type: ignore[index]
         return new
 
     def _route(self, name: str, hook_module: nn.Module, stop: bool) -> list[Any]:
@@ -1048,6 +1261,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
                         input_ids=feed.enc_ids,
                         attention_mask=feed.enc_mask,
                         decoder_input_ids=feed.dec_ids,
+                        decoder_attention_mask=feed.dec_mask,
                         use_cache=False,
                         **hf_kwargs,
                     )
@@ -1071,6 +1285,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
                             input_ids=feed.enc_ids,
                             attention_mask=feed.enc_mask,
                             decoder_input_ids=feed.dec_ids,
+                            decoder_attention_mask=feed.dec_mask,
                             use_cache=False,
                             **hf_kwargs,
                         )
@@ -1091,7 +1306,7 @@ class HookedT5Gemma2(SAEMixin, HookedRootModule):
         if not bool((labels != -100).any()):
             raise ValueError(
                 "Nothing to predict: every target is masked or the prefix covers the whole row "
-                f"(prefix_len={self.last_prefix_len}, n={feed.tokens.shape[1]})."
+                f"(prefix_len={self.prefix_len!r}, n={feed.tokens.shape[1]})."
             )
         if loss_per_token:
             loss = F.cross_entropy(

@@ -66,7 +66,7 @@ def position_mask(
         raise ValueError(f"positions must be one of {sorted(POSITIONS)}, not {positions!r}")
     tokens = tokens if tokens.ndim == 2 else tokens.unsqueeze(0)
     image = model.image_token_mask(tokens)
-    keep = model.covered_mask(tokens, "encoder")
+    keep = model.covered_mask(tokens, "encoder", attention_mask)
     if attention_mask is not None:
         keep = keep & attention_mask.to(tokens.device).bool()
     if positions == "image":

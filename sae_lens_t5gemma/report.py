@@ -150,6 +150,9 @@ class TransferRow:
     corr_frac_above_0_5: float | None = None
     corr_frac_above_0_9: float | None = None
     corr_median_causal: float | None = None
+    ev_causal_home_rope: float | None = None
+    """Encoder targets: EV run causally and with Gemma 3's RoPE (None: the RoPE are the same)."""
+    corr_median_causal_home_rope: float | None = None
     corr_median_ci: tuple[float, float] | None = None
     """90% bootstrap interval of ``corr_median`` over documents."""
     corr_frac_above_0_5_ci: tuple[float, float] | None = None
@@ -425,12 +428,20 @@ def findings(report: Report, synthetic: bool = False) -> list[str]:
         before = median([t.corr_median for t in causal])
         after = median([t.corr_median_causal for t in causal])
         moves = [t.corr_median_causal - t.corr_median for t in causal]
+        roped = [t for t in causal if t.corr_median_causal_home_rope is not None]
+        rope_words = (
+            f" Giving it Gemma 3's RoPE as well moves the median to "
+            f"{median([t.corr_median_causal_home_rope for t in roped]):.2f} ({len(roped)} transfers); what "
+            "is left between that arm and Gemma 3 is the weights."
+            if roped
+            else " The two models' RoPE are the same here (or Gemma 3's is unknown), so no RoPE arm was run: "
+            "what separates the causal arm from Gemma 3 is the weights, plus RoPE wherever the RoPE differ "
+            "(T5Gemma 2 scales its global layers linearly by 8; Gemma 3 270M does not)."
+        )
         out.append(
             f"Run causally, T5Gemma 2's encoder moves the median feature correlation from {before:.2f} to "
-            f"{after:.2f} (per SAE and layer, by {min(moves):+.2f} to {max(moves):+.2f}; {len(causal)} transfers). "
-            "This is one corner of a 2x2 design: the causal arm keeps T5Gemma 2's weights and its RoPE "
-            "(linear x8 on the global layers, none on Gemma 3 270M), so what separates it from Gemma 3 is "
-            "weights and RoPE together; this run does not split them."
+            f"{after:.2f} (per SAE and layer, by {min(moves):+.2f} to {max(moves):+.2f}; {len(causal)} transfers)."
+            + rope_words
         )
     same = [t for t in report.transfer if t.same_task and t.ce_increase_home is not None]
     if same:
@@ -622,12 +633,14 @@ def _transfer_markdown(report: Report) -> list[str]:
     # fmt: off
     controls_table = _md_table(
         ["SAE", "layer", "site", "target", "corr median", "90% interval", "null median", "> 0.5", "> 0.5 null",
-         "> 0.9", "norm ratio T5/G3", "EV", "EV norm-matched", "L0 norm-matched", "EV causal", "corr median causal"],
+         "> 0.9", "norm ratio T5/G3", "EV", "EV norm-matched", "L0 norm-matched", "EV causal", "corr median causal",
+         "corr median causal + G3 RoPE"],
         [[t.sae, str(t.layer), t.site, t.target_stack, _fmt(t.corr_median, ".3f"), _ci(t.corr_median_ci),
           _fmt(t.corr_median_null, ".3f"), _fmt(t.corr_frac_above_0_5, ".0%"),
           _fmt(t.corr_frac_above_0_5_null, ".0%"), _fmt(t.corr_frac_above_0_9, ".0%"), _fmt(t.norm_ratio, ".3f"),
           _fmt(t.ev_target, ".3f"), _fmt(t.ev_norm_matched, ".3f"), _fmt(t.l0_norm_matched, ".1f"),
-          _fmt(t.ev_causal, ".3f"), _fmt(t.corr_median_causal, ".3f")] for t in measured],
+          _fmt(t.ev_causal, ".3f"), _fmt(t.corr_median_causal, ".3f"), _fmt(t.corr_median_causal_home_rope, ".3f")]
+         for t in measured],
     )
     # fmt: on
     parts += [
@@ -642,7 +655,8 @@ def _transfer_markdown(report: Report) -> list[str]:
         "are chosen on half the documents and their correlation reported on the other half. Controls: *norm-matched* rescales "
         "T5Gemma 2's activation to Gemma 3's mean norm at the site (JumpReLU thresholds are absolute); "
         "*causal* runs T5Gemma 2's encoder with a causal mask, keeping its weights and RoPE and removing only "
-        "bidirectional attention (encoder targets).",
+        "bidirectional attention (encoder targets); *causal + G3 RoPE* also gives it Gemma 3's RoPE (run only "
+        "where the two RoPE differ), so that the last step to Gemma 3 is the weights alone.",
         "",
         controls_table,
         "",

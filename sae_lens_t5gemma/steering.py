@@ -15,7 +15,6 @@ during ``generate()``.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -645,9 +644,10 @@ def top_features(
     Args:
         model: the hooked model.
         sae: the SAE (its ``hook_name`` picks the site).
-        text: one text. Encoder sites: the encoder reads the whole text, as it reads a prompt.
-            Decoder sites: the model's convention applies (``prefix_lm``: the encoder reads the
-            first ``p`` tokens and the decoder the rest, so only positions ``>= p`` appear).
+        text: one text, read as every call reads a prompt: under the model's convention
+            (``prefix_lm``: the encoder reads the first ``p`` tokens and the decoder the rest, so
+            an encoder site lists positions ``< p`` and a decoder site positions ``>= p``). For
+            the encoder to read the whole text: ``with model.fed(prefix_len=len(model.to_tokens(text)[0])):``.
         k: how many rows (overall), or per position if ``per_token``.
         per_token: the top ``k`` features of every position instead of the top ``k`` overall.
 
@@ -658,11 +658,8 @@ def top_features(
     name = check_sae_fits(model, sae)
     tokens = model.to_tokens(text)
     s = model._sites[name]
-    # Encoder sites: the encoder reads the whole text (prefix_len = n), as it reads a prompt.
-    whole = model.fed(prefix_len=tokens.shape[1]) if s.stack == "encoder" else contextlib.nullcontext()
-    with whole:
-        _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
-        covered = model.covered_mask(tokens, s.stack)[0]
+    _, cache = model.run_with_cache(tokens, names_filter=[name], stop_at_layer=s.layer + 1)
+    covered = cache.covered_mask(name)[0]
     x = cache[name][0]
     feats = sae.encode(to_sae(sae, _sae_input(sae, x)))
     return rank_features(feats, covered, model.to_str_tokens(tokens[0]), k, per_token)

@@ -943,17 +943,24 @@ def collect_activations(
     from sae_lens_t5gemma import sites as sites_mod
 
     tokenizer = model.tokenizer  # type: ignore[attr-defined]
+    # Right padding whatever the tokenizer's own side: rows start at position 0 (the position
+    # contract), and each row is split at its own length.
     batch = tokenizer(
-        list(texts), return_tensors="pt", padding=True, truncation=True, max_length=context_size
-    )
+        list(texts), return_tensors="pt", padding=True, truncation=True, max_length=context_size,
+        padding_side="right",
+    )  # fmt: skip
     tokens = batch["input_ids"].to(model.cfg.device)  # type: ignore[attr-defined]
-    real = batch["attention_mask"].bool().to(tokens.device)
-    _, cache = model.run_with_cache(tokens, names_filter=list(hook_names), prepend_bos=False)
+    mask = batch["attention_mask"].to(tokens.device)
+    real = mask.bool()
+    if hasattr(model, "covered_mask"):
+        _, cache = model.run_with_cache(tokens, names_filter=list(hook_names), attention_mask=mask)
+    else:
+        _, cache = model.run_with_cache(tokens, names_filter=list(hook_names), prepend_bos=False)
     out = {}
     for h in hook_names:
         keep = real
         if hasattr(model, "covered_mask"):
-            keep = real & model.covered_mask(tokens, sites_mod.resolve(model.canonical_name(h)).stack)
+            keep = real & model.covered_mask(tokens, sites_mod.resolve(model.canonical_name(h)).stack, mask)
         out[h] = cache[h].reshape(*tokens.shape, -1)[keep].float().cpu()
     return out
 

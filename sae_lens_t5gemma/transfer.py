@@ -96,6 +96,56 @@ def causal_encoder(model: Any) -> Iterator[Any]:
         handle.remove()
 
 
+def home_rope_parameters(home_model: Any) -> dict[str, tuple[float, float]]:
+    """The home model's RoPE per T5Gemma 2 layer type: ``{layer_type: (theta, linear factor)}``.
+
+    From a TransformerLens Gemma 3 config: ``rotary_base`` (global layers),
+    ``rotary_base_local`` (sliding-window layers) and ``rotary_scaling_factor`` (linear, global
+    layers only, as TransformerLens applies it). Gemma 3 270M: 1e6 and 1e4, no scaling.
+    """
+    cfg = home_model.cfg
+    factor = float(getattr(cfg, "rotary_scaling_factor", 1.0) or 1.0)
+    local = getattr(cfg, "rotary_base_local", None) or cfg.rotary_base
+    return {"full_attention": (float(cfg.rotary_base), factor), "sliding_attention": (float(local), 1.0)}
+
+
+@contextlib.contextmanager
+def home_rope(model: Any, rope: dict[str, tuple[float, float]]) -> Iterator[bool]:
+    """Run T5Gemma 2's text encoder with another RoPE (e.g. Gemma 3's, :func:`home_rope_parameters`).
+
+    The encoder's rotary embedding keeps one inverse-frequency buffer per layer type; each is
+    replaced by ``1 / theta ** (2i / d) / factor`` (transformers' default and linear RoPE) with
+    the attention scaling 1, and restored after. Yields whether anything changed (False: the
+    two models' RoPE are the same, and the arm isolates nothing).
+    """
+    hf = getattr(model, "hf_model", model)
+    rot = hf.model.encoder.text_model.rotary_emb
+    saved: dict[str, tuple[torch.Tensor, float]] = {}
+    changed = False
+    try:
+        for layer_type, (theta, factor) in rope.items():
+            name = f"{layer_type}_inv_freq"
+            if not hasattr(rot, name):
+                continue
+            old = getattr(rot, name)
+            dim = 2 * old.shape[0]
+            new = (
+                1.0
+                / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=old.device) / dim))
+                / factor
+            )
+            scaling = getattr(rot, f"{layer_type}_attention_scaling")
+            saved[layer_type] = (old, scaling)
+            changed = changed or not torch.allclose(new, old.float(), rtol=1e-6, atol=0) or scaling != 1.0
+            setattr(rot, name, new.to(old.dtype))
+            setattr(rot, f"{layer_type}_attention_scaling", 1.0)
+        yield changed
+    finally:
+        for layer_type, (old, scaling) in saved.items():
+            setattr(rot, f"{layer_type}_inv_freq", old)
+            setattr(rot, f"{layer_type}_attention_scaling", scaling)
+
+
 # -------------------------------------------------------------------- feature correlation
 
 
@@ -300,6 +350,10 @@ class FeatureTransfer:
     l0_causal: float | None = None
     corr_median_causal: float | None = None
     ev_kept_causal: float | None = None
+    ev_causal_home_rope: float | None = None
+    """Encoder targets: EV with the encoder run causally *and* with Gemma 3's RoPE (None when the
+    two models' RoPE are the same, or the home model's is unknown)."""
+    corr_median_causal_home_rope: float | None = None
     best: list[CarriedFeature] = field(default_factory=list)
     worst: list[CarriedFeature] = field(default_factory=list)
 
@@ -382,9 +436,15 @@ def feature_transfer(
     special = torch.tensor(special_token_ids(target_model.tokenizer))
     causal = causal_control and stack == "encoder"
 
-    stats = {k: ReconStats() for k in ("home", "target", "causal", "matched")}
+    stats = {k: ReconStats() for k in ("home", "target", "causal", "rope", "matched")}
     corr = TransferStatistics(sae.cfg.d_sae, seed=seed)
-    corr_causal = FeatureCorrelation(sae.cfg.d_sae)
+    corr_causal, corr_rope = FeatureCorrelation(sae.cfg.d_sae), FeatureCorrelation(sae.cfg.d_sae)
+    rope = (
+        home_rope_parameters(home_model)
+        if causal and hasattr(getattr(home_model, "cfg", None), "rotary_base")
+        else None
+    )
+    rope_arm = False
     norm_sum = {"home": 0.0, "target": 0.0}
 
     def read(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -416,6 +476,11 @@ def feature_transfer(
             with causal_encoder(target_model):
                 x_causal = _site(target_model, target_hook, tokens, layer)[mask]
             corr_causal.add(f_home, read(x_causal, "causal"))
+            if rope is not None:
+                with causal_encoder(target_model), home_rope(target_model, rope) as rope_arm:
+                    if rope_arm:  # a RoPE that differs: the fourth arm (causal + Gemma 3's RoPE)
+                        x_rope = _site(target_model, target_hook, tokens, layer)[mask]
+                        corr_rope.add(f_home, read(x_rope, "rope"))
     n = stats["home"].n
     if n == 0:
         raise ValueError(f"No covered, non-special position at {target_hook}: nothing to compare.")
@@ -483,6 +548,9 @@ def feature_transfer(
         out.l0_causal = s["causal"]["l0"]
         out.corr_median_causal = _corr_summary(corr_causal.correlations(min_fires))[0]
         out.ev_kept_causal = ev_kept(out.ev_causal, out.ev_home)
+        if rope_arm:
+            out.ev_causal_home_rope = s["rope"]["explained_variance"]
+            out.corr_median_causal_home_rope = _corr_summary(corr_rope.correlations(min_fires))[0]
     return out
 
 

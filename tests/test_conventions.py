@@ -301,9 +301,50 @@ def test_top_features_under_prefix_lm(model, split):
     n = tokens.shape[1]
     dec = top_features(model, _sae("decoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
     assert sorted({r.position for r in dec}) == list(range(P, n))  # the continuation only
-    enc = top_features(model, _sae("encoder_blocks.1.hook_resid_post", 8), text, k=2, per_token=True)
-    assert sorted({r.position for r in enc}) == list(range(n))  # the encoder reads the whole text
+    enc_sae = _sae("encoder_blocks.1.hook_resid_post", 8)
+    enc = top_features(model, enc_sae, text, k=2, per_token=True)
+    assert sorted({r.position for r in enc}) == list(range(P))  # the one rule: the convention's prefix
+    with model.fed(prefix_len=n):  # said explicitly: the encoder reads the whole text
+        whole = top_features(model, enc_sae, text, k=2, per_token=True)
+    assert sorted({r.position for r in whole}) == list(range(n))
     assert model.prefix_len == P  # restored
+
+
+def test_one_rule_for_a_prompt_and_a_cache_that_says_what_is_real(model, split):
+    """Issue 19, item 7: ``run_with_cache`` and ``top_features`` read a prompt by the same rule
+    (the model's convention), and ``cache[encoder_hook][:, -1]`` under ``prefix_lm`` cannot be
+    read without a visible warning; with the encoder reading the whole prompt it is the last
+    token's state, and no warning is given."""
+    import warnings
+
+    from sae_lens_t5gemma.hooked import UncoveredPositionsWarning
+    from sae_lens_t5gemma.steering import top_features
+
+    text = "The cat sat on the mat and then the dog came."
+    enc, dec = "encoder_blocks.1.hook_resid_post", "decoder_blocks.1.hook_resid_post"
+    n = model.to_tokens(text).shape[1]
+    _, cache = model.run_with_cache(text, names_filter=[enc, dec])
+    with pytest.warns(
+        UncoveredPositionsWarning,
+        match=r"cache\[.encoder_blocks.1.hook_resid_post.\]: under prefix_lm \(p = 5\) the encoder reads part",
+    ):
+        last = cache[enc][:, -1]
+    assert (last == 0).all()
+    assert cache.covered_mask(enc)[0].tolist() == [t < P for t in range(n)]
+    assert cache.covered_mask(dec)[0].tolist() == [t >= P for t in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache[enc]  # once per key
+        with model.fed(prefix_len=n):
+            _, whole = model.run_with_cache(text, names_filter=[enc])
+        assert whole.covered_mask(enc).all() and (whole[enc][:, -1] != 0).any()
+        sae = _sae(enc, 8)
+        rows = top_features(model, sae, text, k=3)  # the package reads caches with the mask: no warning
+    feats = sae.encode(cache.cache_dict[enc][0]) * cache.covered_mask(enc)[0, :, None]
+    d_sae = sae.cfg.d_sae
+    assert [(r.position, r.feature) for r in rows] == [
+        divmod(int(i), d_sae) for i in feats.flatten().topk(3).indices
+    ]
 
 
 def test_fed_runs_a_block_under_another_feeding_and_restores(model, tokens, split):
@@ -401,3 +442,75 @@ def test_single_stack_cache_helpers_say_what_to_use(model, tokens):
     ):
         cache["resid_post", 5]
     assert cache["encoder_blocks.0.hook_resid_post"].shape[:2] == tokens.shape
+
+
+@pytest.mark.parametrize("prefix_len", [None, "random"])
+def test_padded_rows_are_split_each_at_its_own_length(tiny_model_dir, tokens, prefix_len):
+    """Issue 19, item 2 (the split): a padded row is split at its own length (``L // 2``, or the
+    batch's random draw scaled to the row), the decoder gets its attention mask, and every row
+    reads as it reads alone: activations at covered positions and the loss per token equal the
+    one-row run (float32, 1e-5), whatever ids sit at the padded positions. Before, a 7-token row
+    in a 12-wide batch was split at 6 (n // 2 of the padded width) and kept one continuation token."""
+    model = load_t5gemma2(tiny_model_dir, dtype=torch.float32, prefix_len=prefix_len)
+    hooks = [
+        "encoder_blocks.1.hook_resid_post",
+        "decoder_blocks.1.hook_resid_post",
+        "decoder_blocks.0.self_attn.hook_pattern",
+    ]
+    mask = torch.ones_like(tokens)
+    mask[1, 7:] = 0
+    padded = tokens.masked_fill(mask == 0, PAD)
+    with model.held_split(padded, mask) as held:
+        splits = model.splits(padded, mask)
+        loss, cache = model.run_with_cache(padded, attention_mask=mask, names_filter=hooks,
+                                           return_type="loss", loss_per_token=True)  # fmt: skip
+        other, _ = model.run_with_cache(padded.masked_fill(mask == 0, 77), attention_mask=mask,
+                                        names_filter=hooks, return_type="loss", loss_per_token=True)  # fmt: skip
+        enc, dec = model.covered_mask(padded, "encoder", mask), model.covered_mask(padded, "decoder", mask)
+    if prefix_len is None:
+        assert splits.tolist() == [6, 3]
+    else:
+        assert held.tolist() == splits.tolist() and 1 <= splits[1] < 7
+    assert enc.sum(1).tolist() == splits.tolist()
+    assert (dec & mask.bool()).sum(1).tolist() == [N - int(splits[0]), 7 - int(splits[1])]
+    assert torch.equal(loss, other)
+    for row, length in ((0, N), (1, 7)):
+        with model.fed(prefix_len=int(splits[row])):
+            alone, solo = model.run_with_cache(tokens[row : row + 1, :length], names_filter=hooks,
+                                               return_type="loss", loss_per_token=True)  # fmt: skip
+        torch.testing.assert_close(loss[row, : length - 1], alone[0], rtol=1e-5, atol=1e-6)
+        for h in hooks[:2]:
+            stack = h.split("_")[0]
+            keep = (enc if stack == "encoder" else dec)[row, :length]
+            torch.testing.assert_close(cache[h][row, :length][keep], solo[h][0][keep], rtol=1e-5, atol=1e-5)
+            p, pos = int(splits[row]), torch.arange(length)
+            outside = pos >= p if stack == "encoder" else pos < p - 1  # the decoder's BOS state sits at p - 1
+            assert (cache[h][row, :length][outside] == 0).all() and not (
+                cache[h][row, :length][~outside] == 0
+            ).all()
+        torch.testing.assert_close(cache[hooks[2]][row, :, p:length, p - 1 : length],
+                                   solo[hooks[2]][0, :, p:, p - 1 :], rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_evaluate_sae_reads_padded_rows_through_their_mask(tiny_model_dir, tokens):
+    """Issue 19, item 2 (evaluate_sae): ``(tokens, attention_mask)`` batches. Padding is read by
+    no stack and scored nowhere, so the ids at padded positions change nothing (exact), and the
+    short row is scored as it is alone (its own split)."""
+    model = load_t5gemma2(tiny_model_dir, dtype=torch.float32)
+    hook = "encoder_blocks.1.attn.hook_out"
+    meta = SAEMetadata(model_name="stand-in", hook_name=hook, prepend_bos=True)
+    torch.manual_seed(3)
+    sae = StandardSAE(
+        StandardSAEConfig(d_in=model.cfg.d_model, d_sae=64, apply_b_dec_to_input=False, metadata=meta)
+    )
+    mask = torch.ones_like(tokens)
+    mask[1, 7:] = 0
+    padded = tokens.masked_fill(mask == 0, PAD)
+    got = evaluate_sae(model, sae, [(padded, mask)])
+    other = evaluate_sae(model, sae, [(padded.masked_fill(mask == 0, 77), mask)])
+    assert got == other
+    alone = [evaluate_sae(model, sae, [tokens[:1]]), evaluate_sae(model, sae, [tokens[1:, :7]])]
+    assert got["n_tokens"] == sum(a["n_tokens"] for a in alone) == (N // 2 - 1) + (7 // 2 - 1)
+    assert got["n_predictions"] == sum(a["n_predictions"] for a in alone) == (N - N // 2) + (7 - 7 // 2)
+    ce = sum(a["ce_loss_with_sae"] * a["n_predictions"] for a in alone) / got["n_predictions"]
+    assert got["ce_loss_with_sae"] == pytest.approx(ce, rel=1e-5)

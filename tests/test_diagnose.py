@@ -63,7 +63,7 @@ def test_planted_convention_is_found(model, batches, planted):
     stable = found.stability["decoder/layer_1"]  # 3 documents: a noisy bootstrap, reported as such
     assert (
         0.0 < stable <= 1.0
-        and f"median {stable:.0%} of 500 bootstrap resamples of the 2 documents" in verdict
+        and f"median {stable:.0%} of 500 bootstrap resamples of the 3 documents" in verdict
     )
     assert model.convention == "prefix_lm"  # restored
 
@@ -73,8 +73,9 @@ def test_rows_equal_a_direct_computation(model, batches):
     rows = {r.convention: r for r in diagnose(model, {"s": sae}, batches).rows}
     tokens = batches[0]
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
-        keep = model.covered_mask(tokens, "decoder") & ~torch.isin(tokens, torch.tensor([0, 1, 2]))
+        mask = (tokens != 0).long()  # right-padded rows: each is split at its own length
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=[HOOK])
+        keep = model.covered_mask(tokens, "decoder", mask) & ~torch.isin(tokens, torch.tensor([0, 1, 2]))
         x = cache[HOOK][keep]
         f = sae.encode(x)
         mse = float(((sae.decode(f) - x) ** 2).mean())

@@ -237,7 +237,11 @@ def test_find_features_ranks_a_planted_marker_feature_first(model):
     marker_id = max(set(range(10, model.cfg.d_vocab)) - used)
     sae = planted_sae(model, marker_id)
     with_marker = [t + model.tokenizer.decode([marker_id]) + " again" for t in TEXTS[:8]]
-    rows = F.find_features(model, sae, with_marker, TEXTS[8:16], k=5)
+    # The one rule for a prompt: under prefix_lm the encoder reads each text's first half, so a
+    # marker at the end is not read; said explicitly, the encoder reads the whole text.
+    by_rule = {r.feature: r for r in F.find_features(model, sae, with_marker, TEXTS[8:16], k=16)}
+    assert by_rule[11].frac_with == 0.0 and by_rule[11].score == 0.0
+    rows = F.find_features(model, sae, with_marker, TEXTS[8:16], k=5, encoder_reads_whole_text=True)
     assert rows[0].feature == 11
     assert rows[0].frac_with == 1.0 and rows[0].frac_without == 0.0
     assert rows[0].mean_without == 0.0 and rows[0].score > 0

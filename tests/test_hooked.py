@@ -341,8 +341,15 @@ def test_text_input_pads_and_masks(model):
     mask = (tokens != 0).long()
     labels = recon_labels(tokens.masked_fill(mask == 0, -100))
     with torch.no_grad():
-        ref = model.hf_model(input_ids=tokens, attention_mask=mask, decoder_input_ids=tokens, labels=labels)
+        ref = model.hf_model(
+            input_ids=tokens,
+            attention_mask=mask,
+            decoder_input_ids=tokens,
+            decoder_attention_mask=mask,
+            labels=labels,
+        )
         logits, loss = model(texts, return_type="both")
+    # Both stacks get the mask: equal to transformers given the same masks, everywhere.
     assert torch.equal(logits, ref.logits) and torch.equal(loss, ref.loss)
     assert model.to_tokens("The cat", prepend_bos=False)[0, 0] != 2
     assert model.to_string(model.to_tokens("The cat")[0]) == "<bos>The cat"

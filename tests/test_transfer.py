@@ -316,3 +316,46 @@ def test_carried_features_clear_the_null_and_split_halves_equal_corrcoef() -> No
         if (a[:, k] > 0).sum() >= 5:
             want = float(torch.corrcoef(torch.stack([a[:, k], b[:, k]]))[0, 1])
             assert float(out["held_out"][k]) == pytest.approx(want, abs=1e-6)
+
+
+def test_home_rope_arm_gives_the_encoder_gemma3s_rope(pair) -> None:
+    """Issue 19, item 6: the fourth arm of the causal control. ``home_rope`` gives T5Gemma 2's
+    encoder Gemma 3's RoPE: a T5Gemma 2 whose global layers scale RoPE linearly by 8 (as the real
+    270M does), run with the stand-in Gemma 3's RoPE (unscaled), equals the same weights built
+    unscaled (float32, 1e-5), and the scaled model comes back bit for bit after. On the stand-in
+    pair the two RoPE are the same, so the arm reports that it changes nothing."""
+    import copy
+
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    from sae_lens_t5gemma.transfer import home_rope, home_rope_parameters
+
+    t5, g3 = pair
+    rope = home_rope_parameters(g3)
+    assert rope == {"full_attention": (1e6, 1.0), "sliding_attention": (1e4, 1.0)}
+    with home_rope(t5, rope) as changed:
+        assert not changed
+
+    def built(rope_full: dict) -> HookedT5Gemma2:
+        cfg = copy.deepcopy(t5.hf_model.config)
+        text = cfg.encoder.text_config
+        text.layer_types = ["full_attention", *text.layer_types[1:]]  # a global layer first
+        text.rope_parameters["full_attention"] = rope_full
+        hf = T5Gemma2ForConditionalGeneration(cfg).eval()
+        hf.load_state_dict(t5.hf_model.state_dict())
+        return HookedT5Gemma2(hf, t5.tokenizer)
+
+    unscaled = built({"rope_type": "default", "rope_theta": 1e6})
+    scaled = built({"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6})
+    tokens, hook = _tokens(n=24), "encoder_blocks.1.hook_resid_post"
+
+    def read(m: HookedT5Gemma2) -> torch.Tensor:
+        with torch.no_grad():
+            return m.run_with_cache(tokens, names_filter=[hook], return_type=None)[1].cache_dict[hook]
+
+    plain, before = read(unscaled), read(scaled)
+    assert (before - plain).norm() / plain.norm() > 1e-3  # the scaling matters at these positions
+    with home_rope(scaled, rope) as changed:
+        assert changed
+        torch.testing.assert_close(read(scaled), plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(read(scaled), before)
