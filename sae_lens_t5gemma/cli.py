@@ -102,11 +102,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     def count(text: str) -> int:
         """Token counts like 100000, 1e6, 250k, 100M, 2B."""
+        import math
+
         scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
         try:
-            return int(float(text[:-1] if scale > 1 else text) * scale)
+            value = float(text[:-1] if scale > 1 else text) * scale
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 2000000, 2e6, 2M)") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 2000000, 2e6, 2M)")
+        return int(value)
 
     p.add_argument("model", nargs="?", default="google/t5gemma-2-270m-270m", help="hub id or local folder")
     p.add_argument("--hook", action="append", help="site, wildcards ok (repeatable): decoder.*.attn_out")
@@ -141,7 +146,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--autocast", action="store_true", help="bfloat16 autocast for the SAE step (SAELens' autocast)"
     )
     p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true", help="replace SAE folders already in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace SAE folders already in --out (and drop the checkpoints of an interrupted run there)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out (same command otherwise): finished SAEs are kept, the "
+        "interrupted runner continues from its latest checkpoint in OUT/checkpoints (SAELens' resume_from_checkpoint)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        type=int,
+        help="checkpoints saved during training, evenly spaced (SAELens' n_checkpoints; default 0), besides the "
+        "one Ctrl-C or SIGTERM saves",
+    )
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
     p.add_argument(
         "--convention",
@@ -160,7 +181,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         from sae_lens_t5gemma.training import TrainConfig, run_training
 
         device = a.device or ("cuda" if torch.cuda.is_available() else None)
-        widths = [int(w) for w in a.matryoshka_widths.split(",")] if a.matryoshka_widths else None
+        try:
+            widths = [int(w) for w in a.matryoshka_widths.split(",")] if a.matryoshka_widths else None
+        except ValueError:
+            raise ValueError(
+                f"--matryoshka-widths {a.matryoshka_widths!r}: expected whole numbers separated by commas, e.g. 1024,4096,16384"
+            ) from None
         if not a.dataset:
             raise ValueError("--dataset is required: a Hugging Face dataset name or local .txt/.jsonl files")
         cfg = TrainConfig.from_preset(
@@ -173,6 +199,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             max_memory=a.max_memory, autocast=a.autocast or None,
             multi_hook=False if a.one_pass_per_hook else None, overwrite=a.overwrite or None, wandb=a.wandb or None,
             convention=a.convention, prefix_len=a.prefix_len, disable_concat_sequences=False if a.pack else None,
+            resume=a.resume or None, n_checkpoints=a.checkpoints,
         )  # fmt: skip
         run_training(cfg, cache_dir=a.cache_dir)
 
@@ -520,7 +547,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
-def _interrupted_line(args: argparse.Namespace) -> str:
+def _interrupted_line(args: argparse.Namespace, e: BaseException | None = None) -> str:
     """What an interruption leaves behind, per subcommand, and how to go on."""
     command = getattr(args, "command", "?")
     if command == "convert":
@@ -529,12 +556,17 @@ def _interrupted_line(args: argparse.Namespace) -> str:
             "(the staged output was removed). Rerun the same command."
         )
     if command == "train":
-        out = getattr(args, "out", "out/saes")
-        return (
-            f"interrupted: train stopped. SAE folders already finished are in {out}; SAELens saves its progress "
-            f"under {out}/checkpoints/<samples seen>. SAELens 6.54 can resume from such a checkpoint "
-            "(resume_from_checkpoint in its runner config), but `sae-lens-t5gemma train` has no --resume: "
-            "rerun to start over."
+        describe = getattr(e, "describe", None)  # training.TrainingInterrupted: what was saved
+        if describe is not None:
+            return f"interrupted: train stopped; {describe()}"
+        from pathlib import Path
+
+        out = Path(getattr(args, "out", "out/saes"))
+        kept = (out / "checkpoints").is_dir() or any(out.glob("*/eval_metrics.json"))
+        return "interrupted: train stopped outside the training loop; " + (
+            f"the finished SAEs and checkpoints in {out} are kept: the same command with --resume continues."
+            if kept
+            else f"nothing was saved in {out}: rerun the same command."
         )
     return f"interrupted: {command} stopped before finishing; rerun the same command."
 
@@ -569,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
     Errors end in one ``error: ...`` line (exit 2 for bad input, 1 otherwise), Ctrl-C
-    (or SAELens' ``InterruptedException``) in one line and exit 130, SIGTERM in 143.
+    (or SAELens' ``InterruptedException``) in one line and exit 130, SIGTERM in 143 (also
+    when ``train`` stops on it after saving a checkpoint).
     """
     import signal
     import threading
@@ -584,12 +617,14 @@ def main(argv: list[str] | None = None) -> int:
 
             register()  # idempotent; the console entry defers it from import to here
         args.func(args)
-    except KeyboardInterrupt:
-        print(_interrupted_line(args), file=sys.stderr)
-        return 130
-    except _Terminated:
-        print(_interrupted_line(args).replace("interrupted:", "terminated (SIGTERM):", 1), file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, _Terminated) as e:
+        # train raises TrainingInterrupted (a KeyboardInterrupt) with the signal that stopped it.
+        signum = getattr(e, "signum", signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
+        line = _interrupted_line(args, e)
+        if signum == signal.SIGTERM:
+            line = line.replace("interrupted:", "terminated (SIGTERM):", 1)
+        print(line, file=sys.stderr)
+        return 128 + signum
     except (
         ValueError,
         LookupError,

@@ -23,6 +23,12 @@ re-exported here, so ``from sae_lens_t5gemma.training import TrainConfig, train`
 Evals use :func:`~sae_lens_t5gemma.evaluation.evaluate_sae` (covered positions only; CE and
 KL on the continuation under ``prefix_lm``) rather than SAELens' ``run_evals``, which ignores
 ``seqpos_slice`` and would average the zero rows of uncovered positions into every metric.
+
+A run holds the write lock on ``out`` (:func:`sae_lens_t5gemma.outputs.output_lock`). SIGINT
+(Ctrl-C) or SIGTERM stops training between two steps and saves a SAELens checkpoint to
+``out/checkpoints/<runner>/<samples seen>`` (SAELens 6.54's single-SAE runner would write it
+into a folder it never creates, and without the SAE); ``TrainConfig.resume`` continues from the
+latest one with SAELens' ``resume_from_checkpoint``.
 """
 
 from __future__ import annotations
@@ -30,12 +36,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
+import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sae_lens_t5gemma.dtypes import dtype_name, to_sae
+from sae_lens_t5gemma.outputs import output_lock
 from sae_lens_t5gemma.sites import Site
 
 if TYPE_CHECKING:
@@ -185,7 +199,8 @@ def _runner_common(plan: TrainingPlan, run_name: str, sites: Sequence[Site]) -> 
         n_eval_batches=cfg.n_eval_batches,
         eval_batch_size_prompts=cfg.eval_batch_size_prompts,
         logger=_logger_config(cfg, run_name),
-        checkpoint_path=str(plan.out / "checkpoints"),
+        checkpoint_path=str(plan.out / CHECKPOINTS),  # SAELens appends a random id: _pin_checkpoints
+        n_checkpoints=cfg.n_checkpoints,
         lr=cfg.lr,
         lr_warm_up_steps=cfg.lr_warm_up_steps,
         lr_decay_steps=int(steps * cfg.lr_decay_fraction),
@@ -204,7 +219,7 @@ def build_runner_config(plan: TrainingPlan, site: Site, output_path: str | Path 
 
     cfg = plan.config
     out = Path(output_path) if output_path is not None else plan.out / site.friendly
-    return LanguageModelSAERunnerConfig(
+    runner_cfg = LanguageModelSAERunnerConfig(
         sae=build_sae_config(
             cfg, plan.dims.d_in(site), site, plan.dims.name, plan.convention_metadata(site.stack)
         ),
@@ -216,6 +231,7 @@ def build_runner_config(plan: TrainingPlan, site: Site, output_path: str | Path 
         **_runner_common(plan, f"{site.friendly}-{cfg.architecture}-{cfg.d_sae}", (site,)),
         **extra,
     )
+    return _pin_checkpoints(runner_cfg, plan, site.friendly)
 
 
 def build_multi_runner_config(plan: TrainingPlan):
@@ -238,13 +254,28 @@ def build_multi_runner_config(plan: TrainingPlan):
     # Norm estimation keeps every batch of every hook in memory at once: the sizing caps it
     # by what max_memory leaves after the store (a mean norm over one 4096-token batch is
     # already within a fraction of a percent).
-    return MultiSAETrainingRunnerConfig(
+    runner_cfg = MultiSAETrainingRunnerConfig(
         saes=saes,
         hook_names={s.friendly: s.hook_name for s in plan.sites},
         n_batches_for_norm_estimate=plan.store_sizing().n_batches_for_norm_estimate,
         output_path=str(plan.out),
         **_runner_common(plan, f"multi-{len(saes)}-{cfg.architecture}-{cfg.d_sae}", plan.sites),
     )
+    return _pin_checkpoints(runner_cfg, plan, _multi_key(stack))
+
+
+def _multi_key(stack: str) -> str:
+    return f"multi-{stack}"
+
+
+def _pin_checkpoints(runner_cfg: Any, plan: TrainingPlan, key: str) -> Any:
+    """Checkpoints of one runner go to ``out/checkpoints/<key>`` (an SAE id, or ``multi-<stack>``).
+
+    SAELens' ``__post_init__`` appends a random id to ``checkpoint_path``, so a later run could
+    not tell which folder is its own; the trainer reads the path only when ``run`` starts.
+    """
+    runner_cfg.checkpoint_path = str(checkpoint_folder(plan.out, key))
+    return runner_cfg
 
 
 # ----------------------------------------------------------------------------- evals
@@ -322,7 +353,8 @@ def _paused(data_provider: Any) -> AbstractContextManager[None]:
     from sae_lens.training.prefetch import PrefetchingIterator
 
     # Evals pull tokens from the same store as a prefetch thread would: pause it.
-    return data_provider.paused() if isinstance(data_provider, PrefetchingIterator) else nullcontext()
+    inner = data_provider.inner if isinstance(data_provider, _StopBetweenSteps) else data_provider
+    return inner.paused() if isinstance(inner, PrefetchingIterator) else nullcontext()
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -407,6 +439,423 @@ class TrainingResult:
     release_yaml: Path | None = None
 
 
+# ------------------------------------------------------------- interruption and resume
+
+CHECKPOINTS = "checkpoints"
+"""The folder in ``out`` that holds SAELens' checkpoints, one subfolder per runner."""
+CHECKPOINT_RECORD = "t5gemma2_checkpoint.json"
+"""Written last into a checkpoint folder, whole or not at all: a folder without it is incomplete.
+It records the samples seen and a fingerprint of the run (settings and data) for ``resume``."""
+FINISHED = "eval_metrics.json"
+"""Written last into a finished SAE folder (after SAELens' files): ``resume`` keeps such SAEs."""
+RUN_RECORD = "t5gemma2_run.json"
+"""Beside a finished SAE: the fingerprint of the run that trained it, which ``resume`` compares."""
+# TrainConfig fields that do not change what a run computes: a resumed run may change them.
+_RUN_ONLY_FIELDS = frozenset(
+    {"out", "resume", "overwrite", "n_checkpoints", "wandb", "wandb_project", "device", "release_name"}
+)
+
+
+def checkpoint_folder(out: str | Path, key: str) -> Path:
+    """Where the checkpoints of one runner go: ``out/checkpoints/<key>/<samples seen>``."""
+    return Path(out) / CHECKPOINTS / key
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped training; raised after the progress was saved.
+
+    Attributes:
+        signum: the signal (``signal.SIGINT`` or ``signal.SIGTERM``).
+        checkpoint: the SAELens checkpoint folder written (None when training stopped before
+            its first step, or a second signal stopped it at once).
+        n_training_samples: activations trained on, of ``total``, by the interrupted runner.
+        sae_ids: the SAEs of the interrupted runner.
+        finished: the signal came in the runner's last step: it finished, and the run
+            stopped before the next runner.
+    """
+
+    def __init__(
+        self,
+        signum: int,
+        out: Path,
+        checkpoint: Path | None,
+        n_training_samples: int = 0,
+        total: int = 0,
+        sae_ids: Sequence[str] = (),
+        finished: bool = False,
+    ):
+        self.signum, self.out, self.checkpoint = int(signum), Path(out), checkpoint
+        self.n_training_samples, self.total, self.sae_ids = n_training_samples, total, list(sae_ids)
+        self.finished = finished
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """One line: what was saved and how to go on."""
+        who = ", ".join(self.sae_ids) or "training"
+        if self.finished:
+            return (
+                f"{who} finished as the signal came, and the run stopped before its next runner; the finished SAEs "
+                f"are in {self.out}: the same command with --resume continues with the rest."
+            )
+        if self.checkpoint is not None:
+            return (
+                f"{who} stopped after {self.n_training_samples:,} of {self.total:,} tokens; checkpoint "
+                f"{self.checkpoint} (SAEs finished earlier stay in {self.out}). The same command with --resume "
+                "(TrainConfig.resume=True) continues from it."
+            )
+        return (
+            f"{who} stopped before a checkpoint could be saved (before its first step, or on a second signal); "
+            f"SAEs finished earlier and earlier checkpoints stay in {self.out}: the same command with --resume "
+            "continues from them, if any."
+        )
+
+
+class _Stop(BaseException):
+    """A signal that stops training. ``clean``: raised between two steps, so the state is whole."""
+
+    def __init__(self, signum: int, clean: bool):
+        super().__init__(signum)
+        self.signum, self.clean = signum, clean
+
+
+class _StopBetweenSteps:
+    """A trainer's data provider that raises a pending stop before it hands out the next batch.
+
+    SAELens' trainers pull one batch at the start of each step, after the previous step, its
+    logging and its checkpoint are complete: a stop raised there leaves the SAEs, the optimiser
+    and the counters of the same step.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.pending: int | None = None
+
+    def __iter__(self) -> _StopBetweenSteps:
+        return self
+
+    def __next__(self) -> Any:
+        if self.pending is not None:
+            raise _Stop(self.pending, clean=True)
+        return next(self.inner)
+
+
+@contextlib.contextmanager
+def _signals_handled(handler: Callable[[int, Any], None] | int) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``handler`` for the block (main thread only); the handlers
+    before are restored after (SAELens' runners leave theirs installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _fit_or_checkpoint(runner: Any, trainer: Any) -> Any:
+    """``trainer.fit()``; on SIGINT or SIGTERM, stop between two steps, save a checkpoint, and
+    raise :class:`TrainingInterrupted`.
+
+    SAELens 6.54's single-SAE runner saves on interruption with the runner's own
+    ``save_checkpoint`` (the store's position and the runner config only) into a folder it never
+    creates, so the save fails and nothing is kept. The trainer's ``save_checkpoint`` is the
+    whole checkpoint (SAE, optimiser, counters, then the runner's files), as SAELens'
+    multi-SAE runner uses it. A first signal waits for the step to finish (a stop inside
+    Adam's update would save half-updated weights); a second one, or one before the first
+    step, stops at once without saving.
+    """
+    provider = trainer.data_provider = _StopBetweenSteps(trainer.data_provider)
+    context: _RunnerContext = runner.t5gemma2
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if provider.pending is not None or trainer.n_training_samples == 0:
+            raise _Stop(signum, clean=False)
+        provider.pending = signum
+        print(  # on a line of its own, below SAELens' progress bar
+            f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(signal again to stop at once, without it)",
+            file=sys.stderr,
+        )
+
+    with _signals_handled(on_signal):
+        try:
+            fitted = trainer.fit()
+            # A signal during the last step: the runner finishes (its SAEs are saved next), and
+            # train stops before the next runner (see train).
+            context.stopped = provider.pending
+            return fitted
+        except _Stop as stop:
+            saved = None
+            if stop.clean:
+                with _signals_handled(signal.SIG_IGN):  # the save is not cut short
+                    trainer.save_checkpoint(checkpoint_name=str(trainer.n_training_samples))
+                saved = checkpoint_folder(context.out, context.key) / str(trainer.n_training_samples)
+            raise TrainingInterrupted(
+                stop.signum, context.out, saved, trainer.n_training_samples, trainer.cfg.total_training_samples,
+                context.sae_ids,
+            ) from None  # fmt: skip
+
+
+@dataclass
+class _RunnerContext:
+    """What one runner's checkpoints record (set on the runner as ``t5gemma2``)."""
+
+    out: Path
+    key: str
+    sae_ids: list[str]
+    fingerprint: dict[str, Any]
+    stopped: int | None = None
+    """A signal that came during the runner's last step (it finished; the run stops after it)."""
+
+
+def _record_checkpoint(runner: Any, checkpoint_path: Path | None) -> None:
+    """Called by SAELens last in every checkpoint save: mark the folder complete."""
+    if checkpoint_path is None:
+        return
+    context: _RunnerContext = runner.t5gemma2
+    name = Path(checkpoint_path).name
+    record = {
+        "written_by": "sae_lens_t5gemma.training",
+        "n_training_samples": int(name) if name.isdigit() else None,
+        "sae_ids": context.sae_ids,
+        "fingerprint": context.fingerprint,
+    }
+    _write_atomic(Path(checkpoint_path) / CHECKPOINT_RECORD, json.dumps(record, indent=1))
+
+
+@functools.cache
+def _runner_classes() -> tuple[type, type]:
+    """SAELens' two training runners, with the interruption save of :func:`_fit_or_checkpoint`
+    and a :data:`CHECKPOINT_RECORD` written last into every checkpoint.
+
+    The overridden methods are SAELens 6.54's: ``run_trainer_with_interruption_handling`` and
+    ``save_checkpoint`` (the trainer's ``save_checkpoint_fn``) of the single-SAE runner,
+    ``_run_with_interruption_handling`` and ``_save_runner_checkpoint_files`` of the multi-SAE one.
+    """
+    from sae_lens import LanguageModelSAETrainingRunner, MultiSAETrainingRunner
+
+    class Runner(LanguageModelSAETrainingRunner):  # type: ignore[misc]
+        t5gemma2: _RunnerContext
+
+        def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+            return _fit_or_checkpoint(self, trainer)
+
+        def save_checkpoint(self, checkpoint_path: Path | None) -> None:
+            super().save_checkpoint(checkpoint_path)
+            _record_checkpoint(self, checkpoint_path)
+
+    class MultiRunner(MultiSAETrainingRunner):  # type: ignore[misc]
+        t5gemma2: _RunnerContext
+
+        def _run_with_interruption_handling(self, trainer: Any) -> Any:
+            return _fit_or_checkpoint(self, trainer)
+
+        def _save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:
+            super()._save_runner_checkpoint_files(checkpoint_path)
+            _record_checkpoint(self, checkpoint_path)
+
+    return Runner, MultiRunner
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a temp file with a random name beside it, then a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_HELD_LOCKS: set[Path] = set()
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Hold the write lock on ``out`` (``outputs.output_lock``) for the block; re-entrant."""
+    key = out.resolve()
+    if key in _HELD_LOCKS:
+        yield
+        return
+    with output_lock(out, "train"):
+        _HELD_LOCKS.add(key)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(key)
+
+
+def _runner_groups(plan: TrainingPlan) -> list[tuple[str, TrainingPlan, bool]]:
+    """``(checkpoint key, the plan of one runner, multi-hook)``, in the order :func:`train` runs them."""
+    groups = []
+    for stack_plan in _per_stack(plan):
+        if len(stack_plan.sites) > 1 and plan.config.multi_hook:
+            groups.append((_multi_key(stack_plan.sites[0].stack), stack_plan, True))
+        else:
+            groups.extend((s.friendly, replace(stack_plan, sites=(s,)), False) for s in stack_plan.sites)
+    return groups
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def run_fingerprint(plan: TrainingPlan) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: every setting that changes what
+    is computed, and the dataset's contents (sha256 of each local file, else its name and split)."""
+    cfg = plan.config
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY_FIELDS}
+    data = [_sha256(f) for f in plan.dataset_files] or [f"{cfg.dataset}:{cfg.dataset_split}"]
+    return {"settings": json.loads(json.dumps(settings, default=str)), "dataset": data}
+
+
+def _fingerprint_differences(saved: Any, now: dict[str, Any]) -> str:
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        return "it records no settings"
+    diffs = [
+        f"{k} {saved['settings'].get(k)!r} there, {v!r} here"
+        for k, v in now["settings"].items()
+        if saved["settings"].get(k) != v
+    ]
+    if saved.get("dataset") != now["dataset"]:
+        diffs.append("the dataset's contents differ (sha256)")
+    return "; ".join(diffs)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint record ({str(e)[:200]})") from e
+    n = record.get("n_training_samples") if isinstance(record, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or str(n) != path.parent.name:
+        raise ValueError(f"{path}: n_training_samples {n!r} does not name its folder {path.parent.name!r}")
+    return record
+
+
+def latest_checkpoint(out: str | Path, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The complete checkpoint of runner ``key`` in ``out`` with the most samples seen, and its record.
+
+    Folders without :data:`CHECKPOINT_RECORD` (a save cut short) are passed over.
+
+    Raises:
+        ValueError: a record is unreadable or inconsistent with its folder (named).
+    """
+    folder = checkpoint_folder(out, key)
+    found = [
+        (p, _read_record(p / CHECKPOINT_RECORD))
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if (p / CHECKPOINT_RECORD).is_file()
+    ]
+    return max(found, key=lambda pr: pr[1]["n_training_samples"], default=None)
+
+
+def _is_finished(folder: Path) -> bool:
+    return all((folder / n).is_file() for n in ("cfg.json", "sae_weights.safetensors", FINISHED))
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where one runner starts: done (its SAEs are finished in ``out``), a checkpoint, or afresh."""
+
+    finished: bool = False
+    checkpoint: Path | None = None
+
+
+def _prepare_out(plan: TrainingPlan) -> dict[str, _Start]:
+    """Decide where each runner starts (under the lock, before any model loads).
+
+    Without ``resume``, checkpoints of an interrupted run in ``out`` are refused (so that
+    nothing is lost) unless ``overwrite``, which removes them. With ``resume``, every
+    runner's SAEs must be finished or its latest checkpoint must come from a run with the
+    same settings and data.
+
+    Raises:
+        FileExistsError: checkpoints of an interrupted run, without resume or overwrite.
+        FileNotFoundError: resume with nothing to resume.
+        ValueError: resume from a checkpoint of another run (the differences are named).
+    """
+    cfg, out = plan.config, plan.out
+    groups = _runner_groups(plan)
+    if not cfg.resume:
+        for key, _, _ in groups:
+            if cfg.overwrite:
+                if checkpoint_folder(out, key).is_dir():
+                    shutil.rmtree(checkpoint_folder(out, key))
+                continue
+            found = latest_checkpoint(out, key)
+            if found:
+                raise FileExistsError(
+                    f"Output folder {str(out)!r} holds a checkpoint of an interrupted run ({found[0]}); pass --resume "
+                    "to continue it, overwrite to start over, or choose another --out"
+                )
+        return {}
+    fingerprint = run_fingerprint(plan)
+    starts: dict[str, _Start] = {}
+    for key, sub, _ in groups:
+        if all(_is_finished(out / s.friendly) for s in sub.sites):
+            for s in sub.sites:
+                run_file = out / s.friendly / RUN_RECORD
+                try:
+                    saved = json.loads(run_file.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"--resume: {run_file}: not readable JSON ({str(e)[:200]})") from e
+                saved = saved.get("run_fingerprint") if isinstance(saved, dict) else None
+                diff = _fingerprint_differences(saved, fingerprint)
+                if diff:
+                    raise ValueError(
+                        f"--resume: SAE {str(out / s.friendly)!r} was trained by another run: {diff}"
+                    )
+            starts[key] = _Start(finished=True)
+            continue
+        found = latest_checkpoint(out, key)
+        if found is not None:
+            path, record = found
+            diff = _fingerprint_differences(record.get("fingerprint"), fingerprint)
+            if diff:
+                raise ValueError(
+                    f"--resume: checkpoint {path} comes from a run with other settings or data: {diff}"
+                )
+        starts[key] = _Start(checkpoint=found[0] if found else None)
+    if not any(st.finished or st.checkpoint for st in starts.values()):
+        raise FileNotFoundError(
+            f"--resume: {str(out)!r} holds no finished SAE and no checkpoint under {str(out / CHECKPOINTS)!r} "
+            "for this run; run without --resume"
+        )
+    return starts
+
+
+_EVAL_RECORD_EXTRAS = ("model_dtype", "sae_dtype", "feeds")
+
+
+def _finished_result(plan: TrainingPlan) -> TrainingResult:
+    """A runner whose SAEs a resumed run keeps: their folders and their final evals as saved."""
+    paths, evals = {}, {}
+    for s in plan.sites:
+        paths[s.friendly] = plan.out / s.friendly
+        saved = json.loads((paths[s.friendly] / FINISHED).read_text(encoding="utf-8"))
+        evals[s.friendly] = {k: v for k, v in saved.items() if k not in _EVAL_RECORD_EXTRAS}
+    return TrainingResult(plan.out, paths, {}, evals, [], {})
+
+
 def _load_model(plan: TrainingPlan):
     from sae_lens_t5gemma.hooked import load_t5gemma2
 
@@ -476,8 +925,8 @@ def _lean_multi_sae_steps() -> Iterator[None]:
     from the full output, and handed to ``_log_train_step`` unchanged.
 
     SAELens builds the trainer inside ``MultiSAETrainingRunner.run`` with no hook to reach
-    it, so this swaps in a subclass for the duration (SAELens 6.54's names; the one place
-    this package reaches into SAELens' training internals).
+    it, so this swaps in a subclass for the duration (SAELens 6.54's names; with
+    :func:`_runner_classes`, the places this package reaches into SAELens' training internals).
     """
     from sae_lens import multi_sae_training_runner as msr
     from sae_lens.training.sae_trainer import SAETrainer
@@ -545,29 +994,46 @@ def train(
 
     Returns:
         The saved SAEs (loaded back), their folders, the final evals and the in-training evals.
+
+    Raises:
+        TrainingInterrupted: SIGINT or SIGTERM stopped training; a checkpoint was saved in
+            ``out/checkpoints`` (``cfg.resume`` continues from it).
+        OutputLockedError: another run is writing ``cfg.out``.
     """
     plan = cfg if isinstance(cfg, TrainingPlan) else plan_training(cfg)
-    dataset = dataset if dataset is not None else load_training_dataset(plan)
-    model = model if model is not None else _load_model(plan)
-    _check_model(model, plan)
-    # What the SAEs' metadata records: the dtype the model really harvests in.
-    weights = next(model.parameters(), None)
-    if weights is not None:
-        plan = dataclasses.replace(plan, harvest_dtype=dtype_name(weights.dtype))
-    _return_freed_memory_to_the_os()
-    torch.manual_seed(plan.config.seed)
-    results = []
-    with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
-        # One runner per stack: a runner has one seqpos_slice, and the stacks cover different positions.
-        for stack_plan in _per_stack(plan):
-            if len(stack_plan.sites) > 1 and plan.config.multi_hook:
-                results.append(_train_multi(stack_plan, model, dataset, keep_initial))
-            else:
-                results.append(_train_single_sites(stack_plan, model, dataset, keep_initial))
-            # A finished runner is held by reference cycles (runner, store, trainers): free its
-            # SAEs, optimiser states and mixing buffer before the next stack's runner starts.
-            gc.collect()
-    return _finish(plan, _merge(plan, results))
+    with _writing(plan.out):
+        starts = _prepare_out(plan)
+        dataset = dataset if dataset is not None else load_training_dataset(plan)
+        model = model if model is not None else _load_model(plan)
+        _check_model(model, plan)
+        # What the SAEs' metadata records: the dtype the model really harvests in.
+        weights = next(model.parameters(), None)
+        if weights is not None:
+            plan = dataclasses.replace(plan, harvest_dtype=dtype_name(weights.dtype))
+        _return_freed_memory_to_the_os()
+        torch.manual_seed(plan.config.seed)
+        fingerprint = run_fingerprint(plan)
+        results = []
+        with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
+            # One runner per stack: a runner has one seqpos_slice, and the stacks cover different
+            # positions; and without multi_hook, one runner per site.
+            groups = _runner_groups(plan)
+            for key, sub, multi in groups:
+                start = starts.get(key, _Start())
+                if start.finished:
+                    results.append(_finished_result(sub))
+                    continue
+                context = _RunnerContext(plan.out, key, sub.sae_ids, fingerprint)
+                train_runner = _train_multi if multi else _train_single_sites
+                results.append(train_runner(sub, model, dataset, keep_initial, context, start.checkpoint))
+                if context.stopped is not None and key != groups[-1][0]:
+                    raise TrainingInterrupted(
+                        context.stopped, plan.out, None, sae_ids=sub.sae_ids, finished=True
+                    )
+                # A finished runner is held by reference cycles (runner, store, trainers): free its
+                # SAEs, optimiser states and mixing buffer before the next runner starts.
+                gc.collect()
+        return _finish(plan, _merge(plan, results))
 
 
 def _per_stack(plan: TrainingPlan) -> list[TrainingPlan]:
@@ -596,17 +1062,24 @@ def _fed_as_planned(model: Any, plan: TrainingPlan) -> Iterator[None]:
 
 
 def _train_single_sites(
-    plan: TrainingPlan, model: Any, dataset: Any, keep_initial: bool, **extra: Any
+    plan: TrainingPlan,
+    model: Any,
+    dataset: Any,
+    keep_initial: bool,
+    context: _RunnerContext,
+    resume_from: Path | None = None,
+    **extra: Any,
 ) -> TrainingResult:
-    from sae_lens import LanguageModelSAETrainingRunner
-
+    """One ``LanguageModelSAETrainingRunner`` per site of ``plan`` (one site when ``context`` is
+    its checkpoint key), continuing from ``resume_from`` if given."""
+    runner_class = _runner_classes()[0]
     paths, evals, history, initial = {}, {}, [], {}
     for site in plan.sites:
         runner_cfg = build_runner_config(plan, site, **extra)
+        runner_cfg.resume_from_checkpoint = str(resume_from) if resume_from is not None else None
         with _quiet_runner_setup():
-            runner = LanguageModelSAETrainingRunner(
-                runner_cfg, override_dataset=dataset, override_model=model
-            )
+            runner = runner_class(runner_cfg, override_dataset=dataset, override_model=model)
+        runner.t5gemma2 = context
         recorder = EvalRecorder(
             model, runner.activations_store, plan.config.n_eval_batches, plan.config.eval_batch_size_prompts
         )
@@ -616,17 +1089,24 @@ def _train_single_sites(
         with _quiet_runner_setup():
             runner.run()
         paths[site.friendly] = Path(runner_cfg.output_path)  # type: ignore[arg-type]
-        evals[site.friendly] = _final_eval(recorder, paths[site.friendly], plan)
+        evals[site.friendly] = _final_eval(recorder, paths[site.friendly], plan, context.fingerprint)
         history.extend({site.friendly: h} for h in recorder.history)
     return TrainingResult(plan.out, paths, {}, evals, history, initial)
 
 
-def _train_multi(plan: TrainingPlan, model: Any, dataset: Any, keep_initial: bool) -> TrainingResult:
-    from sae_lens import MultiSAETrainingRunner
-
+def _train_multi(
+    plan: TrainingPlan,
+    model: Any,
+    dataset: Any,
+    keep_initial: bool,
+    context: _RunnerContext,
+    resume_from: Path | None = None,
+) -> TrainingResult:
     runner_cfg = build_multi_runner_config(plan)
+    runner_cfg.resume_from_checkpoint = str(resume_from) if resume_from is not None else None
     with _quiet_runner_setup():
-        runner = MultiSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=model)
+        runner = _runner_classes()[1](runner_cfg, override_dataset=dataset, override_model=model)
+    runner.t5gemma2 = context
     _cast_multi_hook_activations(runner.activations_store)
     recorder = MultiEvalRecorder(
         model, runner.activations_store, plan.config.n_eval_batches, plan.config.eval_batch_size_prompts
@@ -636,7 +1116,7 @@ def _train_multi(plan: TrainingPlan, model: Any, dataset: Any, keep_initial: boo
     with _quiet_runner_setup(), _lean_multi_sae_steps():
         runner.run()
     paths = {s.friendly: plan.out / s.friendly for s in plan.sites}
-    evals = {k: _final_eval(recorder, p, plan) for k, p in paths.items()}
+    evals = {k: _final_eval(recorder, p, plan, context.fingerprint) for k, p in paths.items()}
     return TrainingResult(plan.out, paths, {}, evals, list(recorder.history), initial)
 
 
@@ -653,8 +1133,11 @@ def eval_feeds(plan: TrainingPlan) -> dict[str, str]:
     return {"reconstruction": words, "downstream": words}
 
 
-def _final_eval(recorder: EvalRecorder, path: Path, plan: TrainingPlan) -> dict[str, Any]:
-    """Eval the SAE as saved (normalisation folded in), and store it next to the weights."""
+def _final_eval(
+    recorder: EvalRecorder, path: Path, plan: TrainingPlan, fingerprint: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Eval the SAE as saved (normalisation folded in), and store it next to the weights (last:
+    the file marks the folder finished), after :data:`RUN_RECORD` (what ``resume`` compares)."""
     from sae_lens import SAE
 
     sae = SAE.load_from_disk(path, device=plan.config.device)
@@ -665,7 +1148,9 @@ def _final_eval(recorder: EvalRecorder, path: Path, plan: TrainingPlan) -> dict[
         "sae_dtype": plan.config.dtype,
         "feeds": eval_feeds(plan),
     }
-    (path / "eval_metrics.json").write_text(json.dumps(record, indent=2, default=float))
+    if fingerprint is not None:
+        _write_atomic(path / RUN_RECORD, json.dumps({"run_fingerprint": fingerprint}, indent=1))
+    _write_atomic(path / FINISHED, json.dumps(record, indent=2, default=float))
     return metrics
 
 
@@ -687,7 +1172,7 @@ def _finish(plan: TrainingPlan, result: TrainingResult) -> TrainingResult:
         "note": "Metrics over covered positions only (sae_lens_t5gemma.evaluation); CE/KL scored on the "
         "continuation under prefix_lm, on a copy task under reconstruct.",
     }
-    (plan.out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _write_atomic(plan.out / "training_summary.json", json.dumps(summary, indent=2, default=str))
     if plan.config.release_name:
         result.release_yaml = write_release_yaml(plan.out, plan.config.release_name, list(result.paths))
         result.release = register_release(result.release_yaml, replace=plan.config.overwrite)
@@ -812,31 +1297,45 @@ def train_from_cache(
     in-training and final evals (CE-loss and KL scores need forward passes).
     """
     plan = cfg if isinstance(cfg, TrainingPlan) else plan_training(cfg)
+    _no_resume_from_cache(plan)
     cache_dir = Path(cache_dir)
     missing = [s.friendly for s in plan.sites if not (cache_dir / s.friendly / "dataset_info.json").exists()]
     if missing:
         raise FileNotFoundError(
             f"Activation cache {str(cache_dir)!r} has no cached activations for {missing}"
         )
-    dataset = dataset if dataset is not None else load_training_dataset(plan)
-    model = model if model is not None else _load_model(plan)
-    _check_model(model, plan)
-    torch.manual_seed(plan.config.seed)
-    results = []
-    with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
-        for site in plan.sites:
-            sub = replace(plan, sites=(site,))
-            results.append(
-                _train_single_sites(
-                    sub,
-                    model,
-                    dataset,
-                    keep_initial,
-                    use_cached_activations=True,
-                    cached_activations_path=str(cache_dir / site.friendly),
-                )  # fmt: skip
-            )
-    return _finish(plan, _merge(plan, results))
+    with _writing(plan.out):
+        _prepare_out(plan)
+        dataset = dataset if dataset is not None else load_training_dataset(plan)
+        model = model if model is not None else _load_model(plan)
+        _check_model(model, plan)
+        torch.manual_seed(plan.config.seed)
+        fingerprint = run_fingerprint(plan)
+        results = []
+        with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
+            for site in plan.sites:
+                sub = replace(plan, sites=(site,))
+                context = _RunnerContext(plan.out, site.friendly, [site.friendly], fingerprint)
+                results.append(
+                    _train_single_sites(
+                        sub,
+                        model,
+                        dataset,
+                        keep_initial,
+                        context,
+                        use_cached_activations=True,
+                        cached_activations_path=str(cache_dir / site.friendly),
+                    )  # fmt: skip
+                )
+        return _finish(plan, _merge(plan, results))
+
+
+def _no_resume_from_cache(plan: TrainingPlan) -> None:
+    if plan.config.resume:
+        raise ValueError(
+            "resume continues runs that read the model's activations; a run from an activation cache "
+            "(cache_dir) cannot resume: run it again without --resume --cache-dir, or without --cache-dir"
+        )
 
 
 # -------------------------------------------------------------------- one-call run
@@ -914,16 +1413,24 @@ def run_training(cfg: TrainConfig, cache_dir: str | Path | None = None, echo: An
     """
     plan = plan_training(cfg)  # every input error surfaces here, before any model loads
     if cache_dir is not None:
+        _no_resume_from_cache(plan)
         _check_cache_dir(plan, Path(cache_dir))
-    dataset = load_training_dataset(plan)
-    echo(describe_plan(plan, cached=cache_dir is not None))
-    model = _load_model(plan)
-    if cache_dir is not None:
-        paths = cache_activations(plan, cache_dir, model=model, dataset=dataset)
-        echo(f"cached activations: {', '.join(str(p) for p in paths.values())}")
-        result = train_from_cache(plan, cache_dir, model=model, dataset=load_training_dataset(plan))
-    else:
-        result = train(plan, model=model, dataset=dataset)
+    with _writing(plan.out):  # a second run into the same out fails here, at once
+        starts = _prepare_out(plan)
+        dataset = load_training_dataset(plan)
+        echo(describe_plan(plan, cached=cache_dir is not None))
+        for key, st in starts.items():
+            echo(
+                f"resume   {key}: "
+                + ("finished, kept" if st.finished else f"from {st.checkpoint or 'the start'}")
+            )
+        model = _load_model(plan)
+        if cache_dir is not None:
+            paths = cache_activations(plan, cache_dir, model=model, dataset=dataset)
+            echo(f"cached activations: {', '.join(str(p) for p in paths.values())}")
+            result = train_from_cache(plan, cache_dir, model=model, dataset=load_training_dataset(plan))
+        else:
+            result = train(plan, model=model, dataset=dataset)
     echo(format_report(result))
     return result
 
@@ -1033,10 +1540,7 @@ def write_release_yaml(folder: str | Path, release_name: str, sae_ids: Sequence[
         "Load by name after sae_lens_t5gemma.training.register_release(<this file>).",
     )
     path = folder / "release.yaml"
-    # Written whole or not at all: a reader never sees half a YAML.
-    tmp = folder / f".release.yaml.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    _write_atomic(path, text)  # a reader never sees half a YAML
     return path
 
 

@@ -141,7 +141,15 @@ class TrainConfig:
     seed: int = 42
     """Seeds SAE initialisation."""
     overwrite: bool = False
-    """Replace SAE folders that already exist in ``out``."""
+    """Replace SAE folders that already exist in ``out`` (and start over, dropping the checkpoints
+    of an interrupted run in ``out/checkpoints``)."""
+    resume: bool = False
+    """Continue an interrupted run in ``out``: SAEs already finished there are kept, and each
+    runner that was interrupted continues from its latest checkpoint in ``out/checkpoints``
+    (SAELens' ``resume_from_checkpoint``). The run must have the same settings and data."""
+    n_checkpoints: int = 0
+    """Checkpoints saved during training, evenly spaced (SAELens' ``n_checkpoints``), besides the
+    one an interruption (Ctrl-C, SIGTERM) saves. Each holds the SAEs and their Adam state."""
     preset: str | None = None
     """The preset these values came from, recorded with the run."""
     convention: str = "prefix_lm"
@@ -607,15 +615,38 @@ def resolve_dataset_files(dataset: str | Sequence[str] | Path) -> tuple[Path, ..
     kinds = {_LOCAL_SUFFIXES[f.suffix] for f in files}
     if len(kinds) > 1:
         raise ValueError(f"Dataset mixes text and JSON files ({[str(f) for f in files]}); pass one kind")
+    column: list[str] = []
     for f in files:
-        _check_local_file(f)
+        _check_local_file(f, column)
     return tuple(f.resolve() for f in files)
 
 
-def _check_local_file(path: Path) -> None:
-    """Every line: UTF-8, and for ``.jsonl`` a JSON object with a text field, so that a bad
-    line fails here, before the model loads, not hours into a run."""
+# The field SAELens' ActivationsStore reads, by preference, decided by the dataset's first row.
+_COLUMNS = ("tokens", "input_ids", "text")
+
+
+def _check_field(path: Path, n: int, name: str, value: Any) -> None:
+    if name == "text":
+        if not isinstance(value, str):
+            raise ValueError(
+                f"Dataset file {str(path)!r} line {n}: 'text' must be a string, got {value!r:.80}"
+            )
+        return
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
+        raise ValueError(
+            f"Dataset file {str(path)!r} line {n}: {name!r} must be a list of token ids (whole numbers >= 0), "
+            f"got {json.dumps(value)[:80]}"
+        )
+
+
+def _check_local_file(path: Path, column: list[str] | None = None) -> None:
+    """Every line: UTF-8, and for ``.jsonl`` a JSON object whose fields have the right types and
+    that holds the field SAELens reads (chosen by the dataset's first row, kept in ``column``),
+    so that a bad line fails here, before the model loads, not hours into a run."""
     kind = _LOCAL_SUFFIXES[path.suffix]
+    column = [] if column is None else column
     seen = False
     with path.open("rb") as fh:
         for n, raw in enumerate(fh, 1):
@@ -639,6 +670,16 @@ def _check_local_file(path: Path) -> None:
                     f"Dataset file {str(path)!r} line {n}: expected a JSON object with a 'text' field "
                     f"(or 'tokens'/'input_ids'), got {line.strip()[:80]!r}"
                 )
+            for name in _COLUMNS:
+                if name in record:
+                    _check_field(path, n, name, record[name])
+            if not column:
+                column.append(next(c for c in _COLUMNS if c in record))
+            elif column[0] not in record:
+                raise ValueError(
+                    f"Dataset file {str(path)!r} line {n}: no {column[0]!r} field, which the dataset's first row "
+                    "has and SAELens reads from every row"
+                )
     if not seen:
         raise ValueError(f"Dataset file {str(path)!r} is empty")
 
@@ -654,12 +695,35 @@ def _check_numbers(cfg: TrainConfig) -> None:
     }  # fmt: skip
     if cfg.store_batch_size_prompts is not None:
         positive["store_batch_size_prompts"] = cfg.store_batch_size_prompts
+    for name in ("n_batches_in_buffer", "eval_batch_size_prompts"):
+        if getattr(cfg, name) is not None:
+            positive[name] = getattr(cfg, name)
     for name, value in positive.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not _whole(value) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("lr_warm_up_steps", "n_checkpoints"):
+        if not _whole(getattr(cfg, name)) or getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be a whole number >= 0, got {getattr(cfg, name)!r}")
+    if not _whole(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed must be a whole number in [0, 2**32), got {cfg.seed!r}")
+    if cfg.context_size < 2:
+        raise ValueError(
+            f"context_size must be at least 2, got {cfg.context_size} (each row starts with BOS, which "
+            "exclude_special_tokens drops, and prefix_lm splits the row in two)"
+        )
+    for name in ("lr", "k", "l1", "lr_decay_fraction", "sparsity_warm_up_fraction"):
+        value = getattr(cfg, name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     memory_budget(cfg.max_memory)
     if not cfg.lr > 0:
         raise ValueError(f"lr must be positive, got {cfg.lr!r}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError(
+            "resume and overwrite exclude each other: resume continues the run in out, overwrite starts it over"
+        )
     if cfg.training_tokens < cfg.train_batch_size_tokens:
         raise ValueError(
             f"training_tokens ({cfg.training_tokens}) is smaller than one SAE batch "
@@ -738,6 +802,10 @@ def _check_numbers(cfg: TrainConfig) -> None:
         )
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_release_name(name: str) -> None:
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
@@ -772,54 +840,121 @@ def plan_training(cfg: TrainConfig) -> TrainingPlan:
     dims = read_model_dims(cfg.model)
     sites = expand_hooks(cfg.hooks, dims)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"Output path {str(out)!r} exists and is not a folder")
-    if not cfg.overwrite:
+    check_output_path(out)
+    if not cfg.overwrite and not cfg.resume:
         taken = [s.friendly for s in sites if (out / s.friendly / "cfg.json").exists()]
         if taken:
             raise FileExistsError(
-                f"Output folder {str(out)!r} already holds SAE(s) {taken}; choose another --out or pass overwrite"
+                f"Output folder {str(out)!r} already holds SAE(s) {taken}; choose another --out, pass --resume "
+                "to continue an interrupted run there, or overwrite"
             )
-    if files and cfg.disable_concat_sequences:
-        _check_documents_fill_a_row(cfg, files)
-    return TrainingPlan(cfg, dims, tuple(sites), files, tuple(dict.fromkeys(s.stack for s in sites)))
+    plan = TrainingPlan(cfg, dims, tuple(sites), files, tuple(dict.fromkeys(s.stack for s in sites)))
+    _check_encoder_keeps_a_token(plan)
+    if files:
+        _check_documents(cfg, files)
+    return plan
 
 
-def _check_documents_fill_a_row(cfg: TrainConfig, files: Sequence[Path], max_docs: int = 2000) -> None:
-    """With one document per row, SAELens skips documents shorter than a row; refuse a dataset
-    whose first documents all are (it would fail only after the model has loaded)."""
+def check_output_path(out: Path) -> None:
+    """``out`` is a folder, or one can be made there: no file on the way, and writable.
+
+    Raises:
+        FileExistsError: ``out`` or a folder above it is a file (or a dangling symlink).
+        PermissionError: the folder to write into (or to create ``out`` and its lock in) is read-only.
+    """
+    for p in (out, *out.parents):
+        if p.is_symlink() and not p.exists():
+            raise FileExistsError(f"Output path {str(out)!r}: {str(p)!r} is a symlink to a missing target")
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            where = (
+                "exists and is not a folder"
+                if p == out
+                else f"lies inside {str(p)!r}, which is a file, not a folder"
+            )
+            raise FileExistsError(f"Output path {str(out)!r} {where}")
+        # The lock lies beside out (outputs.lock_path), so out's parent is written too.
+        for folder in {p, out.parent} if p == out else {p}:
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"Output path {str(out)!r}: folder {str(folder)!r} is not writable")
+        return
+
+
+def _check_encoder_keeps_a_token(plan: TrainingPlan) -> None:
+    """Under prefix_lm the encoder's SAEs train on positions ``< p``; position 0 holds BOS in every
+    row of text, which exclude_special_tokens drops, so ``p = 1`` would leave them nothing (and
+    SAELens would wait forever for an activation)."""
+    cfg = plan.config
+    encoder = any(s.stack == "encoder" for s in plan.sites)
+    if encoder and cfg.convention == "prefix_lm" and cfg.exclude_special_tokens and plan.split < 2:
+        given = (
+            f"prefix_len={cfg.prefix_len}"
+            if cfg.prefix_len
+            else f"context_size={cfg.context_size} (p = context_size // 2)"
+        )
+        raise ValueError(
+            f"{given}: the encoder's SAEs would train on position 0 only, which holds BOS in every row and "
+            "exclude_special_tokens drops; use a context_size of at least 4 or prefix_len >= 2"
+        )
+
+
+def _check_documents(cfg: TrainConfig, files: Sequence[Path], max_docs: int = 2000) -> None:
+    """Read the first documents with the model's tokenizer, before the model loads.
+
+    - With exclude_special_tokens, some token must be other than bos/eos/pad (SAELens' special
+      ids): a dataset of special tokens only leaves SAELens waiting forever for an activation.
+    - Pretokenized rows (``tokens``/``input_ids``) must hold ``context_size`` tokens (SAELens
+      cuts each row to the context and does not pack them).
+    - With one text per row, SAELens skips texts shorter than a row; some must reach it.
+    """
+    from sae_lens.util import get_special_token_ids
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError):
         return  # no tokenizer to count with here; SAELens reports a too-small dataset itself
-    seen = 0
+    special = set(get_special_token_ids(tokenizer)) if cfg.exclude_special_tokens else set()
+    seen = usable = 0
+    fills_a_row = False
     for f in files:
         with f.open(encoding="utf-8") as fh:
-            for line in fh:
+            for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                if f.suffix == ".jsonl":
-                    record = json.loads(line)
-                    ids = record.get("tokens") or record.get("input_ids")
-                    n = (
-                        len(ids)
-                        if ids is not None
-                        else len(tokenizer(record["text"], add_special_tokens=False)["input_ids"])
-                    )
+                record = json.loads(line) if f.suffix == ".jsonl" else {"text": line.rstrip("\n")}
+                column = next(c for c in _COLUMNS if c in record)
+                if column == "text":
+                    ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+                    fills_a_row = fills_a_row or len(ids) + 1 >= cfg.context_size  # SAELens prepends BOS
                 else:
-                    n = len(tokenizer(line.rstrip("\n"), add_special_tokens=False)["input_ids"])
-                if n + 1 >= cfg.context_size:  # SAELens prepends BOS to a document that short
-                    return
+                    ids = record[column]
+                    if len(ids) < cfg.context_size:
+                        raise ValueError(
+                            f"Dataset file {str(f)!r} line {n}: {len(ids)} token ids, fewer than context_size="
+                            f"{cfg.context_size} (SAELens cuts pretokenized rows to the context, never packs them)"
+                        )
+                    ids = ids[: cfg.context_size]
+                    fills_a_row = True
+                usable += sum(1 for t in ids if t not in special)
                 seen += 1
                 if seen >= max_docs:
                     break
-    raise ValueError(
-        f"Dataset {[str(f) for f in files]}: none of the first {seen} documents reaches context_size="
-        f"{cfg.context_size} tokens, and rows hold one document each (disable_concat_sequences), so "
-        "SAELens would skip them all. Pass --pack (disable_concat_sequences=False) or a smaller --context-size."
-    )
+        if seen >= max_docs:
+            break
+    names = [str(f) for f in files]
+    if not usable:
+        raise ValueError(
+            f"Dataset {names}: the first {seen} documents hold only special tokens (ids {sorted(special)}: "
+            "bos/eos/pad...), which exclude_special_tokens drops, so there is nothing to train on"
+        )
+    if cfg.disable_concat_sequences and not fills_a_row:
+        raise ValueError(
+            f"Dataset {names}: none of the first {seen} documents reaches context_size="
+            f"{cfg.context_size} tokens, and rows hold one document each (disable_concat_sequences), so "
+            "SAELens would skip them all. Pass --pack (disable_concat_sequences=False) or a smaller --context-size."
+        )
 
 
 # ---------------------------------------------------------------------------- dataset
