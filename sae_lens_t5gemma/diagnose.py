@@ -60,6 +60,9 @@ class DiagnosisRow:
     """5th percentile of the L0 over bootstrap resamples of the documents."""
     l0_high: float = math.nan
     """95th percentile of the same."""
+    n_nonfinite: int = 0
+    """Scored positions whose activation or SAE features hold NaN or Inf; any makes L0 and MSE NaN
+    (a NaN feature counts as not firing, so the L0 would look valid and be wrong)."""
 
     @property
     def distance(self) -> float:
@@ -87,11 +90,28 @@ class Diagnosis:
                 out[r.sae_id] = (r.distance, r.convention)
         return {k: v[1] for k, v in out.items()}
 
+    def nonfinite(self) -> dict[str, list[str]]:
+        """SAE id -> the conventions under which its activations or features held NaN or Inf."""
+        out: dict[str, list[str]] = {}
+        for r in self.rows:
+            if r.n_nonfinite:
+                out.setdefault(r.sae_id, []).append(
+                    f"{r.convention} ({r.n_nonfinite} of {r.n_tokens} positions)"
+                )
+        return out
+
     def verdict(self) -> str:
         votes: dict[str, int] = {}
         for conv in self.best().values():
             votes[conv] = votes.get(conv, 0) + 1
+        bad = self.nonfinite()
+        why = "; ".join(f"{k}: NaN/Inf under {', '.join(v)}" for k, v in bad.items())
         if not votes:
+            if bad:
+                return (
+                    f"no verdict: activations or SAE features are not finite ({why}), so no L0 can be "
+                    "compared; check the model and SAE weights for NaN/Inf"
+                )
             return "no decoder SAE with a training-history L0 and a finite L0: nothing to compare"
         winner = max(votes, key=votes.__getitem__)
         label = "SYNTHETIC stand-in, meaningless: " if self.synthetic else "estimate: "
@@ -106,6 +126,7 @@ class Diagnosis:
             f"{label}best match {winner!r} for {votes[winner]} of {sum(votes.values())} decoder SAEs ({votes}; "
             f"model in {self.dtype}){strength}. The SAEs' votes are not independent evidence: one model and one "
             "text set for all of them, so the count is no significance test."
+            + (f" Left out, their activations or features not finite: {why}." if bad else "")
         )
 
     def table(self) -> str:
@@ -216,6 +237,7 @@ def diagnose(
                 fs.append(f)
             x, feats = torch.cat(xs), torch.cat(fs)
             recon = sae.decode(feats)
+            n_bad = int((~torch.isfinite(x).all(-1) | ~torch.isfinite(feats).all(-1)).sum())
             l0_boot = torch.cat(row_l0)[resample].sum(1) / counts
             boot.setdefault(sae_id, {})[conv] = l0_boot
             rows.append(
@@ -223,14 +245,15 @@ def diagnose(
                     sae_id=sae_id,
                     layer=int(hook.split(".")[1]),
                     convention=conv,
-                    l0=float((feats > 0).sum(-1).float().mean()) if x.shape[0] else math.nan,
+                    l0=float((feats > 0).sum(-1).float().mean()) if x.shape[0] and not n_bad else math.nan,
                     mse=float(((recon.float() - x.float().to(recon.device)) ** 2).mean())
-                    if x.shape[0]
+                    if x.shape[0] and not n_bad
                     else math.nan,
                     history_l0=history,
                     n_tokens=x.shape[0],
-                    l0_low=float(l0_boot.quantile(0.05)),
-                    l0_high=float(l0_boot.quantile(0.95)),
+                    l0_low=math.nan if n_bad else float(l0_boot.quantile(0.05)),
+                    l0_high=math.nan if n_bad else float(l0_boot.quantile(0.95)),
+                    n_nonfinite=n_bad,
                 )
             )
     result = Diagnosis(rows, synthetic, dtype_name(model.cfg.dtype), n_documents=n_docs)

@@ -18,28 +18,44 @@ positions are excluded as SAELens excludes them. Each stored token carries a seg
 
 On-disk format (``FORMAT``), one folder:
 
-- ``stats.json``: format tag, model, convention, dataset, configuration, ``rows_done`` and
-  ``complete``, and per SAE its key, hook name, stack, layer, site kind, ``d_in``, ``d_sae``,
-  source, ``synthetic`` and ``n_tokens`` (positions counted);
-- ``<key>.safetensors`` per SAE: ``fire_count [F]`` int64, ``act_sum [F]`` float64,
-  ``act_max [F]``, ``hist [F, B + 2]`` int64 (underflow, B bins, overflow) with ``hist_edges
-  [B + 1]``; top examples ``top_val [F, k]``, ``top_row``/``top_pos``/``top_split [F, k]``
-  int64 (dataset row, position in the row, the prefix_lm split ``p`` of that forward, -1 under
-  reconstruct), ``top_tokens [F, k, W]`` int64 (-1 outside the row), ``top_acts [F, k, W]``,
-  ``top_seg [F, k, W]`` uint8; the reservoir under ``sample_*`` with the same fields plus
-  ``sample_key`` (its random key; -1 = empty slot). Empty top slots have ``top_row = -1``;
-- ``token_strings.json``: id -> string for every token id stored in a window, so the folder
-  is readable without the tokenizer.
+- ``state.safetensors``: the whole state, one file, so that each save is ONE atomic commit
+  (written under a random temporary name, flushed, then renamed over the old one): the
+  tensors of every SAE under ``<key>/<name>``, and in its metadata ``stats`` (the JSON record
+  below, ``rows_done`` included) and ``token_strings`` (id -> string for every token id stored
+  in a window, so the folder is readable without the tokenizer). A kill at any moment leaves
+  either the previous save or the new one, never tensors of one save beside counters of another;
+- ``stats.json``: a readable copy of the ``stats`` record, written after each commit (the
+  state file is the truth; :meth:`FeatureStats.load` and ``resume`` read only it).
 
-The folder is rewritten after every chunk of rows; an interrupted run resumes from
-``rows_done`` with ``resume=True`` and gives the same result as an uninterrupted one
-(chunks are fixed from the start row, and random keys are seeded per chunk).
+The ``stats`` record: format tag, model and a hash of its config, dtypes, convention, dataset,
+configuration, ``rows_done``, ``rows_sha256`` (a hash of the first ``rows_done`` rows as read)
+and ``complete``, and per SAE its key, hook name, stack, layer, site kind, ``d_in``, ``d_sae``,
+source, ``synthetic``, ``weights_sha256`` (a hash of its state dict) and ``n_tokens``
+(positions counted). The tensors per SAE: ``n_tokens [1]``, ``fire_count [F]`` int64,
+``act_sum [F]`` float64, ``act_max [F]``, ``hist [F, B + 2]`` int64 (underflow, B bins,
+overflow) with ``hist_edges [B + 1]``; top examples ``top_val [F, k]``,
+``top_row``/``top_pos``/``top_split [F, k]`` int64 (dataset row, position in the row, the
+prefix_lm split ``p`` of that forward, -1 under reconstruct), ``top_tokens [F, k, W]`` int64
+(-1 outside the row), ``top_acts [F, k, W]``, ``top_seg [F, k, W]`` uint8; the reservoir under
+``sample_*`` with the same fields plus ``sample_key`` (its random key; -1 = empty slot). Empty
+top slots have ``top_row = -1``.
+
+The folder is saved after a chunk of rows at most once every ``save_every`` seconds (60 by
+default) and never more often than keeps saving under 1/20 of the run's time (the whole state
+is rewritten: about 257 MB at d_sae 16k), and at the end. An interrupted run resumes from
+``rows_done`` with ``resume=True`` and gives the same result as an uninterrupted one (chunks
+are fixed from the start row, and random keys are seeded per chunk). A resume is refused,
+naming the file and the field, when the model, its config, a SAE's weights, the settings or
+the first ``rows_done`` rows of the data differ from the saved run's, and when the saved state
+is malformed or inconsistent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import math
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +71,12 @@ if TYPE_CHECKING:
 
     from sae_lens_t5gemma.hooked import HookedT5Gemma2
 
-FORMAT = "sae_lens_t5gemma.feature_stats/1"
+FORMAT = "sae_lens_t5gemma.feature_stats/2"
+STATE_FILE = "state.safetensors"
+"""The one file that holds a folder's whole state (each save replaces it atomically)."""
+SAVE_EVERY_S = 60.0
+"""Default least interval between two saves of a run, in seconds."""
+_MAX_ROWS_DONE = 2**53  # JSON-safe integers
 SEGMENTS = {0: "", 1: "encoder input", 2: "decoder continuation", 3: "encoder input + decoder (reconstruct)"}
 """Segment code -> what reads the token."""
 
@@ -153,20 +174,48 @@ def _row_value(row: Mapping[str, Any], text_field: str, where: str) -> str | lis
     for name in (text_field, "tokens", "input_ids"):
         if name in row:
             value = row[name]
-            if isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, int) for t in value)):
+            if isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+            ):
                 return value
             raise ValueError(f"{where}: field {name!r} is neither a string nor a list of token ids")
     raise ValueError(f"{where}: no {text_field!r}, 'tokens' or 'input_ids' field (has {sorted(row)[:8]})")
 
 
 def tokenize_row(model: HookedT5Gemma2, row: str | list[int], context_size: int) -> list[int]:
-    """One row's token ids as :func:`corpus_stats` feeds them: BOS, then the text, truncated."""
+    """One row's token ids as :func:`corpus_stats` feeds them: BOS, then the text, truncated.
+
+    Only a prefix of a long text is tokenised (see :func:`prefix_ids`), so the work and the
+    memory are bounded by ``context_size``, not by the row's length.
+    """
     if isinstance(row, str):
-        ids = model.tokenizer(row, add_special_tokens=False)["input_ids"]
-        ids = [model.tokenizer.bos_token_id, *ids]
-    else:
-        ids = list(row)
-    return ids[:context_size]
+        return [model.tokenizer.bos_token_id, *prefix_ids(model.tokenizer, row, context_size - 1)]
+    return list(row[:context_size])
+
+
+_CHARS_PER_TOKEN = 8
+"""First guess of characters per token for :func:`prefix_ids` (it doubles the prefix while unsure)."""
+
+
+def prefix_ids(tokenizer: Any, text: str, n: int) -> list[int]:
+    """The first ``n`` ids of ``tokenizer(text)`` (no special tokens), tokenising only a prefix.
+
+    A cut can change the last tokens of a prefix (a word split in two) but not tokens far
+    before it, so a prefix is trusted once it gives more than ``n`` ids and agrees on the
+    first ``n`` with a prefix twice as long; otherwise the prefix doubles, up to the whole text.
+    """
+    if n <= 0:
+        return []
+    size = max(64, n * _CHARS_PER_TOKEN)
+    before: list[int] | None = None
+    while size < len(text):
+        ids = tokenizer(text[:size], add_special_tokens=False)["input_ids"]
+        if len(ids) > n:
+            if before is not None and before[:n] == ids[:n]:
+                return ids[:n]
+            before = ids
+        size *= 2
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:n]
 
 
 def _pad_batch(
@@ -199,6 +248,8 @@ class SAEInfo:
     synthetic: bool = False
     neuronpedia_id: str | None = None
     n_tokens: int = 0
+    weights_sha256: str = ""
+    """A hash of the SAE's state dict: a resume with other weights is refused."""
 
     @property
     def site_words(self) -> str:
@@ -281,29 +332,43 @@ def feature_acts(
 _EXAMPLE_FIELDS = ("row", "pos", "split", "tokens", "acts", "seg")
 
 
+def _state_layout(d_sae: int, cfg: StatsConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor an SAE's statistics hold."""
+    F, W = d_sae, cfg.window
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        "n_tokens": ((1,), torch.int64),
+        "fire_count": ((F,), torch.int64),
+        "act_sum": ((F,), torch.float64),
+        "act_max": ((F,), torch.float32),
+        "hist": ((F, cfg.hist_bins + 2), torch.int64),
+        "hist_edges": ((cfg.hist_bins + 1,), torch.float64),
+    }
+    for bank, size in (("top", cfg.top_k), ("sample", cfg.n_samples)):
+        layout[f"{bank}_val"] = ((F, size), torch.float32)
+        if bank == "sample":
+            layout["sample_key"] = ((F, size), torch.float32)
+        for name in ("row", "pos", "split"):
+            layout[f"{bank}_{name}"] = ((F, size), torch.int64)
+        layout[f"{bank}_tokens"] = ((F, size, W), torch.int64)
+        layout[f"{bank}_acts"] = ((F, size, W), torch.float32)
+        layout[f"{bank}_seg"] = ((F, size, W), torch.uint8)
+    return layout
+
+
 class _Accumulator:
     """Bounded per-feature statistics of one SAE (tensors, merged batch by batch)."""
 
     def __init__(self, d_sae: int, cfg: StatsConfig):
         self.cfg = cfg
-        F, W = d_sae, cfg.window
-        self.t: dict[str, torch.Tensor] = {
-            "n_tokens": torch.zeros(1, dtype=torch.int64),
-            "fire_count": torch.zeros(F, dtype=torch.int64),
-            "act_sum": torch.zeros(F, dtype=torch.float64),
-            "act_max": torch.zeros(F, dtype=torch.float32),
-            "hist": torch.zeros(F, cfg.hist_bins + 2, dtype=torch.int64),
-            "hist_edges": cfg.hist_edges(),
-        }
-        for bank, size in (("top", cfg.top_k), ("sample", cfg.n_samples)):
-            self.t[f"{bank}_val"] = torch.zeros(F, size)
-            if bank == "sample":
-                self.t["sample_key"] = torch.full((F, size), -1.0)
-            for name in ("row", "pos", "split"):
-                self.t[f"{bank}_{name}"] = torch.full((F, size), -1, dtype=torch.int64)
-            self.t[f"{bank}_tokens"] = torch.full((F, size, W), -1, dtype=torch.int64)
-            self.t[f"{bank}_acts"] = torch.zeros(F, size, W)
-            self.t[f"{bank}_seg"] = torch.zeros(F, size, W, dtype=torch.uint8)
+        self.t: dict[str, torch.Tensor] = {}
+        for name, (shape, dtype) in _state_layout(d_sae, cfg).items():
+            # Empty slots: no row (-1), no token (-1), and a sample key below every real one.
+            bank, _, part = name.partition("_")
+            empty = (
+                -1 if bank in ("top", "sample") and part in ("row", "pos", "split", "tokens", "key") else 0
+            )
+            self.t[name] = torch.full(shape, empty, dtype=dtype)
+        self.t["hist_edges"] = cfg.hist_edges()
 
     def update(self, acts: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, seg: torch.Tensor,
                rows: torch.Tensor, split: torch.Tensor | int | None, gen: torch.Generator) -> None:  # fmt: skip
@@ -372,27 +437,53 @@ class _Accumulator:
 # ----------------------------------------------------------------------------- the pass
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save(out: Path, meta: dict[str, Any], accs: Mapping[str, _Accumulator], strings: dict[int, str]) -> None:
-    from safetensors.torch import save_file
+    """One commit: every SAE's tensors, the counters and the token strings in one file, written
+    whole or not at all (:func:`outputs.atomic_write`: exclusive random temp name, no symlinks)."""
+    from safetensors.torch import save
+
+    from sae_lens_t5gemma.outputs import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    for key, acc in accs.items():
-        _atomic_write(
-            out / f"{key}.safetensors",
-            lambda p, a=acc: save_file({k: v.contiguous() for k, v in a.t.items()}, str(p)),
-        )
-    _atomic_write(
-        out / "token_strings.json",
-        lambda p: p.write_text(json.dumps({str(k): v for k, v in sorted(strings.items())})),
-    )
-    # stats.json last: its rows_done is only ever as far as the tensors beside it.
-    _atomic_write(out / "stats.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    tensors = {f"{key}/{name}": v.contiguous() for key, acc in accs.items() for name, v in acc.t.items()}
+    header = {
+        "format": FORMAT,
+        "stats": json.dumps(meta, allow_nan=False),
+        "token_strings": json.dumps({str(k): v for k, v in sorted(strings.items())}),
+    }
+    atomic_write(out / STATE_FILE, save(tensors, metadata=header))
+    # A readable copy; a kill before it leaves an older copy, never an older state.
+    atomic_write(out / "stats.json", json.dumps(meta, indent=2, allow_nan=False))
+
+
+def _sha256_state(sae: SAE[Any]) -> str:
+    """A hash of an SAE's architecture and state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256(type(sae).__name__.encode())
+    for name, t in sorted(sae.state_dict().items()):
+        h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _sha256_model_config(model: HookedT5Gemma2) -> str:
+    """A hash of the model's config (where it was read from and the library version left out)."""
+    cfg = model.hf_model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hash_row(h: Any, row: str | list[int]) -> None:
+    if isinstance(row, str):
+        b = row.encode("utf-8", "surrogatepass")
+        h.update(b"s%d:" % len(b))
+        h.update(b)
+    else:
+        b = json.dumps(list(row)).encode()
+        h.update(b"t%d:" % len(b))
+        h.update(b)
 
 
 @torch.no_grad()
@@ -411,6 +502,7 @@ def corpus_stats(
     sources: Mapping[str, str] | None = None,
     synthetic: bool = False,
     progress: bool = True,
+    save_every: float = SAVE_EVERY_S,
 ) -> FeatureStats:
     """One streaming pass over a corpus: per-feature top examples, quantile samples, density, histogram.
 
@@ -428,9 +520,14 @@ def corpus_stats(
         sources: key -> where the SAE came from (``RELEASE:ID`` or a folder), for the record.
         synthetic: the model or SAEs are synthetic stand-ins (said on every page).
         progress: show a tqdm bar.
+        save_every: least seconds between two saves (each rewrites the whole state); a save
+            also waits until saving has taken under 1/20 of the time since the last one.
+            0 saves after every chunk. The last save, at the end, always happens.
 
     Raises:
-        ValueError: no corpus, clashing keys, a resume whose settings differ from the saved run.
+        ValueError: no corpus, clashing keys, a resume whose model, SAE weights, settings or
+            data differ from the saved run, or a saved state that is malformed or inconsistent
+            (the message names the file and the field).
         FileExistsError: ``out`` holds statistics and neither ``resume`` nor ``overwrite`` is set.
     """
     from tqdm.auto import tqdm
@@ -438,12 +535,19 @@ def corpus_stats(
     cfg = config or StatsConfig()
     if (dataset is None) == (texts is None):
         raise ValueError("Give exactly one of dataset= or texts=")
+    if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1):
+        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+    if not (isinstance(save_every, (int, float)) and math.isfinite(save_every) and save_every >= 0):
+        raise ValueError(f"save_every must be a finite number of seconds >= 0, got {save_every!r}")
     named = _name_saes(saes)
     infos = {k: sae_info(model, s, k, (sources or {}).get(k, ""), synthetic) for k, s in named.items()}
+    for key, sae in named.items():
+        infos[key].weights_sha256 = _sha256_state(sae)
     corpus = str(dataset) if dataset is not None else "<texts>"
     meta: dict[str, Any] = {
         "format": FORMAT,
         "model": model.cfg.model_name,
+        "model_config_sha256": _sha256_model_config(model),
         "dtype": dtype_name(model.cfg.dtype),
         "sae_dtype": {k: dtype_name(sae_dtype(s)) for k, s in named.items()},
         "convention": model.convention,
@@ -454,19 +558,24 @@ def corpus_stats(
         "special_token_ids": special_ids(model),
         "synthetic": synthetic,
         "rows_done": 0,
+        "rows_sha256": hashlib.sha256().hexdigest(),
         "complete": False,
         "saes": [asdict(i) for i in infos.values()],
     }
     accs = {k: _Accumulator(s.cfg.d_sae, cfg) for k, s in named.items()}
     strings: dict[int, str] = {}
     out_dir = Path(out) if out is not None else None
-    start = 0
-    if out_dir is not None and (out_dir / "stats.json").exists():
+    start, saved_rows_sha = 0, ""
+    if out_dir is not None and ((out_dir / STATE_FILE).exists() or (out_dir / "stats.json").exists()):
         if resume:
-            start = _load_for_resume(out_dir, meta, accs, strings)
+            start, saved_rows_sha = _load_for_resume(out_dir, meta, accs, strings)
+            if max_rows is not None and max_rows < start:
+                raise ValueError(
+                    f"max_rows={max_rows} is below the {start} rows already done in {out_dir / STATE_FILE}"
+                )
         elif not overwrite:
             raise FileExistsError(
-                f"{out_dir / 'stats.json'} exists: pass resume=True (--resume) to continue it or overwrite=True (--overwrite)"
+                f"{out_dir / STATE_FILE} exists: pass resume=True (--resume) to continue it or overwrite=True (--overwrite)"
             )
     rows_iter = iter_rows(dataset, split) if dataset is not None else iter(texts)  # type: ignore[arg-type]
     saes_list = list(named.values())
@@ -478,11 +587,22 @@ def corpus_stats(
     row_index = 0
     done = start
     chunk: list[tuple[int, list[int]]] = []
+    rows_hash = hashlib.sha256()  # of the rows read so far, in order
+
+    def check_rows_before_start() -> None:
+        # The rows already counted must be the ones this run reads: an edited or other
+        # dataset would mix two corpora in one result.
+        if rows_hash.hexdigest() != saved_rows_sha:
+            raise ValueError(
+                f"Cannot resume {out_dir / STATE_FILE}: its rows_sha256 (a hash of the first {start} rows) "  # type: ignore[operator]
+                f"is {saved_rows_sha[:16]}..., the first {start} rows of {corpus!r} now give "
+                f"{rows_hash.hexdigest()[:16]}...: the data changed since the saved run"
+            )
 
     def run_chunk(chunk: list[tuple[int, list[int]]]) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + chunk[0][0])
-        # Sorted by length: rows in a batch have similar lengths (little padding); each row is
-        # split at its own length (model.splits).
+        # Sorted by length: rows in a batch have similar lengths, so the prefix_lm split
+        # n // 2 of the padded batch falls near the middle of each row.
         ordered = sorted(chunk, key=lambda x: (len(x[1]), x[0]))
         for i in range(0, len(ordered), cfg.batch_size):
             part = ordered[i : i + cfg.batch_size]
@@ -499,9 +619,19 @@ def corpus_stats(
                     if tid >= 0 and tid not in strings:
                         strings[tid] = model.token_string(tid)  # image placeholders: <img>
 
+    def record(done: int, complete: bool) -> dict[str, Any]:
+        for key, info in infos.items():
+            info.n_tokens = int(accs[key].t["n_tokens"])
+        return {**meta, "rows_done": done, "rows_sha256": rows_hash.hexdigest(), "complete": complete,
+                "saes": [asdict(i) for i in infos.values()]}  # fmt: skip
+
+    last_save, save_cost = time.monotonic(), 0.0
     for row in rows_iter:
         if max_rows is not None and row_index >= max_rows:
             break
+        if row_index == start and start > 0:
+            check_rows_before_start()
+        _hash_row(rows_hash, row)
         if row_index >= start:
             ids = tokenize_row(model, row, cfg.context_size)
             chunk.append((row_index, ids))
@@ -510,9 +640,21 @@ def corpus_stats(
                 done = row_index + 1
                 bar.update(len(chunk))
                 chunk = []
-                if out_dir is not None:
-                    _save(out_dir, {**meta, "rows_done": done}, accs, strings)
+                if out_dir is not None and (
+                    save_every == 0 or time.monotonic() - last_save >= max(save_every, 20 * save_cost)
+                ):
+                    t0 = time.monotonic()
+                    _save(out_dir, record(done, False), accs, strings)
+                    last_save = time.monotonic()
+                    save_cost = last_save - t0
         row_index += 1
+    if start > 0 and row_index <= start:
+        if row_index < start:
+            raise ValueError(
+                f"Cannot resume {out_dir / STATE_FILE}: its rows_done is {start}, but {corpus!r} now holds "  # type: ignore[operator]
+                f"only {row_index} rows: the data changed since the saved run"
+            )
+        check_rows_before_start()
     if chunk:
         run_chunk(chunk)
         done = chunk[-1][0] + 1
@@ -520,11 +662,7 @@ def corpus_stats(
     bar.close()
     if row_index == 0 or (done == 0):
         raise ValueError(f"The corpus {corpus!r} holds no rows")
-    meta["rows_done"] = done
-    meta["complete"] = max_rows is None or row_index < max_rows
-    for key, info in infos.items():
-        info.n_tokens = int(accs[key].t["n_tokens"])
-    meta["saes"] = [asdict(i) for i in infos.values()]
+    meta = record(done, max_rows is None or row_index < max_rows)
     if out_dir is not None:
         _save(out_dir, meta, accs, strings)
     return FeatureStats(meta, {k: a.t for k, a in accs.items()}, strings, out_dir)
@@ -552,31 +690,158 @@ def _name_saes(saes: Any) -> dict[str, Any]:
     return named
 
 
-def _load_for_resume(out: Path, meta: dict[str, Any], accs: Mapping[str, _Accumulator],
-                     strings: dict[int, str]) -> int:  # fmt: skip
-    from safetensors.torch import load_file
+class StateError(ValueError):
+    """A saved feature-statistics state that cannot be read or does not add up; the message
+    names the file and the field."""
 
-    saved = json.loads((out / "stats.json").read_text())
-    for field_name in ("format", "model", "convention_words", "dataset", "split", "config"):
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_state(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[int, str]]:
+    """The record, the tensors per SAE and the token strings of ``folder/state.safetensors``,
+    checked field by field.
+
+    Raises:
+        FileNotFoundError: no state file.
+        StateError: (a ``ValueError``) unreadable, malformed or inconsistent state.
+    """
+    from safetensors import safe_open
+
+    path = folder / STATE_FILE
+    if not path.exists():
+        legacy = folder / "stats.json"
+        if legacy.exists():
+            raise StateError(
+                f"{folder}: {legacy.name} without {STATE_FILE}: statistics written by an older version "
+                f"(before {FORMAT}) or a first save that never finished; rerun with --overwrite"
+            )
+        raise FileNotFoundError(f"{path} does not exist: not a feature statistics folder")
+
+    def fail(what: str) -> StateError:
+        return StateError(f"{path}: {what}")
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+            header = f.metadata() or {}
+            names = list(f.keys())
+            raw = {n: f.get_tensor(n) for n in names}
+    except Exception as e:  # safetensors raises SafetensorError, OSError or others on a damaged file
+        raise fail(f"not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); "
+                   "rerun with --overwrite") from e  # fmt: skip
+    if header.get("format") != FORMAT:
+        raise fail(f"format is {str(header.get('format'))[:80]!r}, expected {FORMAT!r}")
+
+    def parse(field_name: str) -> Any:
+        try:
+            return json.loads(header.get(field_name, ""), parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as e:
+            raise fail(f"field {field_name!r} is not valid JSON ({str(e)[:120]})") from e
+
+    meta, strings_raw = parse("stats"), parse("token_strings")
+    if not isinstance(meta, dict):
+        raise fail("field 'stats' is not a JSON object")
+    if not isinstance(strings_raw, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in strings_raw.items()
+    ):
+        raise fail("field 'token_strings' is not an object of token id -> string")
+    rows_done = meta.get("rows_done")
+    if not _is_int(rows_done) or not 0 <= rows_done <= _MAX_ROWS_DONE:
+        raise fail(f"stats.rows_done is {str(rows_done)[:40]}, expected an integer in 0..{_MAX_ROWS_DONE}")
+    for name, kind in (("complete", bool), ("rows_sha256", str), ("model_config_sha256", str),
+                       ("config", dict), ("saes", list)):  # fmt: skip
+        if not isinstance(meta.get(name), kind):
+            raise fail(f"stats.{name} is {str(meta.get(name))[:40]}, expected a {kind.__name__}")
+    try:
+        cfg = StatsConfig(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise fail(f"stats.config is not a valid StatsConfig ({str(e)[:160]})") from e
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for i, s in enumerate(meta["saes"]):
+        where = f"stats.saes[{i}]"
+        if not isinstance(s, dict) or not isinstance(s.get("key"), str) or not s["key"] or "/" in s["key"]:
+            raise fail(f"{where}.key is missing or not a file-name-safe string")
+        key = s["key"]
+        for name in ("d_sae", "n_tokens"):
+            if not _is_int(s.get(name)) or s[name] < (1 if name == "d_sae" else 0):
+                raise fail(f"{where}.{name} is {str(s.get(name))[:40]}, expected a non-negative integer")
+        t = {}
+        for name, (shape, dtype) in _state_layout(s["d_sae"], cfg).items():
+            v = raw.pop(f"{key}/{name}", None)
+            if v is None:
+                raise fail(f"tensor {key}/{name} is missing")
+            if tuple(v.shape) != shape or v.dtype != dtype:
+                raise fail(f"tensor {key}/{name} is {v.dtype} {tuple(v.shape)}, expected {dtype} {shape}")
+            t[name] = v
+        n_tokens = int(t["n_tokens"])
+        if n_tokens != s["n_tokens"]:
+            raise fail(f"tensor {key}/n_tokens is {n_tokens}, but {where}.n_tokens is {s['n_tokens']}")
+        if not torch.equal(t["hist_edges"], cfg.hist_edges()):
+            raise fail(f"tensor {key}/hist_edges does not match stats.config's histogram")
+        fire = t["fire_count"]
+        if bool((fire < 0).any()) or bool((fire > n_tokens).any()):
+            raise fail(f"tensor {key}/fire_count has counts outside 0..n_tokens ({n_tokens})")
+        if not torch.equal(t["hist"].sum(1), fire) or bool((t["hist"] < 0).any()):
+            raise fail(f"tensor {key}/hist does not add up to fire_count")
+        for bank in ("top", "sample"):
+            rows = t[f"{bank}_row"]
+            if bool((rows < -1).any()) or bool((rows >= rows_done).any()):
+                raise fail(f"tensor {key}/{bank}_row holds rows outside -1..rows_done-1 ({rows_done - 1})")
+            # A position is counted once: no (row, position) twice in one feature's top list.
+            if bank == "top":
+                pos = t["top_pos"]
+                ident = torch.where(
+                    rows >= 0, rows * (cfg.context_size + 1) + pos, -1 - torch.arange(rows.shape[1])
+                )
+                srt = ident.sort(1).values
+                if bool((srt[:, 1:] == srt[:, :-1]).any()):
+                    raise fail(
+                        f"tensor {key}/top_row holds one (row, position) twice in a feature's top list"
+                    )
+        tensors[key] = t
+    if raw:
+        raise fail(f"tensor {sorted(raw)[0]} belongs to no SAE in stats.saes")
+    return meta, tensors, {int(k): v for k, v in strings_raw.items()}
+
+
+def _load_for_resume(out: Path, meta: dict[str, Any], accs: Mapping[str, _Accumulator],
+                     strings: dict[int, str]) -> tuple[int, str]:  # fmt: skip
+    """Load the saved state into ``accs``/``strings`` after checking it belongs to this run.
+
+    Returns:
+        ``(rows_done, rows_sha256)``: where to start, and the hash of the rows before it.
+    """
+    path = out / STATE_FILE
+    saved, tensors, saved_strings = _read_state(out)
+    for field_name in ("model", "model_config_sha256", "dtype", "sae_dtype", "convention_words", "dataset",
+                       "split", "config"):  # fmt: skip
         if saved.get(field_name) != meta[field_name]:
             raise ValueError(
-                f"Cannot resume {out / 'stats.json'}: its {field_name} is {saved.get(field_name)!r}, "
+                f"Cannot resume {path}: its {field_name} is {saved.get(field_name)!r}, "
                 f"this run's is {meta[field_name]!r}"
             )
     if [s["key"] for s in saved["saes"]] != [s["key"] for s in meta["saes"]]:
         raise ValueError(
-            f"Cannot resume {out / 'stats.json'}: it holds SAEs {[s['key'] for s in saved['saes']]}, "
+            f"Cannot resume {path}: it holds SAEs {[s['key'] for s in saved['saes']]}, "
             f"this run has {[s['key'] for s in meta['saes']]}"
         )
+    for i, (old, new) in enumerate(zip(saved["saes"], meta["saes"], strict=True)):
+        for name in ("hook_name", "d_in", "d_sae", "weights_sha256"):
+            if old.get(name) != new[name]:
+                why = " (another SAE, or this one changed)" if name == "weights_sha256" else ""
+                raise ValueError(
+                    f"Cannot resume {path}: its saes[{i}].{name} ({new['key']}) is {old.get(name)!r}, "
+                    f"this run's is {new[name]!r}{why}"
+                )
     for key, acc in accs.items():
-        tensors = load_file(str(out / f"{key}.safetensors"))
-        for name, value in acc.t.items():
-            if tensors[name].shape != value.shape:
-                raise ValueError(f"Cannot resume: {out / f'{key}.safetensors'} field {name} has shape "
-                                 f"{tuple(tensors[name].shape)}, expected {tuple(value.shape)}")  # fmt: skip
-        acc.t = tensors
-    strings.update({int(k): v for k, v in json.loads((out / "token_strings.json").read_text()).items()})
-    return int(saved["rows_done"])
+        acc.t = tensors[key]
+    strings.update(saved_strings)
+    return int(saved["rows_done"]), str(saved["rows_sha256"])
 
 
 # ----------------------------------------------------------------------------- reading results
@@ -620,28 +885,15 @@ class FeatureStats:
 
     @classmethod
     def load(cls, folder: str | Path) -> FeatureStats:
-        """Read a folder written by :func:`corpus_stats`.
+        """Read a folder written by :func:`corpus_stats` (its ``state.safetensors``).
 
         Raises:
-            FileNotFoundError: no ``stats.json`` or a missing tensor file.
-            ValueError: another format.
+            FileNotFoundError: no statistics in ``folder``.
+            ValueError: another format, or a malformed or inconsistent state (:class:`StateError`,
+                naming the file and the field).
         """
-        from safetensors.torch import load_file
-
         folder = Path(folder)
-        path = folder / "stats.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: not a feature statistics folder")
-        meta = json.loads(path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        tensors = {}
-        for s in meta["saes"]:
-            f = folder / f"{s['key']}.safetensors"
-            if not f.exists():
-                raise FileNotFoundError(f"{f} is missing (listed in {path})")
-            tensors[s["key"]] = load_file(str(f))
-        strings = {int(k): v for k, v in json.loads((folder / "token_strings.json").read_text()).items()}
+        meta, tensors, strings = _read_state(folder)
         return cls(meta, tensors, strings, folder)
 
     @property
@@ -1023,6 +1275,6 @@ def log10_density(density: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "FORMAT", "SEGMENTS", "StatsConfig", "SAEInfo", "Example", "FeatureStats", "FeatureEffect", "TokenEffect",
-    "FeatureMatch", "corpus_stats", "iter_rows", "tokenize_row", "feature_acts", "sae_info", "logit_effects",
+    "FeatureMatch", "StateError", "STATE_FILE", "corpus_stats", "iter_rows", "prefix_ids", "tokenize_row", "feature_acts", "sae_info", "logit_effects",
     "logit_effect_vectors", "decoder_logit_vectors", "ablation_effects", "rows_by_index", "find_features", "text_peaks", "log10_density",
 ]  # fmt: skip

@@ -74,6 +74,52 @@ def position_mask(
     return keep & ~image if positions == "text" else keep
 
 
+def check_image_batch(model: HookedT5Gemma2, tokens: torch.Tensor, pixel_values: Any) -> None:
+    """Refuse pixel values and placeholder rows the model would read wrongly, one line each.
+
+    Args:
+        model: the hooked model (its ``mm_tokens_per_image`` and image-token id decide).
+        tokens: ``[batch, n]`` ids with the processor's image placeholders.
+        pixel_values: the processor's ``[n_images, channels, height, width]`` pixels, or None.
+
+    Raises:
+        ValueError: ``pixel_values`` that are not a floating-point tensor (bool, integer or
+            complex), that hold NaN or Inf, or a row whose image placeholders are not a whole
+            number of images (an image would be split across rows).
+    """
+    if pixel_values is None:
+        return
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, not {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values are {str(pixel_values.dtype).removeprefix('torch.')}: expected floating-point "
+            "pixels as the processor makes them (float32, bfloat16 or float16), not bool, integer or complex values"
+        )
+    finite = torch.isfinite(pixel_values)
+    if not bool(finite.all()):
+        n_nan, n_inf = int(torch.isnan(pixel_values).sum()), int(torch.isinf(pixel_values).sum())
+        bad = (
+            (~finite).reshape(finite.shape[0], -1).any(1).nonzero().flatten().tolist() if finite.ndim else []
+        )
+        raise ValueError(
+            f"pixel_values hold {n_nan} NaN and {n_inf} Inf values (images {bad[:5]}): the vision tower "
+            "would turn them into NaN activations"
+        )
+    if model.image_token_id is None:
+        return
+    per_image = int(model.hf_model.config.encoder.mm_tokens_per_image)
+    tokens = tokens if tokens.ndim == 2 else tokens.unsqueeze(0)
+    counts = model.image_token_mask(tokens).sum(1)
+    uneven = (counts % per_image != 0).nonzero().flatten().tolist()
+    if uneven:
+        r = uneven[0]
+        raise ValueError(
+            f"Row {r} holds {int(counts[r])} image placeholder tokens, not a multiple of {per_image} (one "
+            "image's soft tokens): an image would be split across rows. Build the rows with the model's processor."
+        )
+
+
 def image_text_batches(
     processor: Any, prompts: Sequence[str], images: Sequence[Any], batch_size: int = 8
 ) -> Iterator[Mapping[str, torch.Tensor]]:
@@ -140,7 +186,7 @@ def harvest(
 
     Raises:
         ValueError: a decoder site (the decoder never reads images), ``"text"``/``"both"`` for
-            a vision site, or a batch without ``pixel_values``.
+            a vision site, a batch without ``pixel_values``, or one :func:`check_image_batch` refuses.
     """
     name = model.canonical_name(hook_name)
     vision = name in model._vision_sites
@@ -161,6 +207,10 @@ def harvest(
         tokens = batch["input_ids"].to(model.cfg.device)
         mask = batch.get("attention_mask")
         pixel_values = batch["pixel_values"]
+        try:
+            check_image_batch(model, tokens, pixel_values)
+        except ValueError as e:
+            raise ValueError(f"Batch {i}: {e}") from None
         with model.fed(prefix_len=tokens.shape[1]):
             _, cache = model.run_with_cache(
                 tokens, pixel_values=pixel_values, attention_mask=mask, names_filter=[name], return_type=None
@@ -351,6 +401,7 @@ def top_features_with_images(
         raise ValueError(f"SAE hooks {name!r}: the decoder never reads images; use steering.top_features")
     tokens = inputs["input_ids"].to(model.cfg.device)
     mask = inputs.get("attention_mask")
+    check_image_batch(model, tokens, inputs.get("pixel_values"))
     with model.fed(prefix_len=tokens.shape[1]):
         _, cache = model.run_with_cache(
             tokens,

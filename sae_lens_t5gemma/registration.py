@@ -147,18 +147,26 @@ def read_saelens_folder(
     """SAELens' own disk loader, with safetensors' errors naming the file.
 
     Raises:
-        RegistrationError: the weights file is corrupt or its header lies about shapes
-            or offsets.
+        RegistrationError: the weights file is corrupt, its header lies about shapes or
+            offsets, or a tensor holds NaN or Inf (the message names the file and the tensor).
     """
     from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
     from safetensors import SafetensorError
 
+    weights = Path(path) / "sae_weights.safetensors"
     try:
-        return sae_lens_disk_loader(path, device, cfg_overrides)
+        cfg, state = sae_lens_disk_loader(path, device, cfg_overrides)
     except SafetensorError as e:
-        raise RegistrationError(
-            f"{Path(path) / 'sae_weights.safetensors'}: not a valid safetensors file ({str(e)[:300]})"
-        ) from e
+        raise RegistrationError(f"{weights}: not a valid safetensors file ({str(e)[:300]})") from e
+    # Every local SAELens folder the package loads comes through here (inspect, local releases);
+    # a NaN or Inf weight would make every activation, score and page silently NaN.
+    for name, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise RegistrationError(
+                f"{weights}: tensor {name} holds {n_nan} NaN and {n_inf} Inf values (of {t.numel()})"
+            )
+    return cfg, state
 
 
 def _refuse_constant(name: str) -> Any:
