@@ -45,7 +45,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sae_lens_t5gemma.dtypes import dtype_name, to_sae
-from sae_lens_t5gemma.outputs import output_lock
+from sae_lens_t5gemma.outputs import atomic_write, output_lock
 from sae_lens_t5gemma.sites import Site
 
 if TYPE_CHECKING:
@@ -622,7 +621,7 @@ def _record_checkpoint(runner: Any, checkpoint_path: Path | None) -> None:
         "sae_ids": context.sae_ids,
         "fingerprint": context.fingerprint,
     }
-    _write_atomic(Path(checkpoint_path) / CHECKPOINT_RECORD, json.dumps(record, indent=1))
+    atomic_write(Path(checkpoint_path) / CHECKPOINT_RECORD, json.dumps(record, indent=1))
 
 
 @functools.cache
@@ -657,21 +656,6 @@ def _runner_classes() -> tuple[type, type]:
             _record_checkpoint(self, checkpoint_path)
 
     return Runner, MultiRunner
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file whole or not at all: a temp file with a random name beside it, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 _HELD_LOCKS: set[Path] = set()
@@ -1149,8 +1133,8 @@ def _final_eval(
         "feeds": eval_feeds(plan),
     }
     if fingerprint is not None:
-        _write_atomic(path / RUN_RECORD, json.dumps({"run_fingerprint": fingerprint}, indent=1))
-    _write_atomic(path / FINISHED, json.dumps(record, indent=2, default=float))
+        atomic_write(path / RUN_RECORD, json.dumps({"run_fingerprint": fingerprint}, indent=1))
+    atomic_write(path / FINISHED, json.dumps(record, indent=2, default=float))
     return metrics
 
 
@@ -1172,7 +1156,7 @@ def _finish(plan: TrainingPlan, result: TrainingResult) -> TrainingResult:
         "note": "Metrics over covered positions only (sae_lens_t5gemma.evaluation); CE/KL scored on the "
         "continuation under prefix_lm, on a copy task under reconstruct.",
     }
-    _write_atomic(plan.out / "training_summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write(plan.out / "training_summary.json", json.dumps(summary, indent=2, default=str))
     if plan.config.release_name:
         result.release_yaml = write_release_yaml(plan.out, plan.config.release_name, list(result.paths))
         result.release = register_release(result.release_yaml, replace=plan.config.overwrite)
@@ -1540,7 +1524,7 @@ def write_release_yaml(folder: str | Path, release_name: str, sae_ids: Sequence[
         "Load by name after sae_lens_t5gemma.training.register_release(<this file>).",
     )
     path = folder / "release.yaml"
-    _write_atomic(path, text)  # a reader never sees half a YAML
+    atomic_write(path, text)  # a reader never sees half a YAML
     return path
 
 
