@@ -33,7 +33,7 @@ test: setup browser
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py $(ARGS)
 
-# Headless Chromium for the dashboard's browser test (tests/test_dashboard.py). Debian's
+# Headless Chromium for the dashboard's browser test (tests/dashboard/test_dashboard.py). Debian's
 # package; if it cannot be installed (no root, no apt) the test is skipped and says why.
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \

@@ -2,9 +2,9 @@
 
 ``import sae_lens_t5gemma`` registers the release with SAELens, which imports SAELens and torch
 (seconds). This module sits outside the package and tells the package's ``__init__`` to leave
-that to the command (``sae_lens_t5gemma.cli.main`` registers before any command that needs
+that to the command (``sae_lens_t5gemma.cli.main.main`` registers before any command that needs
 SAELens), so ``--help``, ``list`` and argument errors answer at once. The command line itself
-lives in :mod:`sae_lens_t5gemma.cli`.
+lives in :mod:`sae_lens_t5gemma.cli.main`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ DEFER_REGISTRATION = True
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line (``sae-lens-t5gemma ...``)."""
-    from sae_lens_t5gemma.cli import main as cli_main
+    from sae_lens_t5gemma.cli.main import main as cli_main
 
     return cli_main(argv)
 

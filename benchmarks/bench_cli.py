@@ -5,7 +5,7 @@ Two entries, run as the console script runs them:
 
 - *entry*: ``sae_lens_t5gemma_cli.main`` (today's ``[project.scripts]`` target), which
   imports the package without registering it with SAELens;
-- *old*: ``sae_lens_t5gemma.cli.main`` (the former target), which imports the package root
+- *old*: ``sae_lens_t5gemma.cli.main.main`` (the former target), which imports the package root
   and so SAELens and torch, to register the release, before it parses anything.
 
 Each number is the median wall time of ``--runs`` subprocess runs (interpreter start
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_cli.json"
 ENTRIES = {
     "entry": "import sys, sae_lens_t5gemma_cli; sys.exit(sae_lens_t5gemma_cli.main())",
-    "old": "import sys; from sae_lens_t5gemma.cli import main; sys.exit(main())",
+    "old": "import sys; from sae_lens_t5gemma.cli.main import main; sys.exit(main())",
 }
 COMMANDS = {"--help": ["--help"], "list": ["list"], "bad argument": ["train", "--d-sae", "x"]}
 EXPECTED_RC = {"--help": 0, "list": 0, "bad argument": 2}

@@ -84,7 +84,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer, T5Gemma2ForConditionalGeneration
 
-    from sae_lens_t5gemma import sites
+    from sae_lens_t5gemma.model import sites as sites
 
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir
@@ -100,7 +100,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     hf.lm_head.register_forward_pre_hook(lambda m, a: lm_head_calls.__setitem__(0, lm_head_calls[0] + 1))
 
     if args.method == "hooked":
-        from sae_lens_t5gemma.hooked import HookedT5Gemma2
+        from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
 
         model = HookedT5Gemma2(hf, tok)
 
@@ -178,7 +178,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 def _build_model_dir(folder: Path, tiny: bool) -> None:
     import torch
 
-    from sae_lens_t5gemma import synthetic
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
     torch.manual_seed(0)
     model = synthetic.build_t5gemma2(real_dims=not tiny)

@@ -63,8 +63,12 @@ def _floor(hf: Any, module: str, tokens: Any, decoder_input: Any) -> Any:
 def run(batch: int, seq: int, repeats: int, threads: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
-    from sae_lens_t5gemma import dtypes, sites, synthetic
-    from sae_lens_t5gemma.hooked import HookedT5Gemma2
+    from sae_lens_t5gemma.model import dtypes as dtypes
+
+    from sae_lens_t5gemma.model import sites as sites
+
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
+    from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

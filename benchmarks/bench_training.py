@@ -63,7 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_hooks import _reset_peak, _status_kib  # noqa: E402
 
-from sae_lens_t5gemma.dtypes import cpu_has_fast_bf16, cpu_model, dtype_name, resolve_dtype  # noqa: E402
+from sae_lens_t5gemma.model.dtypes import cpu_has_fast_bf16, cpu_model, dtype_name, resolve_dtype  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WORKERS = ("one", "all36", "scaling", "mem1", "mem36")
@@ -76,8 +76,10 @@ def _setup(tmp: Path, threads: int, model_dtype: str = "float32", device: str = 
     """The real-dimension random model (hooked), a config-only folder for planning, and a dataset file."""
     import torch
 
-    from sae_lens_t5gemma import synthetic, training
-    from sae_lens_t5gemma.hooked import HookedT5Gemma2
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
+
+    from sae_lens_t5gemma.training import runner as training
+    from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*(fewer samples|not tokenized|exhausted).*")
@@ -94,7 +96,7 @@ def _setup(tmp: Path, threads: int, model_dtype: str = "float32", device: str = 
 
 
 def _config(model_dir: Path, data: Path, out: Path, **overrides: Any):
-    from sae_lens_t5gemma import training
+    from sae_lens_t5gemma.training import runner as training
 
     values = dict(
         model=str(model_dir), dataset=str(data), out=str(out), disable_concat_sequences=False,
@@ -108,7 +110,7 @@ def _stores_and_saes(model: Any, plan: Any, dataset: Any):
     """Per stack: SAELens' store and its SAEs, built exactly as ``training.train`` builds the runners."""
     from sae_lens import LanguageModelSAETrainingRunner, MultiSAETrainingRunner
 
-    from sae_lens_t5gemma import training
+    from sae_lens_t5gemma.training import runner as training
 
     out = []
     for sp in training._per_stack(plan):
@@ -185,7 +187,7 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
     from sae_lens import TopKTrainingSAE
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from sae_lens_t5gemma import training
+    from sae_lens_t5gemma.training import runner as training
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -284,7 +286,7 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
 
 
 def worker_scaling(args: argparse.Namespace) -> dict[str, Any]:
-    from sae_lens_t5gemma import training
+    from sae_lens_t5gemma.training import runner as training
 
     q = args.quick
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -403,7 +405,7 @@ def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
     from sae_lens import LanguageModelSAETrainingRunner, MultiSAETrainingRunner
     from sae_lens.training import activations_store, mixing_buffer, multi_sae_trainer, sae_trainer
 
-    from sae_lens_t5gemma import training
+    from sae_lens_t5gemma.training import runner as training
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

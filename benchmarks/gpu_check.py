@@ -3,7 +3,7 @@
 Steps, each a subprocess with its own time limit, run in this order:
 
 1. ``env``: torch and CUDA versions, the device's name, whether it runs bfloat16 natively and
-   what ``dtype="auto"`` resolves to there (``sae_lens_t5gemma.dtypes``);
+   what ``dtype="auto"`` resolves to there (``sae_lens_t5gemma.model.dtypes``);
 2. ``demo``: ``sae-lens-t5gemma demo --device DEVICE --dtype auto`` (bfloat16 on every CUDA GPU
    with bf16), every section;
 3. ``tests``: the device-sensitive tests (the dtype contract, the HookedSAETransformer parity
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 ENV_PROBE = """
 import json, torch
-from sae_lens_t5gemma import dtypes
+from sae_lens_t5gemma.model import dtypes as dtypes
 dev = {device!r}
 cuda = torch.cuda.is_available()
 print(json.dumps({{
@@ -73,8 +73,8 @@ def steps(device: str, dry_run: bool, out: Path) -> list[tuple[str, list[str], i
         "-q",
         "-p",
         "no:cacheprovider",
-        "tests/test_dtypes.py",
-        "tests/test_hooked_sae_parity.py",
+        "tests/model/test_dtypes.py",
+        "tests/integration/test_hooked_sae_parity.py",
     ]
     precision = [
         py,

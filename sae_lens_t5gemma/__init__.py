@@ -7,7 +7,7 @@ sae_id="encoder/layer_5")`` works next to Gemma Scope 2's releases.
 The main API is importable from here (``from sae_lens_t5gemma import load_t5gemma2,
 HookedT5Gemma2``). Those names are loaded on first use, so they add nothing to the import
 beyond the registration. ``compare`` is the name of a submodule, so the comparison function
-stays ``sae_lens_t5gemma.compare.compare``.
+stays ``sae_lens_t5gemma.comparison.suite.compare``.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it (imported on first access, PEP 562).
 _EXPORTS: dict[str, str] = {
-    "HookedT5Gemma2": "sae_lens_t5gemma.hooked",
-    "load_t5gemma2": "sae_lens_t5gemma.hooked",
-    "top_features": "sae_lens_t5gemma.steering",
-    "TrainConfig": "sae_lens_t5gemma.training",
-    "train": "sae_lens_t5gemma.training",
-    "register_release": "sae_lens_t5gemma.training",
-    "standard_pairs": "sae_lens_t5gemma.compare",
-    "evaluate_sae": "sae_lens_t5gemma.evaluation",
-    "training_history": "sae_lens_t5gemma.mindchain",
-    "register": "sae_lens_t5gemma.registration",
-    "register_release_yaml": "sae_lens_t5gemma.registration",
+    "HookedT5Gemma2": "sae_lens_t5gemma.model.hooked",
+    "load_t5gemma2": "sae_lens_t5gemma.model.hooked",
+    "top_features": "sae_lens_t5gemma.model.steering",
+    "TrainConfig": "sae_lens_t5gemma.training.runner",
+    "train": "sae_lens_t5gemma.training.runner",
+    "register_release": "sae_lens_t5gemma.training.runner",
+    "standard_pairs": "sae_lens_t5gemma.comparison.suite",
+    "evaluate_sae": "sae_lens_t5gemma.analysis.evaluation",
+    "training_history": "sae_lens_t5gemma.loading.mindchain",
+    "register": "sae_lens_t5gemma.loading.registration",
+    "register_release_yaml": "sae_lens_t5gemma.loading.registration",
 }
 
 __all__ = [
@@ -49,13 +49,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sae_lens_t5gemma.compare import standard_pairs
-    from sae_lens_t5gemma.evaluation import evaluate_sae
-    from sae_lens_t5gemma.hooked import HookedT5Gemma2, load_t5gemma2
-    from sae_lens_t5gemma.mindchain import training_history
-    from sae_lens_t5gemma.registration import register, register_release_yaml
-    from sae_lens_t5gemma.steering import top_features
-    from sae_lens_t5gemma.training import TrainConfig, register_release, train
+    from sae_lens_t5gemma.comparison.suite import standard_pairs
+    from sae_lens_t5gemma.analysis.evaluation import evaluate_sae
+    from sae_lens_t5gemma.model.hooked import HookedT5Gemma2, load_t5gemma2
+    from sae_lens_t5gemma.loading.mindchain import training_history
+    from sae_lens_t5gemma.loading.registration import register, register_release_yaml
+    from sae_lens_t5gemma.model.steering import top_features
+    from sae_lens_t5gemma.training.runner import TrainConfig, register_release, train
 
 
 def __getattr__(name: str) -> Any:
@@ -74,4 +74,4 @@ def __dir__() -> list[str]:
 # exception is the command line's entry module, which imports this package without it so
 # that ``--help`` and ``list`` answer at once; its commands register before they run.
 if not getattr(sys.modules.get("sae_lens_t5gemma_cli"), "DEFER_REGISTRATION", False):
-    import_module("sae_lens_t5gemma.registration").register()
+    import_module("sae_lens_t5gemma.loading.registration").register()

@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sae_lens_t5gemma import synthetic  # noqa: E402
+from sae_lens_t5gemma.stand_in import synthetic as synthetic  # noqa: E402
 
 # Where the device-sensitive tests (test_dtypes.py, the parity port) put models and SAEs:
 # "cpu" here; benchmarks/gpu_check.py runs them with "cuda".

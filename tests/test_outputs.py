@@ -24,11 +24,12 @@ import pytest
 import torch
 
 import sae_lens_t5gemma.outputs as outputs_module
-from sae_lens_t5gemma import cli, synthetic
-from sae_lens_t5gemma import compare as C
-from sae_lens_t5gemma import dashboard as D
-from sae_lens_t5gemma import features as F
-from sae_lens_t5gemma import neuronpedia as N
+from sae_lens_t5gemma.cli import main as cli
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
+from sae_lens_t5gemma.comparison import suite as C
+from sae_lens_t5gemma.dashboard import pages as D
+from sae_lens_t5gemma.analysis import features as F
+from sae_lens_t5gemma.dashboard import neuronpedia as N
 from sae_lens_t5gemma.outputs import (
     OUTPUTS_JOURNAL,
     OUTPUTS_MANIFEST,
@@ -60,7 +61,7 @@ def make_sae(d_sae: int = 32, seed: int = 0, bias: float = -0.08):
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    from sae_lens_t5gemma.hooked import load_t5gemma2
+    from sae_lens_t5gemma.model.hooked import load_t5gemma2
 
     return load_t5gemma2(tiny_model_dir)
 

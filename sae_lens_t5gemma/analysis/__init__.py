@@ -1,0 +1,1 @@
+"""Reading features: evaluation metrics, corpus feature statistics, diagnose, images."""

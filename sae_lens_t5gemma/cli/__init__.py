@@ -1,0 +1,1 @@
+"""The ``sae-lens-t5gemma`` command line."""

@@ -1,0 +1,1 @@
+"""Feature dashboards (HTML pages) and the Neuronpedia export."""
