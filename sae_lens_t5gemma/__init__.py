@@ -28,7 +28,7 @@ _EXPORTS: dict[str, str] = {
     "register_release": "sae_lens_t5gemma.training.runner",
     "standard_pairs": "sae_lens_t5gemma.comparison.suite",
     "evaluate_sae": "sae_lens_t5gemma.analysis.evaluation",
-    "training_history": "sae_lens_t5gemma.loading.mindchain",
+    "training_history": "sae_lens_t5gemma.loading.mindchain_history",
     "register": "sae_lens_t5gemma.loading.registration",
     "register_release_yaml": "sae_lens_t5gemma.loading.registration",
 }
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from sae_lens_t5gemma.comparison.suite import standard_pairs
     from sae_lens_t5gemma.analysis.evaluation import evaluate_sae
     from sae_lens_t5gemma.model.hooked import HookedT5Gemma2, load_t5gemma2
-    from sae_lens_t5gemma.loading.mindchain import training_history
+    from sae_lens_t5gemma.loading.mindchain_history import training_history
     from sae_lens_t5gemma.loading.registration import register, register_release_yaml
     from sae_lens_t5gemma.model.steering import top_features
     from sae_lens_t5gemma.training.runner import TrainConfig, register_release, train

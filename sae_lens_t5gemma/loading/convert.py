@@ -31,8 +31,11 @@ import uuid
 from pathlib import Path
 
 from sae_lens_t5gemma.loading import mindchain as mindchain
+from sae_lens_t5gemma.loading.mindchain_history import final_l0
+from sae_lens_t5gemma.loading.registration import PACKAGE_RELEASE
+from sae_lens_t5gemma.loading.release_yaml import release_yaml
+from sae_lens_t5gemma.model.sizes import MINDCHAIN_REPO
 from sae_lens_t5gemma.outputs import OutputLockedError, lock_path, output_lock  # noqa: F401 (lock_path: convert's API)
-from sae_lens_t5gemma.loading.registration import PACKAGE_RELEASE, release_yaml
 
 YAML_NAME = "pretrained_saes.yaml"
 MANIFEST_NAME = ".sae_lens_t5gemma_convert.json"
@@ -295,7 +298,7 @@ def convert_snapshot(
                 _write_one(f, staging / sae_id)
                 _step(f"wrote {sae_id}")
                 entry: dict[str, object] = {"id": sae_id, "path": sae_id}
-                l0 = mindchain.final_l0(ckpt.history)
+                l0 = final_l0(ckpt.history)
                 if l0 is not None:
                     entry["l0"] = l0
                 entries.append(entry)
@@ -338,7 +341,7 @@ def _yaml_text(release: str, repo_id: str, model: str, entries: list[dict[str, o
         entries,
         links={
             "model": f"https://huggingface.co/{model}",
-            "original": f"https://huggingface.co/{mindchain.MINDCHAIN_REPO}",
+            "original": f"https://huggingface.co/{MINDCHAIN_REPO}",
         },
         header=(
             f"{release}: the mindchain T5Gemma 2 SAEs in SAELens' native format (sae-lens-t5gemma convert).\n"

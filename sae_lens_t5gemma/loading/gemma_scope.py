@@ -14,33 +14,24 @@ between that and an offline run, and each is handled in one place here:
   refused by name. For the real 270M, 1B and 4B configs the result equals TransformerLens'
   own, key by key (the tests check this); for a stand-in under a real name it has the
   stand-in's dimensions.
-- **Tensor shapes.** SAELens' ``get_gemma_3_config_from_hf`` reads ``d_in``/``d_sae`` from
-  the ``params.safetensors`` header with two raw HTTP range requests, which ignore
-  ``HF_HUB_OFFLINE`` and fail without network even when the file is in the local cache.
-  :func:`install_local_safetensors_shapes` makes that one function read the header of the
-  locally cached file when there is one, and otherwise behave exactly as before.
+- **Tensor shapes.** SAELens reads a Gemma Scope 2 SAE's shapes with HTTP range requests
+  that fail offline; :func:`sae_lens_t5gemma._compat.read_gemma_scope_shapes_from_cache`
+  (called by :func:`sae_lens_t5gemma.loading.inspection.load_sae_spec` before it loads one)
+  reads them from the local hub cache instead.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# The real ids live next to the stand-ins that imitate them.
-from sae_lens_t5gemma.stand_in.synthetic import GEMMA3_MODEL, GEMMA_SCOPE_RELEASES, GEMMA_SCOPE_REPO
+from sae_lens_t5gemma.model.sizes import GEMMA3_MODEL
 
 __all__ = [
-    "GEMMA3_MODEL",
-    "GEMMA_SCOPE_RELEASES",
-    "GEMMA_SCOPE_REPO",
     "gemma3_tl_config",
     "gemma3_tl_config_dict",
-    "install_local_safetensors_shapes",
     "load_gemma3",
 ]
 
@@ -204,47 +195,3 @@ def load_gemma3(
         refactor_factored_attn_matrices=False,
     )
     return model.to(device).eval()
-
-
-# ------------------------------------------------------------ SAELens: shapes from the cache
-
-
-def _local_safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors file's header (8-byte length, then JSON)."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
-
-
-def install_local_safetensors_shapes() -> None:
-    """Make SAELens' ``get_safetensors_tensor_shapes`` read a locally cached file first.
-
-    SAELens' Gemma 3 config getter calls it to learn ``d_in``/``d_sae`` before it downloads
-    the same file. The original sends HTTP range requests with ``requests`` directly, so it
-    fails offline even with the file in the hub cache. SAELens has no hook for this, so the
-    module attribute is replaced (the getter looks it up at call time): a cached file is
-    read locally; otherwise, offline, a clear error says which file is missing; online, the
-    original runs unchanged. Idempotent.
-    """
-    from huggingface_hub import constants, try_to_load_from_cache
-    from sae_lens.loading import pretrained_sae_loaders as loaders
-
-    original = loaders.get_safetensors_tensor_shapes
-    if getattr(original, "_reads_local_cache", False):
-        return
-
-    @functools.wraps(original)
-    def shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
-        cached = try_to_load_from_cache(repo_id, filename)
-        if isinstance(cached, str):
-            return _local_safetensors_shapes(cached)
-        if constants.HF_HUB_OFFLINE:
-            raise FileNotFoundError(
-                f"{repo_id}/{filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                "and HF_HUB_OFFLINE is set, so its tensor shapes cannot be read."
-            )
-        return original(repo_id, filename)
-
-    shapes._reads_local_cache = True  # type: ignore[attr-defined]
-    loaders.get_safetensors_tensor_shapes = shapes

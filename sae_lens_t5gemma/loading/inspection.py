@@ -1,9 +1,11 @@
-"""Facts about one SAE: its config, tensor shapes and weight statistics.
+"""Spec -> SAE, and facts about one SAE: its config, tensor shapes and weight statistics.
 
-Used by ``sae-lens-t5gemma inspect``. Works on a release id (through
-``SAE.from_pretrained``), a SAELens folder (``cfg.json``) or a mindchain ``.pt`` file.
-Everything reported is computed from the weights alone; no activations are involved,
-so "can never fire" is the only statement about latents' activity.
+:func:`load_sae_spec` is the one way every command turns an SAE spec into a loaded SAE:
+``RELEASE:SAE_ID`` (through ``SAE.from_pretrained``), a SAELens folder (checked by
+:func:`~.saelens_folder.check_cfg_json` and :func:`~.saelens_folder.read_saelens_folder`,
+so NaN/Inf weights are refused) or a mindchain ``.pt`` file. ``sae-lens-t5gemma inspect``
+reports the rest, computed from the weights alone; no activations are involved, so "can
+never fire" is the only statement about latents' activity.
 """
 
 from __future__ import annotations
@@ -16,35 +18,46 @@ import torch
 
 from sae_lens_t5gemma.loading import mindchain as mindchain
 from sae_lens_t5gemma.loading.registration import check_sae_id
+from sae_lens_t5gemma.loading.saelens_folder import check_cfg_json, read_saelens_folder
 
 
-def load_sae(
-    release: str | None = None, sae_id: str | None = None, path: str | Path | None = None, device: str = "cpu"
-):
-    """Load an SAE from a release id, a SAELens folder or a mindchain ``.pt`` file.
+def load_sae_spec(spec: str | Path, device: str = "cpu") -> tuple[Any, str]:
+    """``(SAE, source)`` from ``RELEASE:SAE_ID``, a SAELens folder or a mindchain ``.pt`` file.
+
+    ``source`` is the resolved path of a file or folder, or the spec of a release.
 
     Raises:
-        ValueError: neither or both of (release, sae_id) and path; an unknown release
-            or sae_id (all valid ids are listed).
-        FileNotFoundError: ``path`` is neither a ``.pt`` file nor a folder with ``cfg.json``.
+        ValueError: a spec that is neither an existing path nor ``RELEASE:SAE_ID``; an unknown
+            release or SAE id (all valid ids are listed).
+        FileNotFoundError: an existing path that is neither a ``.pt`` file nor a folder with
+            ``cfg.json``.
+        RegistrationError: (a ``ValueError``) a malformed ``cfg.json`` or weights file, or
+            weights holding NaN or Inf (the message names the file and the tensor).
+        MindchainCheckpointError: (a ``ValueError``) a broken mindchain file.
     """
     from sae_lens import SAE
 
-    if (path is None) == (release is None or sae_id is None):
-        raise ValueError("give either RELEASE and SAE_ID, or --path FOLDER_OR_PT")
-    if path is not None:
-        p = Path(path)
-        if p.is_file():
-            return SAE.load_from_disk(p, device=device, converter=mindchain.mindchain_disk_loader)
-        if (p / "cfg.json").is_file():
-            from sae_lens_t5gemma.loading.registration import check_cfg_json, read_saelens_folder
-
-            check_cfg_json(p)
-            return SAE.load_from_disk(p, device=device, converter=read_saelens_folder)
-        raise FileNotFoundError(f"{p}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
-    assert release is not None and sae_id is not None
+    p = Path(spec)
+    if p.is_file():
+        # absolute, not resolved: a hub-cache file is a symlink to a blob with no readable name
+        sae = SAE.load_from_disk(p, device=device, converter=mindchain.mindchain_disk_loader)
+        return sae, str(p.absolute())
+    if p.is_dir():
+        if not (p / "cfg.json").is_file():
+            raise FileNotFoundError(f"{p}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
+        check_cfg_json(p)
+        return SAE.load_from_disk(p, device=device, converter=read_saelens_folder), str(p.resolve())
+    release, sep, sae_id = str(spec).partition(":")
+    if not sep or not release or not sae_id:
+        raise ValueError(
+            f"SAE {str(spec)!r}: expected RELEASE:SAE_ID, a SAELens folder or a mindchain .pt file"
+        )
     check_sae_id(release, sae_id)
-    return SAE.from_pretrained(release=release, sae_id=sae_id, device=device)
+    from sae_lens_t5gemma._compat import read_gemma_scope_shapes_from_cache, saelens_release_directory
+
+    if saelens_release_directory()[release].conversion_func == "gemma_3":
+        read_gemma_scope_shapes_from_cache()  # Gemma Scope 2 must load offline from the cache too
+    return SAE.from_pretrained(release=release, sae_id=sae_id, device=device), str(spec)
 
 
 def _stats(t: torch.Tensor) -> dict[str, Any]:
@@ -102,8 +115,18 @@ def sae_stats(sae: Any) -> dict[str, Any]:
 def describe_sae(
     release: str | None = None, sae_id: str | None = None, path: str | Path | None = None, device: str = "cpu"
 ) -> str:
-    """Text for ``sae-lens-t5gemma inspect``: config, shapes and weight statistics."""
-    sae = load_sae(release, sae_id, path, device)
+    """Text for ``sae-lens-t5gemma inspect``: config, shapes and weight statistics.
+
+    Give either ``release`` and ``sae_id``, or ``path`` (a SAELens folder or a mindchain ``.pt``).
+
+    Raises:
+        ValueError: neither or both of (release, sae_id) and path; see :func:`load_sae_spec`.
+    """
+    if (path is None) == (release is None or sae_id is None):
+        raise ValueError("give either RELEASE and SAE_ID, or --path FOLDER_OR_PT")
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{path}: neither a mindchain .pt file nor a SAELens folder with cfg.json")
+    sae, _ = load_sae_spec(path if path is not None else f"{release}:{sae_id}", device)
     st = sae_stats(sae)
     what = str(path) if path is not None else f"{release} / {sae_id}"
     lines = [f"SAE {what}: {type(sae).__name__}", "config:"]

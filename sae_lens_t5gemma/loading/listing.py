@@ -1,14 +1,16 @@
-"""The package's own releases as text, from its YAML alone: no torch, no SAELens.
+"""The text of ``sae-lens-t5gemma list``: one block per release, with ids, paths and hook names.
 
-``sae-lens-t5gemma list`` must answer at once, and importing SAELens takes seconds. This
-module reads ``pretrained_saes.yaml`` (the file :func:`registration.register` registers) and
-names each SAE's hook from its mindchain file name, with :mod:`sites`. The text is the same
-as :func:`registration.format_releases` gives for these releases (a test checks it).
+:func:`format_release` lays out one release; :func:`registration.format_releases` uses it for
+every registered release. ``list`` must answer at once, and importing SAELens takes seconds,
+so :func:`format_package_releases` gives the package's own releases from its
+``pretrained_saes.yaml`` alone (no torch, no SAELens), naming each SAE's hook from its
+mindchain file name with :mod:`sites`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import PurePosixPath
 
@@ -21,10 +23,32 @@ _MINDCHAIN_FILE = re.compile(r"^sae_(encoder|decoder)_(\d+)\.pt$")
 _MINDCHAIN_LOADER = "mindchain_t5gemma2"
 
 
-def _hooks(conversion_func: str | None, path: str) -> tuple[str, str]:
+def format_release(
+    name: str,
+    repo_id: str,
+    model: str,
+    loader: str | None,
+    saes: Sequence[tuple[str, str, str | None, str | None]],
+) -> list[str]:
+    """Lines of one release: a header, then ``id path hook_name hf_hook_name`` per SAE.
+
+    Args:
+        saes: ``(id, path, hook_name, hf_hook_name)``; an unknown hook name (None) shows as ``?``.
+    """
+    lines = [f"{name}  (repo {repo_id}, model {model}, loader {loader or 'sae_lens'}, {len(saes)} SAEs)"]
+    rows = [("id", "path", "hook_name", "hf_hook_name")]
+    rows += [(sae_id, path, hook or "?", hf or "?") for sae_id, path, hook, hf in saes]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines += [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows
+    ]
+    return lines + merged_attention_line([r[2] for r in rows[1:]])
+
+
+def _hooks(conversion_func: str | None, path: str) -> tuple[str | None, str | None]:
     m = _MINDCHAIN_FILE.match(PurePosixPath(path).name)
     if conversion_func != _MINDCHAIN_LOADER or not m:
-        return "?", "?"
+        return None, None
     s = site(m.group(1), int(m.group(2)), "attn_out")
     return s.hook_name, s.hf_module
 
@@ -35,16 +59,6 @@ def format_package_releases() -> str:
     lines: list[str] = []
     for name, rel in releases.items():
         loader = rel.get("conversion_func")
-        saes = rel.get("saes", [])
-        lines.append(
-            f"{name}  (repo {rel['repo_id']}, model {rel['model']}, loader {loader or 'sae_lens'}, {len(saes)} SAEs)"
-        )
-        rows = [("id", "path", "hook_name", "hf_hook_name")]
-        rows += [(s["id"], s["path"], *_hooks(loader, s["path"])) for s in saes]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines += [
-            "  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
-            for r in rows
-        ]
-        lines += merged_attention_line([r[2] for r in rows[1:]])
+        saes = [(s["id"], s["path"], *_hooks(loader, s["path"])) for s in rel.get("saes", [])]
+        lines += format_release(name, rel["repo_id"], rel["model"], loader, saes)
     return "\n".join(lines)

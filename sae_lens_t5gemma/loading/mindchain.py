@@ -18,7 +18,8 @@ As SAELens does for its own formats (``sae_lens/loading/pretrained_sae_loaders.p
 
 Every check of the file happens in :func:`read_checkpoint`, so each of the three layers
 gives the same clear errors. The training history is kept in
-``sae.cfg.metadata.training_history``; :func:`training_history` reads it back.
+``sae.cfg.metadata.training_history`` (bounded by :mod:`.mindchain_history`, whose
+:func:`~.mindchain_history.training_history` reads it back).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import math
 import numbers
 import pickle
 import re
-import reprlib
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -39,12 +39,14 @@ from typing import Any
 
 import torch
 
+from sae_lens_t5gemma.loading.hub import download
+from sae_lens_t5gemma.loading.mindchain_history import bounded_history
+from sae_lens_t5gemma.loading.untrusted import short_repr, structural_problem
 from sae_lens_t5gemma.model.sites import STACKS, Site, site
+from sae_lens_t5gemma.model.sizes import T5GEMMA2_MODEL
 
 MINDCHAIN_LOADER = "mindchain_t5gemma2"
 """Name of this converter in SAELens' loader tables and in ``conversion_func``."""
-MINDCHAIN_REPO = "mindchain/t5gemma2-sae-all-layers"
-T5GEMMA2_MODEL = "google/t5gemma-2-270m-270m"
 
 # The card gives no sequence length. 128 tokens is what the card's training recipe
 # (1,500 short text samples, batch size 2) suggests; override it with cfg_overrides.
@@ -63,18 +65,11 @@ ASSUMED = {
 MODEL_FROM_PRETRAINED_KWARGS = {"dtype": "float16"}
 
 TENSOR_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
-OPTIONAL_FIELDS = ("layer_type", "layer_idx", "d_in", "d_sae")
-"""Cross-checks where present; a file may hold only the four tensors."""
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_LAYER = 999
 MAX_WIDTH = 2**24
 MAX_PICKLE_BYTES = 16 * 2**20
 """Largest pickle record (the non-tensor part of a file) that is unpickled."""
-HISTORY_KEEP = 1000
-"""Values kept at the end of each history sequence (the rest is summarised)."""
-HISTORY_MAX_DEPTH = 8
-HISTORY_MAX_KEYS = 64
-HISTORY_MAX_ITEMS = 20_000
 
 _FILENAME_RE = re.compile(r"^sae_(encoder|decoder)_(\d+)\.pt$")
 
@@ -123,18 +118,6 @@ def site_for_filename(path: str | Path) -> Site | None:
 
 def _fail(path: Path, problem: str) -> MindchainCheckpointError:
     return MindchainCheckpointError(f"{path}: {problem}")
-
-
-# Values from a file go into error messages through this: bounded depth and length, so a
-# deeply nested or huge value can neither recurse nor flood the message.
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 3, 6, 6, 6
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
-
-
-def short_repr(value: Any) -> str:
-    """``repr`` bounded in depth and length (for error messages about file contents)."""
-    return _REPR.repr(value)
 
 
 @functools.cache
@@ -217,128 +200,6 @@ def _load_pickle(path: Path) -> Any:
         ) from e
 
 
-# ------------------------------------------------------------------------ the history
-
-
-class _Trimmer:
-    """Turns a training history into bounded, standard JSON (no NaN/Infinity), with notes.
-
-    Long sequences keep their last :data:`HISTORY_KEEP` values plus a summary; values
-    nested deeper than :data:`HISTORY_MAX_DEPTH` and anything past :data:`HISTORY_MAX_ITEMS`
-    scalars are dropped. Nothing here recurses deeper than the depth bound.
-    """
-
-    def __init__(self) -> None:
-        self.items = 0
-        self.notes: list[str] = []
-        self.summary: dict[str, Any] = {}
-
-    def note(self, text: str) -> None:
-        if len(self.notes) < 10:
-            self.notes.append(text)
-
-    def scalar(self, v: Any, where: str) -> Any:
-        self.items += 1
-        if isinstance(v, bool) or v is None:
-            return v
-        if isinstance(v, numbers.Integral):
-            v = int(v)
-            return v if abs(v) < 2**63 else float(v) if abs(v) < 10**300 else None
-        if isinstance(v, numbers.Real):
-            f = float(v)
-            if not math.isfinite(f):
-                self.note(f"{where}: non-finite value written as null")
-                return None
-            return f
-        if isinstance(v, str):
-            return v if len(v) <= 1000 else v[:1000] + "..."
-        return short_repr(v)
-
-    def sequence(self, values: list[Any] | torch.Tensor, where: str, depth: int) -> list[Any]:
-        n = len(values) if not isinstance(values, torch.Tensor) else values.numel()
-        if n > HISTORY_KEEP:
-            self.summary[where] = self.summarise(values)
-            self.note(f"{where}: {n} values, kept the last {HISTORY_KEEP} and a summary")
-        tail = values[-HISTORY_KEEP:] if n > HISTORY_KEEP else values
-        if isinstance(tail, torch.Tensor):
-            tail = tail.tolist()
-        return [self.value(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(tail)]
-
-    @staticmethod
-    def summarise(values: list[Any] | torch.Tensor) -> dict[str, Any]:
-        if isinstance(values, torch.Tensor):
-            t = values.detach().reshape(-1)
-        else:
-            nums = [float(v) for v in values if isinstance(v, numbers.Real) and not isinstance(v, bool)]
-            t = torch.tensor(nums, dtype=torch.float64)
-        fin = t[torch.isfinite(t)] if t.is_floating_point() else t
-        out: dict[str, Any] = {"count": int(t.numel()), "non_finite": int(t.numel() - fin.numel())}
-        if fin.numel():
-            out |= {
-                "first": float(fin[0]),
-                "last": float(fin[-1]),
-                "min": float(fin.min()),
-                "max": float(fin.max()),
-                "mean": float(fin.double().mean()),
-            }
-        return out
-
-    def tensor(self, t: torch.Tensor, where: str, depth: int) -> Any:
-        problem = _structural_problem(t)
-        if problem is not None:
-            self.note(f"{where}: dropped a tensor that {problem}")
-            return None
-        if t.numel() == 1:
-            return self.scalar(t.item(), where)
-        return self.sequence(t.reshape(-1) if t.ndim != 1 else t, where, depth)
-
-    def value(self, v: Any, where: str, depth: int = 0) -> Any:
-        if self.items >= HISTORY_MAX_ITEMS:
-            if self.items == HISTORY_MAX_ITEMS:
-                self.note(f"more than {HISTORY_MAX_ITEMS} values; the rest from {where} on dropped")
-                self.items += 1
-            return None
-        if depth > HISTORY_MAX_DEPTH:
-            self.note(f"{where}: nested deeper than {HISTORY_MAX_DEPTH} levels, dropped")
-            return None
-        if isinstance(v, torch.Tensor):
-            return self.tensor(v, where, depth)
-        if hasattr(v, "tolist") and type(v).__module__ == "numpy":
-            if getattr(v, "ndim", 0) == 0:
-                return self.scalar(v.item(), where)
-            return self.sequence(
-                torch.from_numpy(v.reshape(-1)) if v.dtype.kind in "fiub" else list(v), where, depth
-            )
-        if isinstance(v, dict):
-            out = {}
-            for i, (k, item) in enumerate(v.items()):
-                if i >= HISTORY_MAX_KEYS:
-                    self.note(f"{where}: more than {HISTORY_MAX_KEYS} keys, the rest dropped")
-                    break
-                key = str(k) if isinstance(k, (str, int, float, bool)) else short_repr(k)
-                out[key[:200]] = self.value(item, f"{where}.{key[:40]}" if where else key[:40], depth + 1)
-            return out
-        if isinstance(v, (list, tuple)):
-            return self.sequence(list(v), where, depth)
-        return self.scalar(v, where)
-
-
-def bounded_history(history: Any, path: Path | str = "") -> tuple[dict[str, Any], dict[str, Any]]:
-    """A training history as small, standard JSON, and a summary of what was trimmed.
-
-    Returns:
-        ``(history, summary)``: the history (dict; a non-dict history goes under ``raw``)
-        with long sequences cut to their last values and non-finite numbers as ``null``;
-        ``summary`` maps each cut sequence to its count, first/last/min/max/mean. A
-        ``UserWarning`` naming ``path`` says what was dropped, if anything.
-    """
-    trim = _Trimmer()
-    out = trim.value(history if isinstance(history, dict) else {"raw": history}, "")
-    if trim.notes:
-        warnings.warn(f"{path}: training history trimmed: " + "; ".join(trim.notes), stacklevel=3)
-    return out, trim.summary
-
-
 # ------------------------------------------------------------------------ the tensors
 
 
@@ -347,47 +208,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _shape(t: torch.Tensor) -> list[int]:
-    return list(t.shape)
-
-
-def _overlaps(t: torch.Tensor) -> bool:
-    """Whether two indices of ``t`` address the same element (stride 0, or a self-overlapping view)."""
-    span = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n > 1):
-        if stride < span:
-            return True
-        span = stride * size
-    return False
-
-
-def _structural_problem(t: torch.Tensor) -> str | None:
-    """Why a tensor cannot be read safely (from its metadata alone), or None.
-
-    Nothing here touches the tensor's data, so it allocates nothing.
-    """
-    if t.layout != torch.strided:
-        return (
-            f"is a {str(t.layout).removeprefix('torch.')} tensor; only dense (strided) tensors are accepted"
-        )
-    if t.device.type != "cpu":
-        extra = " (a tensor without data)" if t.device.type == "meta" else ""
-        return f"is on device {t.device}{extra}; only tensors stored in the file are accepted"
-    zero = [d for d, (s, n) in enumerate(zip(t.stride(), t.shape, strict=True)) if s == 0 and n > 1]
-    if zero:
-        return (
-            f"has stride 0 along dim {zero[0]} (an expanded view: {t.untyped_storage().nbytes():,} stored bytes "
-            f"posing as {t.numel():,} elements); refused before allocating it"
-        )
-    if _overlaps(t):
-        return f"is a view whose elements overlap (strides {list(t.stride())}, shape {_shape(t)})"
-    return None
-
-
 def _check_tensor(path: Path, key: str, t: Any) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise _fail(path, f"{key} is a {type(t).__name__}, expected a floating-point tensor")
-    problem = _structural_problem(t)
+    problem = structural_problem(t)
     if problem is not None:
         raise _fail(path, f"{key} {problem}")
     if not t.is_floating_point():
@@ -440,7 +264,7 @@ def _check_shapes(path: Path, tensors: dict[str, torch.Tensor], d_in: int, d_sae
             raise _fail(
                 path,
                 f"the fields d_in={d_in}, d_sae={d_sae} disagree with the tensors, which have "
-                f"d_in={t_in}, d_sae={t_sae} (W_enc {_shape(tensors['W_enc'])}, W_dec {_shape(tensors['W_dec'])})",
+                f"d_in={t_in}, d_sae={t_sae} (W_enc {list(tensors['W_enc'].shape)}, W_dec {list(tensors['W_dec'].shape)})",
             )
     names = {"W_enc": "[d_in, d_sae]", "b_enc": "[d_sae]", "W_dec": "[d_sae, d_in]", "b_dec": "[d_in]"}
     problems = []
@@ -717,75 +541,6 @@ def mindchain_disk_loader(
     return cfg, _state_dict(ckpt, cfg)
 
 
-CONNECT_TIMEOUT = 5.0
-"""Seconds to wait for the hub before deciding there is no network (a cached file needs none)."""
-
-
-def _hub_fix(repo_id: str) -> str:
-    return f"or on a machine with network run `hf download {repo_id}` and point HF_HUB_CACHE at that cache."
-
-
-def download(repo_id: str, filename: str, force_download: bool = False) -> Path:
-    """A hub file's local path: the cached copy if there is one, else ``hf_hub_download``.
-
-    A cached file is used without asking the hub (as ``HF_HUB_OFFLINE`` would), which makes
-    a warm load independent of the network. A missing file fails fast: one short request
-    tells whether the hub can be reached, instead of huggingface_hub's retry loop.
-
-    Raises:
-        FileNotFoundError: the file is not cached and the hub cannot be reached (or
-            ``HF_HUB_OFFLINE`` is set), or the repo has no such file; the message says how to fix it.
-    """
-    from huggingface_hub import (
-        constants,
-        get_hf_file_metadata,
-        hf_hub_download,
-        hf_hub_url,
-        try_to_load_from_cache,
-    )
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    if not force_download:
-        cached = try_to_load_from_cache(repo_id, filename)
-        if isinstance(cached, str):
-            return Path(cached)
-    cache = constants.HF_HUB_CACHE
-    if constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(
-            f"{repo_id}/{filename}: not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set. "
-            f"To fix: unset HF_HUB_OFFLINE and retry with network; {_hub_fix(repo_id)}"
-        )
-
-    def no_network(e: BaseException) -> FileNotFoundError:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else "(no message)"
-        return FileNotFoundError(
-            f"{repo_id}/{filename}: no network and no cached copy: the hub ({constants.ENDPOINT}) cannot be "
-            f"reached ({type(e).__name__}: {reason}) and the file is not in the local Hugging Face cache "
-            f"({cache}). To fix: connect to the network and retry; {_hub_fix(repo_id)}"
-        )
-
-    try:
-        # One short request without retries: a cached miss must not wait out a retry loop.
-        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=CONNECT_TIMEOUT)
-    except EntryNotFoundError as e:
-        raise FileNotFoundError(f"{repo_id}: the repo has no file {filename!r}") from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"{repo_id}: no such Hugging Face repo (or it is private)") from e
-    except HfHubHTTPError:
-        raise  # the hub answered (401, 500, ...): its own message says why
-    except Exception as e:  # connection refused, DNS, timeout: httpx's and the OS's errors
-        raise no_network(e) from e
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, force_download=force_download))
-    except LocalEntryNotFoundError as e:
-        raise no_network(e) from e
-
-
 def get_mindchain_config_from_hf(
     repo_id: str,
     folder_name: str,
@@ -823,23 +578,3 @@ def mindchain_huggingface_loader(
     source = {"source_repo_id": repo_id, "source_file": folder_name}
     cfg = config_from_checkpoint(ckpt, device, cfg_overrides, source)
     return cfg, _state_dict(ckpt, cfg), None
-
-
-def training_history(sae_or_cfg: Any) -> dict[str, Any]:
-    """The mindchain training history (``{"loss": [...], "l0": [...]}``) of a loaded SAE.
-
-    Accepts an ``SAE``, its ``cfg``, or a config dict (as returned by
-    ``SAE.from_pretrained_with_cfg_and_sparsity``). Empty if the SAE carries none.
-    """
-    cfg = getattr(sae_or_cfg, "cfg", sae_or_cfg)
-    metadata = cfg.get("metadata", {}) if isinstance(cfg, dict) else cfg.metadata
-    history = metadata.get("training_history") if metadata is not None else None
-    return dict(history) if history else {}
-
-
-def final_l0(history: dict[str, Any]) -> float | None:
-    """The last recorded L0 of a training history, if it has one."""
-    l0 = history.get("l0")
-    if isinstance(l0, list) and l0 and isinstance(l0[-1], (int, float)) and math.isfinite(l0[-1]):
-        return float(l0[-1])
-    return None

@@ -133,6 +133,8 @@ class ModelSize:
     vision: VisionDims
     stand_in_widths: tuple[int, int]
     """(hidden, intermediate) of the stand-ins; every other structural field is real."""
+    mindchain_repo: str | None = None
+    """The hub repo of the mindchain SAEs for this size (only 270M has them)."""
 
     def stand_in_text(self, model: str = "t5gemma2") -> TextDims:
         """Shrunk text dims of the ``"t5gemma2"`` or ``"gemma3"`` stand-in."""
@@ -179,6 +181,7 @@ SIZES: Mapping[str, ModelSize] = MappingProxyType(
             gemma3_text=_GEMMA3_270M,
             vision=VisionDims(),
             stand_in_widths=(64, 192),
+            mindchain_repo="mindchain/t5gemma2-sae-all-layers",
         ),
         "1b": ModelSize(
             name="1b",
@@ -206,6 +209,16 @@ SIZES: Mapping[str, ModelSize] = MappingProxyType(
         ),
     }
 )
+
+
+DEFAULT_SIZE = "270m"
+"""The size whose ids are the package's defaults (the mindchain SAEs were trained on it)."""
+# The default size's ids, read from SIZES (the one home of every hub id).
+T5GEMMA2_MODEL: str = SIZES[DEFAULT_SIZE].t5gemma2_id
+GEMMA3_MODEL: str = SIZES[DEFAULT_SIZE].gemma3_id
+GEMMA_SCOPE_REPO: str = SIZES[DEFAULT_SIZE].gemma_scope_repo
+GEMMA_SCOPE_RELEASES: Mapping[str, str] = SIZES[DEFAULT_SIZE].gemma_scope_releases
+MINDCHAIN_REPO: str = SIZES[DEFAULT_SIZE].mindchain_repo  # type: ignore[assignment]
 
 
 def get_size(size: str) -> ModelSize:

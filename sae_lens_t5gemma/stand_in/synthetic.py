@@ -18,23 +18,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# The stand-ins sit under the real ids, which live with the converter.
-from sae_lens_t5gemma.model import sizes as sizes
-from sae_lens_t5gemma.loading.mindchain import MINDCHAIN_REPO, T5GEMMA2_MODEL, mindchain_filename  # noqa: F401 (re-exported)
+from sae_lens_t5gemma._compat import hub_settings
+from sae_lens_t5gemma.loading.mindchain import mindchain_filename
 
-# Real 270m-270m text dimensions (see shared FACTS): used for benchmarks only.
-REAL_TEXT_DIMS: dict[str, Any] = dict(
-    hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-    num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
-    max_position_embeddings=32768, query_pre_attn_scalar=256,
-)  # fmt: skip
+# The stand-ins sit under the real ids, whose one home is model/sizes.py.
+from sae_lens_t5gemma.model import sizes as sizes
+from sae_lens_t5gemma.model.sizes import (  # noqa: F401 (the ids the stand-ins serve)
+    GEMMA3_MODEL,
+    GEMMA_SCOPE_RELEASES,
+    GEMMA_SCOPE_REPO,
+    MINDCHAIN_REPO,
+    T5GEMMA2_MODEL,
+)
+
 TINY_TEXT_DIMS: dict[str, Any] = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=1, head_dim=16, vocab_size=512, sliding_window=8,
@@ -57,7 +59,7 @@ def t5gemma2_config(real_dims: bool = False, size: str | None = None, **text_ove
     """A ``T5Gemma2Config`` with tiny (default) or real text dimensions.
 
     Args:
-        real_dims: the real text dimensions (of 270m-270m, or of ``size``), for benchmarks.
+        real_dims: the real text dimensions (of ``size``, 270m-270m by default), for benchmarks.
         size: ``"270m"``, ``"1b"`` or ``"4b"`` (see :data:`~sae_lens_t5gemma.model.sizes.SIZES`): a
             stand-in with that size's structure (layer pattern, heads, KV heads, head_dim,
             RoPE bases and scaling, sliding window, soft-caps, ``query_pre_attn_scalar``) and
@@ -70,15 +72,15 @@ def t5gemma2_config(real_dims: bool = False, size: str | None = None, **text_ove
     """
     from transformers import T5Gemma2Config
 
-    if size is not None:
-        spec = sizes.get_size(size)
+    if size is not None or real_dims:
+        spec = sizes.get_size(size or sizes.DEFAULT_SIZE)
         dims = spec.t5gemma2_text if real_dims else spec.stand_in_text("t5gemma2")
         text = dims.config_kwargs()
         if "num_hidden_layers" in text_overrides and "layer_types" not in text_overrides:
             text["layer_types"] = list(sizes.gemma3_layer_types(text_overrides["num_hidden_layers"]))
         text.update(text_overrides)
     else:
-        text = dict(REAL_TEXT_DIMS if real_dims else TINY_TEXT_DIMS)
+        text = dict(TINY_TEXT_DIMS)
         text.update(text_overrides)
         n = text["num_hidden_layers"]
         # Gemma 3's pattern: 5 sliding-window layers, then 1 full-attention layer.
@@ -86,7 +88,7 @@ def t5gemma2_config(real_dims: bool = False, size: str | None = None, **text_ove
             "layer_types",
             ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)],
         )
-        if n <= 2 and not real_dims and "layer_types" not in text_overrides:
+        if n <= 2 and "layer_types" not in text_overrides:
             text["layer_types"] = ["sliding_attention", "full_attention"][:n]
     text.update(bos_token_id=2, eos_token_id=1, pad_token_id=0)
     return T5Gemma2Config(
@@ -195,33 +197,6 @@ def write_hub_folder(cache_dir: str | Path, repo_id: str, folder: str | Path) ->
     return write_hub_repo(cache_dir, repo_id, payload)
 
 
-@contextlib.contextmanager
-def hub_settings(cache_dir: str | Path, offline: bool) -> Iterator[Path]:
-    """Point huggingface_hub at ``cache_dir``, online or offline, for a block; then restore.
-
-    huggingface_hub reads ``HF_HUB_CACHE``/``HF_HUB_OFFLINE`` once at import, so the
-    environment variables alone are not enough inside a running process; this sets both
-    the variables (for subprocesses) and the module constants (for this process).
-    """
-    from huggingface_hub import constants
-
-    cache_dir = Path(cache_dir)
-    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
-    saved = (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
-    os.environ["HF_HUB_CACHE"] = str(cache_dir)
-    os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
-    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache_dir), offline
-    try:
-        yield cache_dir
-    finally:
-        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def offline_hub(cache_dir: str | Path) -> contextlib.AbstractContextManager[Path]:
     """Serve the hub from ``cache_dir`` only, as ``HF_HUB_OFFLINE=1`` does, for a block."""
     return hub_settings(cache_dir, offline=True)
@@ -314,14 +289,6 @@ def write_stand_in_hub(cache_dir: str | Path, seed: int = 0, size: str | None = 
 
 # ------------------------------------------------------- Gemma 3 + Gemma Scope 2 (issue 5)
 
-GEMMA3_MODEL = "google/gemma-3-270m"
-GEMMA_SCOPE_REPO = "google/gemma-scope-2-270m-pt"
-# SAELens' Gemma Scope 2 releases whose every-layer folders the stand-in mirrors.
-GEMMA_SCOPE_RELEASES = {
-    "attn_out": "gemma-scope-2-270m-pt-att-all",
-    "resid_post": "gemma-scope-2-270m-pt-res-all",
-    "mlp_out": "gemma-scope-2-270m-pt-mlp-all",
-}
 # The transformers module each Gemma Scope 2 site reads (``hf_hook_point_in`` in config.json).
 GEMMA_SCOPE_HF_POINTS = {
     "attn_out": "model.layers.{layer}.self_attn.o_proj.input",

@@ -24,10 +24,11 @@ import yaml
 from sae_lens import SAE
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
 from sae_lens_t5gemma.loading.convert import REPO_ID_PLACEHOLDER, convert_snapshot, find_checkpoints
 from sae_lens_t5gemma.loading.mindchain import MindchainCheckpointError
-from sae_lens_t5gemma.loading.registration import lookup_from_yaml, register_release_yaml
+from sae_lens_t5gemma.loading.registration import register_release_yaml
+from sae_lens_t5gemma.loading.release_yaml import lookup_from_yaml
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 IDS = [f"{s}/layer_{n}" for s in ("encoder", "decoder") for n in range(18)]
 

@@ -21,7 +21,6 @@ import torch
 from huggingface_hub import hf_hub_download
 from sae_lens import SAE, StandardSAE
 
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
 from sae_lens_t5gemma.loading.mindchain import (
     CONTEXT_SIZE,
     MindchainCheckpointError,
@@ -29,9 +28,10 @@ from sae_lens_t5gemma.loading.mindchain import (
     mindchain_disk_loader,
     mindchain_huggingface_loader,
     read_checkpoint,
-    training_history,
 )
+from sae_lens_t5gemma.loading.mindchain_history import training_history
 from sae_lens_t5gemma.model.sites import site
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 RELEASE = "t5gemma2-270m-attn_out"
 D_IN, D_SAE = 64, 256

@@ -20,17 +20,17 @@ from safetensors.torch import save_file
 import sae_lens_t5gemma
 from sae_lens_t5gemma.loading import mindchain as mindchain
 from sae_lens_t5gemma.loading import registration as registration
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
+from sae_lens_t5gemma.loading import saelens_folder as saelens_folder
 from sae_lens_t5gemma.loading.registration import (
     LOCAL_LOADER,
-    RegistrationError,
     check_sae_id,
     register,
     register_loader,
     register_release_yaml,
-    release_yaml,
     valid_sae_ids,
 )
+from sae_lens_t5gemma.loading.release_yaml import RegistrationError, lookup_from_yaml, release_yaml
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 RELEASE = "t5gemma2-270m-attn_out"
 
@@ -65,7 +65,7 @@ def test_import_registers_all_three_tables():
         loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS["mindchain_t5gemma2"]
         is mindchain.get_mindchain_config_from_hf
     )
-    assert loaders.NAMED_PRETRAINED_SAE_LOADERS[LOCAL_LOADER] is registration.local_loader
+    assert loaders.NAMED_PRETRAINED_SAE_LOADERS[LOCAL_LOADER] is saelens_folder.local_loader
     assert sae_lens_t5gemma.register is register
 
 
@@ -106,7 +106,7 @@ def test_clash_with_saelens_release_is_an_error(tmp_path):
 def test_clash_with_saelens_loader_is_an_error():
     theirs = loaders.NAMED_PRETRAINED_SAE_LOADERS["gemma_3"]
     with pytest.raises(RegistrationError, match="Loader name 'gemma_3' is already used by SAELens"):
-        register_loader("gemma_3", registration.local_loader, registration.get_local_config)
+        register_loader("gemma_3", saelens_folder.local_loader, saelens_folder.get_local_config)
     assert loaders.NAMED_PRETRAINED_SAE_LOADERS["gemma_3"] is theirs
     assert loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS["gemma_3"] is loaders.get_gemma_3_config_from_hf
 
@@ -270,32 +270,30 @@ def test_release_yaml_round_trip():
             "saes": saes,
         }
     }
-    lookup = registration.lookup_from_yaml("rel", parsed["rel"])
+    lookup = lookup_from_yaml("rel", parsed["rel"])
     assert lookup.conversion_func is None and lookup.expected_l0 == {"encoder/layer_0": 12.5}
 
 
 def test_register_loader_and_release_primitives():
     def my_loader(repo_id, folder_name, device="cpu", force_download=False, cfg_overrides=None):
-        return registration.local_loader(repo_id, folder_name, device, force_download, cfg_overrides)
+        return saelens_folder.local_loader(repo_id, folder_name, device, force_download, cfg_overrides)
 
-    register_loader("t5g-test-loader", my_loader, registration.get_local_config)
-    register_loader("t5g-test-loader", my_loader, registration.get_local_config)  # identical: a no-op
+    register_loader("t5g-test-loader", my_loader, saelens_folder.get_local_config)
+    register_loader("t5g-test-loader", my_loader, saelens_folder.get_local_config)  # identical: a no-op
     assert loaders.NAMED_PRETRAINED_SAE_LOADERS["t5g-test-loader"] is my_loader
     with pytest.raises(
         RegistrationError, match="'t5g-test-loader' was registered earlier with other functions"
     ):
-        register_loader("t5g-test-loader", registration.local_loader, registration.get_local_config)
+        register_loader("t5g-test-loader", saelens_folder.local_loader, saelens_folder.get_local_config)
     assert loaders.NAMED_PRETRAINED_SAE_LOADERS["t5g-test-loader"] is my_loader
 
-    lookup = registration.lookup_from_yaml(
-        "t5g-test-primitive", yaml.safe_load(_release_text("x", loader="nope"))["x"]
-    )
+    lookup = lookup_from_yaml("t5g-test-primitive", yaml.safe_load(_release_text("x", loader="nope"))["x"])
     lookup.release = "t5g-test-primitive"
     with pytest.raises(RegistrationError, match="uses conversion_func 'nope', which is no registered loader"):
-        registration.register_release(lookup)
+        registration.register_release_lookup(lookup)
     lookup.conversion_func = "t5g-test-loader"
-    assert registration.register_release(lookup) is True
-    assert registration.register_release(lookup) is False
+    assert registration.register_release_lookup(lookup) is True
+    assert registration.register_release_lookup(lookup) is False
     assert get_pretrained_saes_directory()["t5g-test-primitive"].conversion_func == "t5g-test-loader"
 
 
