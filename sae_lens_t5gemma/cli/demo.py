@@ -3,7 +3,8 @@
 With no network it writes a throwaway hub cache with a tiny random T5Gemma 2 and 36
 mindchain-format SAEs under the real repo ids, switches huggingface_hub offline, and runs
 the same code a user runs online. Everything it prints is labelled SYNTHETIC.
-Each issue's part of the job is one section function below.
+Each issue's part of the job is one section function below. The stand-in is imported inside
+them: the command line builds this module's parser on every start-up.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
+from sae_lens_t5gemma.cli.options import add_command, add_device, add_dtype, resolve_device
+from sae_lens_t5gemma.model.sizes import T5GEMMA2_MODEL
 
 BANNER = "SYNTHETIC STAND-IN: random weights, tiny model; numbers say nothing about the real SAEs."
 
@@ -27,7 +29,7 @@ def section_load(cache: Path, out: Path, device: str = "cpu") -> None:
 
     from sae_lens import SAE
 
-    from sae_lens_t5gemma.loading.mindchain import final_l0, training_history
+    from sae_lens_t5gemma.loading.mindchain_history import final_l0, training_history
     from sae_lens_t5gemma.loading.registration import PACKAGE_RELEASE, valid_sae_ids
 
     print(f"\n== load: every SAE of {PACKAGE_RELEASE!r} via SAE.from_pretrained (SYNTHETIC weights) ==")
@@ -64,6 +66,7 @@ def section_hook_and_steer(
     from sae_lens_t5gemma.model.dtypes import dtype_name
     from sae_lens_t5gemma.model.hooked import load_t5gemma2
     from sae_lens_t5gemma.model.steering import top_features
+    from sae_lens_t5gemma.stand_in import synthetic
 
     t0 = time.perf_counter()
     online = model_name is not None
@@ -141,6 +144,8 @@ def _online_hub() -> contextlib.AbstractContextManager[Path]:
     """Undo ``synthetic.offline_hub`` for a block: the default hub cache, network allowed."""
     from huggingface_hub import constants
 
+    from sae_lens_t5gemma.stand_in import synthetic
+
     return synthetic.hub_settings(Path(constants.HF_HOME) / "hub", offline=False)
 
 
@@ -158,8 +163,9 @@ def section_train(cache: Path, out: Path, device: str = "cpu") -> None:
 
     from sae_lens import SAE
 
-    from sae_lens_t5gemma.training import runner as training
+    from sae_lens_t5gemma import training
     from sae_lens_t5gemma.model.hooked import load_t5gemma2
+    from sae_lens_t5gemma.stand_in import synthetic
 
     print(
         "\n== train: BatchTopK SAEs at encoder.5 and decoder.5 attn_out with SAELens' runners (SYNTHETIC) =="
@@ -220,6 +226,7 @@ def section_compare(cache: Path, out: Path, device: str = "cpu") -> None:
     import time
 
     from sae_lens_t5gemma.comparison.suite import compare, standard_pairs
+    from sae_lens_t5gemma.stand_in import synthetic
 
     print(
         "\n== compare: mindchain vs Gemma Scope 2; Gemma Scope 2 transferred onto T5Gemma 2's encoder and decoder, "
@@ -273,10 +280,12 @@ def section_dashboard(cache: Path, out: Path, device: str = "cpu") -> None:
 
     from sae_lens import SAE
 
-    from sae_lens_t5gemma.dashboard.pages import write_dashboard
-    from sae_lens_t5gemma.analysis.features import StatsConfig, corpus_stats
-    from sae_lens_t5gemma.model.hooked import load_t5gemma2
+    from sae_lens_t5gemma.analysis.feature_stats import corpus_stats
+    from sae_lens_t5gemma.analysis.stats_state import StatsConfig
     from sae_lens_t5gemma.dashboard.neuronpedia import export_neuronpedia
+    from sae_lens_t5gemma.dashboard.pages import write_dashboard
+    from sae_lens_t5gemma.model.hooked import load_t5gemma2
+    from sae_lens_t5gemma.stand_in import synthetic
 
     print("\n== dashboard: feature pages for encoder/layer_5 on the embedded corpus (SYNTHETIC) ==")
     t0 = time.perf_counter()
@@ -325,6 +334,7 @@ def models_in(dtype: str) -> Iterator[None]:
 
 def run_demo(args: argparse.Namespace) -> None:
     from sae_lens_t5gemma.model.dtypes import dtype_name, resolve_dtype
+    from sae_lens_t5gemma.stand_in import synthetic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,3 +366,26 @@ def run_demo(args: argparse.Namespace) -> None:
                 with one_thread() if tiny else contextlib.nullcontext():
                     sections[name](cache, out, device=device)
     print(BANNER)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "demo", help="the main job on the embedded synthetic stand-in (offline)")
+    p.add_argument("--out", default="out/demo", help="folder for the demo's files")
+    add_dtype(p, default="float32 on every machine, so the demo prints the same numbers everywhere")
+    add_device(p, "every model and SAE of the demo")
+    p.add_argument(
+        "--sections",
+        type=lambda t: [x for x in t.split(",") if x],
+        help="comma-separated subset of load,hook_and_steer,train,compare,diagnose,dashboard (default: all)",
+    )
+    p.add_argument(
+        "--model",
+        help="hook-and-steer on this model and the real mindchain SAE, from the hub (online), e.g. "
+        f"{T5GEMMA2_MODEL}; default: the offline stand-in under that id",
+    )
+
+    def run(a: argparse.Namespace) -> None:
+        a.device = resolve_device(a.device)
+        run_demo(a)
+
+    p.set_defaults(func=run)

@@ -19,9 +19,8 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
 from sae_lens_t5gemma.cli import main as cli
-
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
 from sae_lens_t5gemma.loading.inspection import sae_stats
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 RELEASE = "t5gemma2-270m-attn_out"
 
