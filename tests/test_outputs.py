@@ -24,12 +24,13 @@ import pytest
 import torch
 
 import sae_lens_t5gemma.outputs as outputs_module
+from sae_lens_t5gemma.analysis import feature_stats as F
+from sae_lens_t5gemma.analysis import stats_state as S
 from sae_lens_t5gemma.cli import main as cli
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
+from sae_lens_t5gemma.comparison import models as M
 from sae_lens_t5gemma.comparison import suite as C
-from sae_lens_t5gemma.dashboard import pages as D
-from sae_lens_t5gemma.analysis import features as F
 from sae_lens_t5gemma.dashboard import neuronpedia as N
+from sae_lens_t5gemma.dashboard import pages as D
 from sae_lens_t5gemma.outputs import (
     OUTPUTS_JOURNAL,
     OUTPUTS_MANIFEST,
@@ -39,9 +40,10 @@ from sae_lens_t5gemma.outputs import (
     lock_path,
     owned_outputs,
 )
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 TEXTS = synthetic.stand_in_texts()
-CFG = F.StatsConfig(top_k=4, n_samples=4, left=3, right=2, context_size=24, batch_size=8, chunk_rows=16)
+CFG = S.StatsConfig(top_k=4, n_samples=4, left=3, right=2, context_size=24, batch_size=8, chunk_rows=16)
 DEC = "decoder_blocks.1.self_attn.hook_out"
 
 
@@ -445,7 +447,7 @@ def test_compare_numbers_are_checked_up_front(tmp_path, capsys, monkeypatch, ext
     def no_hub(*a, **k):
         raise AssertionError("the stand-in hub was built")
 
-    monkeypatch.setattr(C, "stand_in_hub", no_hub)
+    monkeypatch.setattr(M, "stand_in_hub", no_hub)
     assert cli.main([*_compare_argv(tmp_path / "out", "--stand-in"), *extra]) == 2
     assert capsys.readouterr().err == message
     assert not (tmp_path / "out").exists()
@@ -474,7 +476,7 @@ def test_bad_utf8_is_named_by_file(tmp_path, capsys):
     for argv in (["--with", str(bad), "--without", str(good)], ["--with", str(good), "--without", str(bad)]):
         assert cli.main(["find-features", "some-sae", *argv]) == 2
         assert capsys.readouterr().err == (
-            f"error: Text file '{bad}' is not UTF-8 text (invalid continuation byte at byte 3)\n"
+            f"error: Texts file {bad} is not UTF-8 text (invalid continuation byte at byte 3).\n"
         )
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sae_lens_t5gemma.analysis.corpus import pad_id, text_batches
 from sae_lens_t5gemma.model.dtypes import dtype_name, to_sae
 
 CANDIDATES = ("prefix_lm", "reconstruct", "shifted_copy")
@@ -208,7 +209,7 @@ def diagnose(
     from sae_lens_t5gemma.loading.mindchain import final_l0, training_history
 
     special = torch.tensor(special_token_ids(model.tokenizer))
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model.tokenizer)
     pairs = [(b, _real_mask(b, pad)) if isinstance(b, torch.Tensor) else b for b in batches]
     pairs = [(t.to(model.cfg.device), m.to(model.cfg.device)) for t, m in pairs]
     keeps = [scored_positions(model, t, m, special) for t, m in pairs]
@@ -301,7 +302,7 @@ def diagnose_release(
     saes = {i: SAE.from_pretrained(release=release, sae_id=i, device=device) for i in ids}
     model = load_t5gemma2(directory[release].model, device=device, dtype=dtype)
     # One document per row, right-padded, its attention mask kept (cut to the context first).
-    tokens, mask = model._tokenize(list(texts or stand_in_texts()), truncate=True)
-    tokens, mask = tokens[:, :context_size], mask[:, :context_size]
-    batches = list(zip(tokens.split(batch_size), mask.split(batch_size), strict=True))[: n_batches or None]
+    context = min(context_size, model.cfg.n_ctx)
+    batches = text_batches(model.tokenizer, list(texts or stand_in_texts()), context, batch_size)
+    batches = batches[: n_batches or None]
     return diagnose(model, saes, batches, synthetic=synthetic)

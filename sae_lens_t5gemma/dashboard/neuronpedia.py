@@ -25,7 +25,7 @@ Explanations are not part of the runner's output: Neuronpedia makes them after i
 What differs, and where the T5Gemma 2 facts go:
 
 - decoder sites: ``pos``/``neg`` are the direct-path logit effects of
-  :func:`features.logit_effects` (approximations stated there); encoder sites have no logit
+  :func:`effects.logit_effects` (approximations stated there); encoder sites have no logit
   path, so they hold the ablation effects (promoted / suppressed tokens) when ``ablation=True``
   and are empty otherwise;
 - the activation histogram has log-spaced bins (SAEDashboard's are linear);
@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_lens_t5gemma.analysis.features import FeatureStats, SAEInfo
+from sae_lens_t5gemma.analysis.feature_stats import FeatureStats
+from sae_lens_t5gemma.analysis.stats_state import SAEInfo
 from sae_lens_t5gemma.outputs import OutputRun, owned_outputs
 
 if TYPE_CHECKING:
@@ -331,7 +332,7 @@ def export_neuronpedia(
 def _export(model: HookedT5Gemma2, sae: SAE[Any], stats: FeatureStats, out: Path, run: OutputRun, key: str, info: SAEInfo,
             chosen: list[int], fired: list[int], set_name: str | None, features_per_batch: int, ablation: bool,
             dataset: str | Path | None, texts: Sequence[str] | None, k: int) -> list[Path]:  # fmt: skip
-    from sae_lens_t5gemma.analysis.features import (
+    from sae_lens_t5gemma.analysis.effects import (
         ablation_effects,
         decoder_logit_vectors,
         logit_effects,

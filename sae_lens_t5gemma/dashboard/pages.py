@@ -15,7 +15,7 @@ be installed beside this package: it pins ``transformer-lens<3`` / ``transformer
 The output folder holds one run's files only (:func:`outputs.owned_outputs`): it is locked
 while written, every file is written atomically and never through a symlink, and the pages
 and export files of an earlier run that this run did not write again are removed at the end
-(files the package did not write are left alone; ``stats/`` is :func:`features.corpus_stats`'
+(files the package did not write are left alone; ``stats/`` is :func:`feature_stats.corpus_stats`'
 own, where a symlink is refused). Features whose activations hold NaN or Inf are reported as
 non-finite, never as dead.
 """
@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_lens_t5gemma.analysis.features import Example, FeatureEffect, FeatureStats, SAEInfo
-from sae_lens_t5gemma.outputs import OutputRun, owned_outputs, refuse_symlinks
+from sae_lens_t5gemma.analysis.effects import FeatureEffect
+from sae_lens_t5gemma.analysis.feature_stats import Example, FeatureStats
+from sae_lens_t5gemma.analysis.stats_state import SAEInfo
 from sae_lens_t5gemma.model.sites import IMAGE_TOKEN_LABEL
+from sae_lens_t5gemma.outputs import OutputRun, owned_outputs, refuse_symlinks
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -210,7 +212,7 @@ def feature_effect(
     vectors: tuple[torch.Tensor, str] | None = None,
 ) -> FeatureEffect | None:
     """Logit effects at decoder sites, ablation effects at encoder sites (None where unavailable)."""
-    from sae_lens_t5gemma.analysis.features import ablation_effects, logit_effect_vectors, logit_effects
+    from sae_lens_t5gemma.analysis.effects import ablation_effects, logit_effect_vectors, logit_effects
 
     info = stats.info(key)
     if info.stack == "decoder":
@@ -242,7 +244,7 @@ def write_dashboard(
     Args:
         model: the model the statistics were made on (for the logit/ablation effects).
         sae: the SAE.
-        stats: from :func:`features.corpus_stats` (or ``FeatureStats.load``).
+        stats: from :func:`feature_stats.corpus_stats` (or ``FeatureStats.load``).
         out: the folder for the pages.
         features: which features; default the ``n_features`` densest ones that fired.
         key: the SAE's key in ``stats`` (default: its only SAE).
@@ -278,7 +280,8 @@ def _write_pages(model: HookedT5Gemma2, sae: SAE[Any], stats: FeatureStats, out:
                  progress: bool, run: OutputRun) -> Path:  # fmt: skip
     from tqdm.auto import tqdm
 
-    from sae_lens_t5gemma.analysis.features import log10_density, rows_by_index
+    from sae_lens_t5gemma.analysis.effects import rows_by_index
+    from sae_lens_t5gemma.analysis.feature_stats import log10_density
 
     info = stats.info(key)
     density = stats.density(key)
@@ -292,7 +295,7 @@ def _write_pages(model: HookedT5Gemma2, sae: SAE[Any], stats: FeatureStats, out:
         wanted = {e.row for f in features for e in stats.top_examples(key, f)}
         rows = rows_by_index(model, dataset, wanted, stats.meta["config"]["context_size"], texts=texts,
                              split=stats.meta.get("split", "train"))  # fmt: skip
-    from sae_lens_t5gemma.analysis.features import decoder_logit_vectors
+    from sae_lens_t5gemma.analysis.effects import decoder_logit_vectors
 
     vectors = decoder_logit_vectors(model, sae, info.stack)
     common = {"meta": stats.meta, "info": _info_view(info), "synthetic": synthetic}
@@ -377,7 +380,7 @@ def run_dashboard(
 ) -> Path:
     """The ``dashboard`` command: load the model and SAE, gather statistics, write pages and export.
 
-    Writes ``out/stats/`` (see :mod:`features`), ``out/index.html`` + ``out/feature_<f>.html``
+    Writes ``out/stats/`` (see :mod:`feature_stats`), ``out/index.html`` + ``out/feature_<f>.html``
     and, with ``neuronpedia``, ``out/neuronpedia/`` (see :mod:`neuronpedia`). ``stand_in``
     runs offline on the synthetic stand-in hub (tiny random model, random SAEs), and uses
     its embedded corpus when no dataset is given. Returns the index page's path.
@@ -389,9 +392,9 @@ def run_dashboard(
     """
     import contextlib
 
-    from sae_lens_t5gemma.stand_in import synthetic as synthetic
-    from sae_lens_t5gemma.analysis.features import corpus_stats
+    from sae_lens_t5gemma.analysis.feature_stats import corpus_stats
     from sae_lens_t5gemma.model.hooked import load_t5gemma2
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
     if dataset is None and not stand_in:
         raise ValueError("--dataset is required: a Hugging Face dataset name or local .txt/.jsonl files")
@@ -400,7 +403,7 @@ def run_dashboard(
     check_features(features, None)  # types and signs now; the width once the SAE is loaded
     context: Any = contextlib.nullcontext()
     if stand_in:
-        from sae_lens_t5gemma.comparison.suite import stand_in_hub
+        from sae_lens_t5gemma.comparison.models import stand_in_hub
 
         context = stand_in_hub()
     out = Path(out)
@@ -438,20 +441,6 @@ def _key_for(sae: SAE[Any]) -> str:
     return sites_mod.resolve(sae.cfg.metadata.hook_name).friendly
 
 
-def _read_lines(path: str | Path) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"Text file {str(p)!r} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"Text file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"Text file {str(p)!r} holds no texts")
-    return lines
-
-
 def run_find_features(
     sae_spec: str,
     with_file: str | Path,
@@ -470,15 +459,16 @@ def run_find_features(
     ``encoder_reads_whole_text`` an encoder SAE's encoder reads each whole text instead."""
     import contextlib
 
-    from sae_lens_t5gemma.stand_in import synthetic as synthetic
-    from sae_lens_t5gemma.analysis.features import find_features
+    from sae_lens_t5gemma.analysis.corpus import read_texts
+    from sae_lens_t5gemma.analysis.search import find_features
     from sae_lens_t5gemma.model.hooked import load_t5gemma2
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
     _positive("k (-k)", k)
-    texts_with, texts_without = _read_lines(with_file), _read_lines(without_file)
+    texts_with, texts_without = read_texts(with_file), read_texts(without_file)
     context: Any = contextlib.nullcontext()
     if stand_in:
-        from sae_lens_t5gemma.comparison.suite import stand_in_hub
+        from sae_lens_t5gemma.comparison.models import stand_in_hub
 
         context = stand_in_hub()
     with context:

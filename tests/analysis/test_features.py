@@ -1,4 +1,4 @@
-"""Corpus statistics, feature effects and find_features (features.py) on a tiny random T5Gemma 2.
+"""Corpus statistics, feature effects and find_features (feature_stats, effects, search) on a tiny random T5Gemma 2.
 
 Covers: the streamed top examples equal a brute-force top-k over every counted position
 (encoder and decoder SAEs, prefix_lm and reconstruct), densities and histogram totals match
@@ -16,12 +16,16 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
-from sae_lens_t5gemma.analysis import features as F
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
+from sae_lens_t5gemma.analysis import activations as A
+from sae_lens_t5gemma.analysis import corpus, search
+from sae_lens_t5gemma.analysis import effects as E
+from sae_lens_t5gemma.analysis import feature_stats as F
+from sae_lens_t5gemma.analysis import stats_state as S
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 TEXTS = synthetic.stand_in_texts()
-CFG = F.StatsConfig(top_k=4, n_samples=6, left=3, right=2, context_size=24, batch_size=4, chunk_rows=8)
+CFG = S.StatsConfig(top_k=4, n_samples=6, left=3, right=2, context_size=24, batch_size=4, chunk_rows=8)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ ENC = "encoder_blocks.1.attn.hook_out"
 DEC = "decoder_blocks.1.self_attn.hook_out"
 
 
-def brute_force(model: HookedT5Gemma2, sae, rows: list[list[int]], cfg: F.StatsConfig):
+def brute_force(model: HookedT5Gemma2, sae, rows: list[list[int]], cfg: S.StatsConfig):
     """Every counted activation of every feature, batched exactly as corpus_stats batches."""
     pad = model.tokenizer.pad_token_id
     records = []  # (feature, value, row, pos)
@@ -57,8 +61,8 @@ def brute_force(model: HookedT5Gemma2, sae, rows: list[list[int]], cfg: F.StatsC
         chunk = sorted(indexed[c : c + cfg.chunk_rows], key=lambda x: (len(x[1]), x[0]))
         for b in range(0, len(chunk), cfg.batch_size):
             part = chunk[b : b + cfg.batch_size]
-            tokens, mask = F._pad_batch([r for _, r in part], pad, model.cfg.device)
-            (acts,), (valid,), _ = F.feature_acts(model, [sae], tokens, mask)
+            tokens, mask = corpus.pad_batch([r for _, r in part], pad, model.cfg.device)
+            (acts,), (valid,), _ = A.feature_acts(model, [sae], tokens, mask)
             n_tokens += int(valid.sum())
             fires += (acts > 0).sum((0, 1))
             for i, (row, _) in enumerate(part):
@@ -78,7 +82,7 @@ def test_top_examples_and_density_equal_brute_force(model, hook, convention):
         sae = make_sae(hook, seed=3)
         stats = F.corpus_stats(model, sae, texts=TEXTS, config=CFG, progress=False)
         key = stats.keys[0]
-        rows = [F.tokenize_row(model, t, CFG.context_size) for t in TEXTS]
+        rows = [corpus.tokenize_row(model.tokenizer, t, CFG.context_size) for t in TEXTS]
         records, n_tokens, fires = brute_force(model, sae, rows, CFG)
     finally:
         model.convention = "prefix_lm"
@@ -117,9 +121,11 @@ def test_special_and_uncovered_positions_never_count(model):
     pad = model.tokenizer.pad_token_id
     expected = 0
     for c in range(0, 6, CFG.chunk_rows):
-        chunk = sorted(TEXTS[:6][c : c + CFG.chunk_rows], key=lambda t: len(F.tokenize_row(model, t, 24)))
+        chunk = sorted(
+            TEXTS[:6][c : c + CFG.chunk_rows], key=lambda t: len(corpus.tokenize_row(model.tokenizer, t, 24))
+        )
         for b in range(0, len(chunk), CFG.batch_size):
-            rows = [F.tokenize_row(model, t, 24) for t in chunk[b : b + CFG.batch_size]]
+            rows = [corpus.tokenize_row(model.tokenizer, t, 24) for t in chunk[b : b + CFG.batch_size]]
             n = max(len(r) for r in rows)
             p = n // 2
             expected += sum(max(0, len(r) - p) for r in rows)
@@ -151,7 +157,7 @@ def test_resume_equals_one_pass_and_folder_reloads(model, tmp_path):
     assert loaded.top_examples("dec", 2)[0].tokens == full.top_examples("dec", 2)[0].tokens
     with pytest.raises(ValueError, match="its config is"):
         F.corpus_stats(model, saes, texts=TEXTS, out=tmp_path / "part", resume=True, progress=False,
-                       config=F.StatsConfig(top_k=5))  # fmt: skip
+                       config=S.StatsConfig(top_k=5))  # fmt: skip
 
 
 def test_corpus_from_jsonl_and_txt(model, tmp_path):
@@ -168,12 +174,12 @@ def test_corpus_from_jsonl_and_txt(model, tmp_path):
     with pytest.raises(ValueError, match="expected a JSON object with a 'text' field"):
         F.corpus_stats(model, sae, tmp_path / "bad.jsonl", config=CFG, progress=False)
     with pytest.raises(ValueError, match="StatsConfig.top_k must be a positive integer"):
-        F.StatsConfig(top_k=0)
+        S.StatsConfig(top_k=0)
 
 
 def test_logit_effects_follow_the_direct_path(model):
     sae = make_sae("decoder_blocks.1.self_attn.hook_out", seed=4)
-    effect = F.logit_effects(model, sae, 7, k=5)
+    effect = E.logit_effects(model, sae, 7, k=5)
     layer = model.hf_model.model.decoder.layers[1]
     gain = (1 + layer.post_self_attn_layernorm.weight) * (1 + model.hf_model.model.decoder.norm.weight)
     want = (sae.W_dec[7] * gain) @ model.W_U
@@ -184,10 +190,10 @@ def test_logit_effects_follow_the_direct_path(model):
     assert "soft-cap" in effect.approximation and "1/rms" in effect.approximation
     # resid_post: no post-norm in the path
     sae2 = make_sae("decoder_blocks.1.hook_resid_post", seed=4)
-    w, text = F.logit_effect_vectors(model, sae2)
+    w, text = E.logit_effect_vectors(model, sae2)
     torch.testing.assert_close(w, (sae2.W_dec * (1 + model.hf_model.model.decoder.norm.weight)).detach())
     with pytest.raises(ValueError, match="encoder site"):
-        F.logit_effects(model, make_sae(ENC, seed=1), 0)
+        E.logit_effects(model, make_sae(ENC, seed=1), 0)
 
 
 def test_ablation_effects(model):
@@ -196,14 +202,14 @@ def test_ablation_effects(model):
     key = stats.keys[0]
     f = int(stats.density(key).argmax())
     ex = stats.top_examples(key, f)
-    rows = F.rows_by_index(model, None, [e.row for e in ex], CFG.context_size, texts=TEXTS)
-    eff = F.ablation_effects(model, sae, f, ex, rows, k=3)
+    rows = E.rows_by_index(model, None, [e.row for e in ex], CFG.context_size, texts=TEXTS)
+    eff = E.ablation_effects(model, sae, f, ex, rows, k=3)
     assert eff.kind == "ablation" and eff.n_predictions > 0 and eff.mean_kl > 0
     assert eff.top[0].value > 0 > eff.bottom[0].value
     assert model.prefix_len is None  # restored
     with torch.no_grad():
         sae.W_dec[f] = 0  # a feature that writes nothing changes nothing
-    eff0 = F.ablation_effects(model, sae, f, ex, rows, k=3)
+    eff0 = E.ablation_effects(model, sae, f, ex, rows, k=3)
     assert eff0.mean_kl == pytest.approx(0.0, abs=1e-7)
 
 
@@ -239,11 +245,11 @@ def test_find_features_ranks_a_planted_marker_feature_first(model):
     with_marker = [t + model.tokenizer.decode([marker_id]) + " again" for t in TEXTS[:8]]
     # The one rule for a prompt: under prefix_lm the encoder reads each text's first half, so a
     # marker at the end is not read; said explicitly, the encoder reads the whole text.
-    by_rule = {r.feature: r for r in F.find_features(model, sae, with_marker, TEXTS[8:16], k=16)}
+    by_rule = {r.feature: r for r in search.find_features(model, sae, with_marker, TEXTS[8:16], k=16)}
     assert by_rule[11].frac_with == 0.0 and by_rule[11].score == 0.0
-    rows = F.find_features(model, sae, with_marker, TEXTS[8:16], k=5, encoder_reads_whole_text=True)
+    rows = search.find_features(model, sae, with_marker, TEXTS[8:16], k=5, encoder_reads_whole_text=True)
     assert rows[0].feature == 11
     assert rows[0].frac_with == 1.0 and rows[0].frac_without == 0.0
     assert rows[0].mean_without == 0.0 and rows[0].score > 0
     with pytest.raises(ValueError, match="No texts given"):
-        F.find_features(model, sae, [], TEXTS[:2])
+        search.find_features(model, sae, [], TEXTS[:2])

@@ -20,11 +20,9 @@ import pytest
 import torch
 
 from sae_lens_t5gemma.analysis import images as images
-
 from sae_lens_t5gemma.model import sites as sites
-
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 MM = synthetic.STAND_IN_MM_TOKENS  # 4 soft tokens per image
 N_PATCHES = 16  # (56 / 14) ** 2
@@ -315,8 +313,8 @@ def test_sae_trains_on_image_tokens_only(image_sae):
 
 
 def test_image_tokens_are_marked(stand_in, batch, image_sae):
+    from sae_lens_t5gemma.analysis.feature_stats import Example
     from sae_lens_t5gemma.dashboard.pages import rendered_tokens
-    from sae_lens_t5gemma.analysis.features import Example
 
     model, _ = stand_in
     tokens = batch["input_ids"]

@@ -21,12 +21,12 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from sae_lens_t5gemma.analysis import features as F
+from sae_lens_t5gemma.analysis import corpus
 from sae_lens_t5gemma.analysis import images as images
+from sae_lens_t5gemma.analysis.diagnose import diagnose
 from sae_lens_t5gemma.loading import inspection as inspection
 from sae_lens_t5gemma.loading import registration as registration
 from sae_lens_t5gemma.stand_in import synthetic as synthetic
-from sae_lens_t5gemma.analysis.diagnose import diagnose
 
 DEC = "decoder_blocks.1.self_attn.hook_out"
 
@@ -203,7 +203,7 @@ def test_a_20_mb_row_is_tokenised_from_a_bounded_prefix(tokenizer):
     line = " ".join(words * (20_000_000 // len(" ".join(words)) + 1))[:20_000_000]
     spy = _Spy(tokenizer)
     t = time.perf_counter()
-    ids = F.tokenize_row(SimpleNamespace(tokenizer=spy), line, 64)
+    ids = corpus.tokenize_row(spy, line, 64)
     seconds = time.perf_counter() - t
     assert len(ids) == 64 and seconds < 1.0
     assert max(spy.lengths) <= 1008 and sum(spy.lengths) <= 1512  # 63 tokens * 8 chars, then twice that
@@ -220,4 +220,4 @@ def test_normal_rows_keep_the_ids_of_full_tokenisation(tokenizer):
     for context in (1, 2, 5, 24, 64, 512):
         for text in texts:
             full = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
-            assert F.tokenize_row(model, text, context) == full[:context], (context, text[:40])
+            assert corpus.tokenize_row(model.tokenizer, text, context) == full[:context], (context, text[:40])

@@ -22,13 +22,14 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sae_lens_t5gemma.analysis import features as F
 from sae_lens_t5gemma import outputs
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
+from sae_lens_t5gemma.analysis import feature_stats as F
+from sae_lens_t5gemma.analysis import stats_state as S
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 TEXTS = synthetic.stand_in_texts()  # 25 rows
-CFG = F.StatsConfig(top_k=4, n_samples=6, left=3, right=2, context_size=24, batch_size=4, chunk_rows=8)
+CFG = S.StatsConfig(top_k=4, n_samples=6, left=3, right=2, context_size=24, batch_size=4, chunk_rows=8)
 ENC = "encoder_blocks.1.attn.hook_out"
 
 
@@ -128,10 +129,10 @@ def test_resume_with_another_sae_of_the_same_site_and_width_is_refused(model, pa
     other = make_sae(6)  # same hook, same d_in and d_sae: only the weights differ
     with pytest.raises(ValueError) as e:
         run(model, partial, sae=other, resume=True)
-    want = F._sha256_state(make_sae(5))
+    want = S.sae_weights_sha256(make_sae(5))
     assert str(e.value) == (
         f"Cannot resume {partial / 'state.safetensors'}: its saes[0].weights_sha256 (enc) is {want!r}, "
-        f"this run's is {F._sha256_state(other)!r} (another SAE, or this one changed)"
+        f"this run's is {S.sae_weights_sha256(other)!r} (another SAE, or this one changed)"
     )
 
 
@@ -153,7 +154,7 @@ def test_resume_with_an_edited_dataset_file_is_refused(model, tmp_path):
     def digest(rows):
         h = hashlib.sha256()
         for r in rows:
-            F._hash_row(h, r)
+            S.hash_row(h, r)
         return h.hexdigest()[:16]
 
     assert str(e.value) == (
@@ -186,15 +187,15 @@ def test_an_edit_past_rows_done_resumes_to_a_full_run_on_the_edited_file(model, 
 
 
 def test_resume_under_another_model_config_is_refused(model, partial):
-    before = F._sha256_model_config(model)
+    before = S.model_config_sha256(model)
     model.hf_model.config.final_logit_softcapping = 12.5
     try:
-        after = F._sha256_model_config(model)
+        after = S.model_config_sha256(model)
         with pytest.raises(ValueError) as e:
             run(model, partial, resume=True)
     finally:
         del model.hf_model.config.final_logit_softcapping
-    assert before != after and F._sha256_model_config(model) == before
+    assert before != after and S.model_config_sha256(model) == before
     assert str(e.value) == (
         f"Cannot resume {partial / 'state.safetensors'}: its model_config_sha256 is {before!r}, this run's is {after!r}"
     )
@@ -252,10 +253,10 @@ HOSTILE = {
 def test_hostile_state_is_refused_naming_the_file_and_field(model, partial, case):
     edit, message = HOSTILE[case]
     path = _rewrite(partial, **edit)
-    with pytest.raises(F.StateError) as e:
+    with pytest.raises(S.StateError) as e:
         run(model, partial, resume=True)
     assert str(e.value).startswith(f"{path}: {message}")
-    with pytest.raises(F.StateError) as e2:
+    with pytest.raises(S.StateError) as e2:
         F.FeatureStats.load(partial)
     assert str(e2.value) == str(e.value)
 
@@ -263,7 +264,7 @@ def test_hostile_state_is_refused_naming_the_file_and_field(model, partial, case
 def test_a_truncated_state_file_is_refused(model, partial):
     path = partial / "state.safetensors"
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(F.StateError) as e:
+    with pytest.raises(S.StateError) as e:
         run(model, partial, resume=True)
     assert str(e.value).startswith(f"{path}: not a readable safetensors file (")
     assert str(e.value).endswith("); rerun with --overwrite")
@@ -282,7 +283,7 @@ def test_the_older_two_file_layout_is_refused(model, tmp_path):
         json.dumps({"format": "sae_lens_t5gemma.feature_stats/1", "rows_done": 16})
     )
     (old / "enc.safetensors").write_bytes(b"")
-    with pytest.raises(F.StateError) as e:
+    with pytest.raises(S.StateError) as e:
         run(model, old, resume=True)
     assert str(e.value) == (
         f"{old}: stats.json without state.safetensors: statistics written by an older version (before "

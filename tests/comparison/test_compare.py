@@ -24,11 +24,16 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 
 import sae_lens_t5gemma  # noqa: F401  (registers the mindchain release)
+from sae_lens_t5gemma.analysis import corpus
+from sae_lens_t5gemma.cli.main import main
+from sae_lens_t5gemma.comparison import harness as H
+from sae_lens_t5gemma.comparison import pairs as P
+from sae_lens_t5gemma.comparison import report as R
 from sae_lens_t5gemma.comparison import suite as C
+from sae_lens_t5gemma.comparison import transfer as T
 from sae_lens_t5gemma.loading import gemma_scope as gemma_scope
 from sae_lens_t5gemma.model import sites as sites
 from sae_lens_t5gemma.stand_in import synthetic as synthetic
-from sae_lens_t5gemma.cli.main import main
 
 LAYER = 1
 T5 = synthetic.T5GEMMA2_MODEL
@@ -64,7 +69,7 @@ def perfect(gemma_hub: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def report(gemma_hub: Path, perfect: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> C.Report:
+def report(gemma_hub: Path, perfect: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> R.Report:
     pairs = C.standard_pairs([LAYER], local_saes=[perfect["resid_post"], perfect["attn_z"]])
     out = tmp_path_factory.mktemp("compare")
     return C.compare(
@@ -229,7 +234,7 @@ def test_gemma3_through_transformer_lens_equals_transformers(gemma_hub: Path) ->
 # ----------------------------------------------------------------------------- compare
 
 
-def test_report_writes_every_file(report: C.Report) -> None:
+def test_report_writes_every_file(report: R.Report) -> None:
     names = {p.name for p in report.files.values()}
     assert names == {
         "report.md", "results.csv", "results.json", "transfer.csv", "feature_transfer.csv",
@@ -263,7 +268,7 @@ def _variants(release: str) -> list[str]:
     return [f"{release}:layer_{LAYER}_width_16k_l0_{v}" for v in ("small", "big")]
 
 
-def test_expected_rows_each_naming_its_site(report: C.Report, perfect: dict[str, Path]) -> None:
+def test_expected_rows_each_naming_its_site(report: R.Report, perfect: dict[str, Path]) -> None:
     got = {(r.sae, r.model, r.role, r.stack, r.hook_name, r.site) for r in report.rows}
     g3 = synthetic.GEMMA3_MODEL
     want = {
@@ -292,34 +297,34 @@ def test_expected_rows_each_naming_its_site(report: C.Report, perfect: dict[str,
         assert r.layer == LAYER
         merged = r.family == "T5Gemma 2" and r.stack == "decoder" and r.site in ("attn_z", "attn_out")
         note = f" [{sites.MERGED_ATTENTION_NOTE}]" if merged else ""
-        assert r.site_words == C.SITE_WORDS[r.site] + note
+        assert r.site_words == R.SITE_WORDS[r.site] + note
         assert (r.d_in, r.d_sae) == (64, 256 if r.sae_source == "mindchain" else 128)
         assert f"`{r.hook_name}`" in md and r.site_words in md
         assert r.n_tokens > 0 and r.eval_s > 0
     # The stand-in's small-L0 variant is sparser than its big one, as the real ones are.
     small, big = (report.find(v, synthetic.GEMMA3_MODEL) for v in _variants("gemma-scope-2-270m-pt-res-all"))
     assert small.l0 < big.l0
-    assert "o_proj input" in C.SITE_WORDS["attn_z"] and "o_proj output" in C.SITE_WORDS["attn_out"]
-    assert C.HONEST_SITES_NOTE in md and C.CE_KL_CAVEAT not in md  # prefix_lm: no copy-task caveat
+    assert "o_proj input" in R.SITE_WORDS["attn_z"] and "o_proj output" in R.SITE_WORDS["attn_out"]
+    assert R.HONEST_SITES_NOTE in md and R.CE_KL_CAVEAT not in md  # prefix_lm: no copy-task caveat
     assert "## Tasks" in md and "T5Gemma 2 prefix_lm (p = n // 2)" in md
     assert md.index("> **SYNTHETIC**") < md.index("## Findings") < md.index("## Setup")
 
 
-def test_transfer_rows_match_tasks_positions_and_feature_reads(report: C.Report) -> None:
+def test_transfer_rows_match_tasks_positions_and_feature_reads(report: R.Report) -> None:
     assert len(report.transfer) == len(report.features) == 10
     for t, ft in zip(report.transfer, report.features, strict=True):
         home = report.find(t.sae, synthetic.GEMMA3_MODEL, "native")
         there = next(r for r in report.rows if r.sae == t.sae and r.hook_name == t.target_hook)
         assert (t.target_hook, t.home_hook, t.target_stack) == (ft.target_hook, home.hook_name, there.stack)
         # No row mixes tasks: both ΔCE columns were scored on one matched task.
-        assert t.same_task and t.task_target == C.matched_task(t.target_stack, CTX // 2, CTX)
+        assert t.same_task and t.task_target == H.matched_task(t.target_stack, CTX // 2, CTX)
         assert t.ce_increase_target == there.ce_increase and t.ce_increase_home is not None
         # EV on the target comes from the same positions as the covered-position eval of the row.
         assert t.n_tokens == ft.n_tokens == there.n_tokens
         assert t.ev_target == pytest.approx(there.explained_variance, rel=1e-4, abs=1e-5)
         assert t.l0_target == pytest.approx(there.l0, rel=1e-5)
         assert (t.ev_home, t.norm_ratio, t.corr_median) == (ft.ev_home, ft.norm_ratio, ft.corr_median)
-        assert t.ev_kept == C.ev_kept(t.ev_target, t.ev_home)
+        assert t.ev_kept == T.ev_kept(t.ev_target, t.ev_home)
         assert 0.0 < t.norm_ratio < 10.0 and -1.0 <= t.corr_median <= 1.0
         if t.target_stack == "encoder":
             # The stand-in's Gemma 3 holds the T5Gemma 2 encoder's weights: causally, they agree.
@@ -337,8 +342,8 @@ def test_transfer_rows_match_tasks_positions_and_feature_reads(report: C.Report)
             assert line.rstrip(" |").rsplit("| ", 1)[-1] in ("T1", "T2")  # one task per row
 
 
-def test_findings_are_generated_from_the_numbers_and_marked_synthetic(report: C.Report) -> None:
-    assert report.findings and all(f.startswith(C.SYNTHETIC_PREFIX) for f in report.findings)
+def test_findings_are_generated_from_the_numbers_and_marked_synthetic(report: R.Report) -> None:
+    assert report.findings and all(f.startswith(R.SYNTHETIC_PREFIX) for f in report.findings)
     enc_res = [t for t in report.transfer if t.site == "resid_post" and t.target_stack == "encoder"]
     median = sorted(t.corr_median for t in enc_res)
     want = (median[0] + median[1]) / 2
@@ -360,8 +365,8 @@ def _pink_fraction(path: Path) -> float:
     return float(((r > 0.95) & (g > 0.7) & (g < 0.93) & (abs(g - b) < 0.05)).mean())
 
 
-def test_matched_variants_pick_the_nearest_l0_of_the_same_site(report: C.Report, perfect) -> None:
-    matches = C.matched_variants(report.rows)
+def test_matched_variants_pick_the_nearest_l0_of_the_same_site(report: R.Report, perfect) -> None:
+    matches = R.matched_variants(report.rows)
     # Issue 19, item 8: the mindchain SAE reads the o_proj output; no Gemma Scope 2 SAE here does,
     # so it is matched with none (it was matched with attn_z, resid_post and mlp_out_normed).
     assert [m for m in matches if m["sae"] == MC_ENC] == []
@@ -377,7 +382,7 @@ def test_matched_variants_pick_the_nearest_l0_of_the_same_site(report: C.Report,
     assert "## Matched sparsity" in report.markdown
 
 
-def test_perfect_sae_scores_one(report: C.Report, perfect: dict[str, Path]) -> None:
+def test_perfect_sae_scores_one(report: R.Report, perfect: dict[str, Path]) -> None:
     for key in ("resid_post", "attn_z"):
         r = report.find(str(perfect[key]))
         assert (r.sae_source, r.role) == ("local", "native")
@@ -406,7 +411,7 @@ def _direct(acts: torch.Tensor, keep: torch.Tensor, sae) -> dict[str, float]:
 
 
 @torch.no_grad()
-def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
+def test_metrics_equal_a_direct_computation(report: R.Report) -> None:
     from sae_lens import SAE
 
     from sae_lens_t5gemma.model.hooked import load_t5gemma2
@@ -416,7 +421,7 @@ def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
         T5, dtype=torch.float32
     )  # prefix_lm, as compare's default: the encoder reads tokens[:, :p]
     p = CTX // 2
-    tokens, _ = C.document_batches(g3.tokenizer, synthetic.stand_in_texts(), CTX, min_tokens=p + 1)
+    tokens, _ = corpus.document_batches(g3.tokenizer, synthetic.stand_in_texts(), CTX, min_tokens=p + 1)
     tokens = tokens[: BATCH * N_BATCHES]
     keep = ~torch.isin(tokens, torch.tensor([0, 1, 2]))  # pad, eos, bos
     assert not bool(keep.all())  # short documents are padded
@@ -469,14 +474,14 @@ def test_metrics_equal_a_direct_computation(report: C.Report) -> None:
 
 
 def test_pair_specs_and_standard_pairs() -> None:
-    assert C.Pair.parse("gemma-scope-2-270m-pt-res-all:layer_1_width_16k_l0_small") == C.Pair(GS_RES)
-    assert C.Pair.parse(f"sae={GS_RES}, model={T5}, hook=encoder_blocks.1.hook_resid_post") == C.Pair(
+    assert P.Pair.parse("gemma-scope-2-270m-pt-res-all:layer_1_width_16k_l0_small") == P.Pair(GS_RES)
+    assert P.Pair.parse(f"sae={GS_RES}, model={T5}, hook=encoder_blocks.1.hook_resid_post") == P.Pair(
         GS_RES, T5, "encoder_blocks.1.hook_resid_post"
     )
     with pytest.raises(ValueError, match="expected 'sae=...,model=...,hook=...', got 'layer=3'"):
-        C.Pair.parse(f"sae={GS_RES},layer=3")
+        P.Pair.parse(f"sae={GS_RES},layer=3")
     with pytest.raises(ValueError, match="names no SAE"):
-        C.Pair.parse(f"model={T5}")
+        P.Pair.parse(f"model={T5}")
     pairs = C.standard_pairs(
         [4],
         decoder=False,
@@ -488,12 +493,12 @@ def test_pair_specs_and_standard_pairs() -> None:
         "gemma-scope-2-270m-pt-mlp-all:layer_4_width_16k_l0_small",
     )
     assert pairs == [
-        C.Pair("t5gemma2-270m-attn_out:encoder/layer_4", T5),
-        C.Pair(att),
-        C.Pair(att, T5, "encoder_blocks.4.attn.hook_z"),  # no decoder transfer: merged attention
-        C.Pair(mlp),
-        C.Pair(mlp, T5, "encoder_blocks.4.hook_mlp_out_normed"),
-        C.Pair(mlp, T5, "decoder_blocks.4.hook_mlp_out_normed"),
+        P.Pair("t5gemma2-270m-attn_out:encoder/layer_4", T5),
+        P.Pair(att),
+        P.Pair(att, T5, "encoder_blocks.4.attn.hook_z"),  # no decoder transfer: merged attention
+        P.Pair(mlp),
+        P.Pair(mlp, T5, "encoder_blocks.4.hook_mlp_out_normed"),
+        P.Pair(mlp, T5, "decoder_blocks.4.hook_mlp_out_normed"),
     ]
     everything = C.standard_pairs([4], mindchain=False, gemma_scope_sites=("resid_post",), transfer=False)
     assert [p.sae for p in everything] == [
@@ -502,11 +507,11 @@ def test_pair_specs_and_standard_pairs() -> None:
     ]
     with pytest.raises(ValueError, match="Unknown Gemma Scope 2 site 'resid'"):
         C.standard_pairs([4], gemma_scope_sites=("resid",))
-    assert C.transfer_hook("blocks.7.attn.hook_z") == "encoder_blocks.7.attn.hook_z"
-    assert C.transfer_hook("blocks.7.hook_resid_post") == "encoder_blocks.7.hook_resid_post"
+    assert P.transfer_hook("blocks.7.attn.hook_z") == "encoder_blocks.7.attn.hook_z"
+    assert P.transfer_hook("blocks.7.hook_resid_post") == "encoder_blocks.7.hook_resid_post"
     # post-norm in Gemma 3: T5Gemma 2's post-norm site, not its MLP output
-    assert C.transfer_hook("blocks.7.hook_mlp_out") == "encoder_blocks.7.hook_mlp_out_normed"
-    assert C.transfer_hook("blocks.7.hook_resid_mid.x") is None
+    assert P.transfer_hook("blocks.7.hook_mlp_out") == "encoder_blocks.7.hook_mlp_out_normed"
+    assert P.transfer_hook("blocks.7.hook_resid_mid.x") is None
 
 
 def test_cli_compare_transfer_pair(
@@ -537,7 +542,7 @@ def test_cli_compare_transfer_pair(
     docs = data["setup"]["documents"][T5]
     assert docs["kept"] + docs["too_short"] == 12 and docs["kept"] >= 4
     # Real (non-synthetic) runs carry no SYNTHETIC label, stand-in runs do.
-    assert not any(f.startswith(C.SYNTHETIC_PREFIX) for f in data["findings"])
+    assert not any(f.startswith(R.SYNTHETIC_PREFIX) for f in data["findings"])
     assert _pink_fraction(tmp_path / "out" / "transfer_by_layer.png") < 0.002
 
 
@@ -577,14 +582,14 @@ def test_compare_refuses_a_site_the_sae_does_not_fit(gemma_hub: Path, tmp_path: 
     ):
         C.compare([str(narrow)], out_dir=tmp_path / "out", context_size=CTX, n_batches=1, progress=False)
     with pytest.raises(ValueError, match="Unknown T5Gemma 2 hook name 'encoder_blocks.1.hook_resid_postt'"):
-        C.compare([C.Pair(GS_RES, T5, f"encoder_blocks.{LAYER}.hook_resid_postt")], out_dir=tmp_path / "out",
+        C.compare([P.Pair(GS_RES, T5, f"encoder_blocks.{LAYER}.hook_resid_postt")], out_dir=tmp_path / "out",
                   context_size=CTX, n_batches=1, progress=False)  # fmt: skip
     with pytest.raises(
         ValueError,
         match=r"To apply it at the same activation of T5Gemma 2, give hook=encoder_blocks\.1\.hook_resid_post\.",
     ):
         C.compare(
-            [C.Pair(GS_RES, T5)], out_dir=tmp_path / "out", context_size=CTX, n_batches=1, progress=False
+            [P.Pair(GS_RES, T5)], out_dir=tmp_path / "out", context_size=CTX, n_batches=1, progress=False
         )
     assert not (tmp_path / "out" / "report.md").exists()
 
@@ -620,7 +625,7 @@ def test_hook_z_width_differs_from_d_model_as_on_the_real_model(tmp_path: Path) 
     assert "| 128 | 32 |" in rep.markdown and "| 64 | 32 |" in rep.markdown
 
 
-def test_every_plot_of_a_stand_in_run_carries_the_synthetic_label(report: C.Report) -> None:
+def test_every_plot_of_a_stand_in_run_carries_the_synthetic_label(report: R.Report) -> None:
     for key, path in report.files.items():
         if path.suffix == ".png":
             assert _pink_fraction(path) > 0.01, key  # the diagonal SYNTHETIC watermark
@@ -646,4 +651,4 @@ def test_cli_compare_size_4b_pairs_the_4b_models_and_releases(
     # At 4B both models scale RoPE by 8 and the stand-in's Gemma 3 holds the encoder's weights:
     # the causal control recovers Gemma 3 exactly.
     assert enc["corr_median_causal"] == pytest.approx(1.0, abs=1e-4)
-    assert all(f.startswith(C.SYNTHETIC_PREFIX) for f in data["findings"])
+    assert all(f.startswith(R.SYNTHETIC_PREFIX) for f in data["findings"])

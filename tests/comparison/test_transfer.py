@@ -17,9 +17,8 @@ import tempfile
 import pytest
 import torch
 
-from sae_lens_t5gemma.comparison import suite as C
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
-from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+from sae_lens_t5gemma.analysis import corpus
+from sae_lens_t5gemma.comparison import pairs as P
 from sae_lens_t5gemma.comparison.transfer import (
     MIN_HOME_EV,
     FeatureCorrelation,
@@ -29,6 +28,8 @@ from sae_lens_t5gemma.comparison.transfer import (
     ev_kept,
     feature_transfer,
 )
+from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +232,9 @@ def test_one_document_per_row_has_no_cross_document_attention(pair) -> None:
 
     def first_doc_acts(texts: list[str], pack: bool) -> torch.Tensor:
         if pack:
-            rows = C.token_batches(tok, texts, 40)[:1]
+            rows = corpus.token_batches(tok, texts, 40)[:1]
         else:
-            rows, counts = C.document_batches(tok, texts, 24, min_tokens=13)
+            rows, counts = corpus.document_batches(tok, texts, 24, min_tokens=13)
             assert counts == {"documents": 2, "kept": 2, "too_short": 0, "truncated": 2}
         with model.fed("reconstruct"):  # the encoder reads the whole row
             _, cache = model.run_with_cache(rows, names_filter=[hook], return_type=None)
@@ -248,7 +249,7 @@ def test_one_document_per_row_has_no_cross_document_attention(pair) -> None:
 
 def test_document_batches_pad_at_the_end_and_refuse_short_corpora(pair) -> None:
     tok = pair[0].tokenizer
-    rows, counts = C.document_batches(
+    rows, counts = corpus.document_batches(
         tok, ["a b c", "one two three four five six seven eight"], 12, min_tokens=4
     )
     ids = [2, *tok("a b c", add_special_tokens=False)["input_ids"]]
@@ -256,17 +257,17 @@ def test_document_batches_pad_at_the_end_and_refuse_short_corpora(pair) -> None:
     assert rows[0, len(ids) :].tolist() == [tok.pad_token_id] * (12 - len(ids))
     assert counts["kept"] == 2
     with pytest.raises(ValueError, match=r"No document has at least 200 tokens .* lengths are \d+-\d+"):
-        C.document_batches(tok, ["short text"], 256, min_tokens=200)
+        corpus.document_batches(tok, ["short text"], 256, min_tokens=200)
 
 
 def test_transfer_hooks_for_post_norm_sites_and_the_decoder() -> None:
-    assert C.transfer_hook("blocks.4.hook_mlp_out") == "encoder_blocks.4.hook_mlp_out_normed"
-    assert C.transfer_hook("blocks.4.hook_mlp_out", "decoder") == "decoder_blocks.4.hook_mlp_out_normed"
-    assert C.transfer_hook("blocks.4.hook_resid_post", "decoder") == "decoder_blocks.4.hook_resid_post"
-    assert C.transfer_hook("blocks.4.attn.hook_z") == "encoder_blocks.4.attn.hook_z"
-    assert C.transfer_hook("blocks.4.attn.hook_z", "decoder") is None  # merged self+cross attention
-    assert C.transfer_hook("blocks.4.hook_attn_out", "encoder") == "encoder_blocks.4.hook_attn_out_normed"
-    assert C.gemma_scope_variants("resid_post", 5) == [
+    assert P.transfer_hook("blocks.4.hook_mlp_out") == "encoder_blocks.4.hook_mlp_out_normed"
+    assert P.transfer_hook("blocks.4.hook_mlp_out", "decoder") == "decoder_blocks.4.hook_mlp_out_normed"
+    assert P.transfer_hook("blocks.4.hook_resid_post", "decoder") == "decoder_blocks.4.hook_resid_post"
+    assert P.transfer_hook("blocks.4.attn.hook_z") == "encoder_blocks.4.attn.hook_z"
+    assert P.transfer_hook("blocks.4.attn.hook_z", "decoder") is None  # merged self+cross attention
+    assert P.transfer_hook("blocks.4.hook_attn_out", "encoder") == "encoder_blocks.4.hook_attn_out_normed"
+    assert P.gemma_scope_variants("resid_post", 5) == [
         "layer_5_width_16k_l0_small",
         "layer_5_width_16k_l0_big",
     ]

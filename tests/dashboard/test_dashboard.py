@@ -20,16 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae_lens_t5gemma.analysis import feature_stats as F
+from sae_lens_t5gemma.analysis import stats_state as S
 from sae_lens_t5gemma.cli import main as cli
-
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
-from sae_lens_t5gemma.dashboard import pages as D
-from sae_lens_t5gemma.analysis import features as F
 from sae_lens_t5gemma.dashboard import neuronpedia as N
+from sae_lens_t5gemma.dashboard import pages as D
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 TEXTS = synthetic.stand_in_texts()
-CFG = F.StatsConfig(top_k=5, n_samples=8, left=6, right=3, context_size=32, batch_size=8, chunk_rows=16)
+CFG = S.StatsConfig(top_k=5, n_samples=8, left=6, right=3, context_size=32, batch_size=8, chunk_rows=16)
 ENC = "encoder_blocks.1.attn.hook_out"
 DEC = "decoder_blocks.1.self_attn.hook_out"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "out" / "test_screenshots"
@@ -188,7 +188,7 @@ def test_dashboard_and_find_features_commands(model, tiny_model_dir, tmp_path, c
     text = capsys.readouterr().out
     assert code == 0 and "ranked by mean peak activation" in text and len(text.strip().splitlines()) == 5
     assert cli.main(["find-features", str(tmp_path / "sae"), "--with", "nope.txt", "--without", "x"]) == 2
-    assert "Text file 'nope.txt' does not exist" in capsys.readouterr().err
+    assert "Texts file nope.txt does not exist." in capsys.readouterr().err
 
 
 def _chromium() -> str | None:
