@@ -76,10 +76,9 @@ def _setup(tmp: Path, threads: int, model_dtype: str = "float32", device: str = 
     """The real-dimension random model (hooked), a config-only folder for planning, and a dataset file."""
     import torch
 
-    from sae_lens_t5gemma.stand_in import synthetic as synthetic
-
-    from sae_lens_t5gemma.training import runner as training
+    from sae_lens_t5gemma import training
     from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*(fewer samples|not tokenized|exhausted).*")
@@ -96,7 +95,7 @@ def _setup(tmp: Path, threads: int, model_dtype: str = "float32", device: str = 
 
 
 def _config(model_dir: Path, data: Path, out: Path, **overrides: Any):
-    from sae_lens_t5gemma.training import runner as training
+    from sae_lens_t5gemma import training
 
     values = dict(
         model=str(model_dir), dataset=str(data), out=str(out), disable_concat_sequences=False,
@@ -110,15 +109,15 @@ def _stores_and_saes(model: Any, plan: Any, dataset: Any):
     """Per stack: SAELens' store and its SAEs, built exactly as ``training.train`` builds the runners."""
     from sae_lens import LanguageModelSAETrainingRunner, MultiSAETrainingRunner
 
-    from sae_lens_t5gemma.training import runner as training
+    from sae_lens_t5gemma import training
 
     out = []
-    for sp in training._per_stack(plan):
-        with training._quiet_runner_setup():
+    for sp in training.plan.per_stack(plan):
+        with training.sae_lens_seams._quiet_runner_setup():
             if len(sp.sites) > 1:
                 rcfg = training.build_multi_runner_config(sp)
                 runner = MultiSAETrainingRunner(rcfg, override_dataset=dataset, override_model=model)
-                training._cast_multi_hook_activations(runner.activations_store)
+                training.sae_lens_seams._cast_multi_hook_activations(runner.activations_store)
                 saes = {s.hook_name: runner.saes[s.friendly] for s in sp.sites}
             else:
                 rcfg = training.build_runner_config(sp, sp.sites[0])
@@ -187,7 +186,7 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
     from sae_lens import TopKTrainingSAE
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from sae_lens_t5gemma.training import runner as training
+    from sae_lens_t5gemma import training
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -209,7 +208,7 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
         dataset = training.load_training_dataset(plan)
         batch_tokens = cfg.train_batch_size_tokens
         times: dict[str, list[float]] = {}
-        with training._fed_as_planned(model, plan):
+        with training.runner._fed_as_planned(model, plan):
             parts = _stores_and_saes(model, plan, dataset)
             runs = []
             for sp, rcfg, store, saes in parts:
@@ -286,7 +285,7 @@ def worker_throughput(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
 
 
 def worker_scaling(args: argparse.Namespace) -> dict[str, Any]:
-    from sae_lens_t5gemma.training import runner as training
+    from sae_lens_t5gemma import training
 
     q = args.quick
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -309,7 +308,7 @@ def worker_scaling(args: argparse.Namespace) -> dict[str, Any]:
                     cfg = replace(cfg, context_size=128)
                 plan = training.plan_training(cfg)
                 dataset = training.load_training_dataset(plan)
-                with training._fed_as_planned(model, plan):
+                with training.runner._fed_as_planned(model, plan):
                     ((sp, rcfg, store, saes),) = _stores_and_saes(model, plan, dataset)
                     trainers = _trainers(rcfg, saes, False)
                     th, ts = [], []
@@ -405,7 +404,7 @@ def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
     from sae_lens import LanguageModelSAETrainingRunner, MultiSAETrainingRunner
     from sae_lens.training import activations_store, mixing_buffer, multi_sae_trainer, sae_trainer
 
-    from sae_lens_t5gemma.training import runner as training
+    from sae_lens_t5gemma import training
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -426,7 +425,7 @@ def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
         )
         plan = training.plan_training(cfg)
         dataset = training.load_training_dataset(plan)
-        allocator = training._return_freed_memory_to_the_os()
+        allocator = training.memory._return_freed_memory_to_the_os()
         gc.collect()
         rss_model = _status_kib("VmRSS") * 1024
         peaks = _PhasePeaks(rss_model)
@@ -442,9 +441,9 @@ def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
         peaks.wrap(multi_sae_trainer.MultiSAETrainer, "_estimate_scaling_factors", "norm estimate")
         t0 = time.perf_counter()
         runners = []
-        with training._wandb_mode(False), training._fed_as_planned(model, plan):
-            for sp in training._per_stack(plan):
-                with training._quiet_runner_setup():
+        with training.sae_lens_seams._wandb_mode(False), training.runner._fed_as_planned(model, plan):
+            for sp in training.plan.per_stack(plan):
+                with training.sae_lens_seams._quiet_runner_setup():
                     if len(sp.sites) > 1:
                         with peaks.phase("build runner (SAE init)"):
                             runner = MultiSAETrainingRunner(
@@ -452,9 +451,9 @@ def worker_memory(args: argparse.Namespace, all36: bool) -> dict[str, Any]:
                                 override_dataset=dataset,
                                 override_model=model,
                             )
-                        training._cast_multi_hook_activations(runner.activations_store)
+                        training.sae_lens_seams._cast_multi_hook_activations(runner.activations_store)
                         saes = list(runner.saes.values())
-                        lean = training._lean_multi_sae_steps()
+                        lean = training.sae_lens_seams._lean_multi_sae_steps()
                     else:
                         with peaks.phase("build runner (SAE init)"):
                             runner = LanguageModelSAETrainingRunner(

@@ -31,9 +31,9 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
 from sae_lens_t5gemma.cli.main import main
 from sae_lens_t5gemma.outputs import lock_path
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted")
 

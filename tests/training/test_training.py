@@ -1,4 +1,4 @@
-"""Training SAEs on T5Gemma 2 with SAELens' own runners (sae_lens_t5gemma.training.runner, CLI ``train``).
+"""Training SAEs on T5Gemma 2 with SAELens' own runners (sae_lens_t5gemma.training, CLI ``train``).
 
 Offline, on the tiny 2-layer random T5Gemma 2 and a local text dataset of a few thousand
 tokens (the embedded corpus, shuffled and repeated). Covers:
@@ -34,11 +34,11 @@ import yaml
 from sae_lens import SAE
 from safetensors.torch import load_file
 
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
-
-from sae_lens_t5gemma.training import runner as training
+from sae_lens_t5gemma import training
 from sae_lens_t5gemma.cli.main import main
 from sae_lens_t5gemma.model.hooked import load_t5gemma2
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
+from sae_lens_t5gemma.training import sae_lens_seams
 
 # The tiny corpus is read many times over: SAELens says so at each new epoch.
 pytestmark = [
@@ -531,7 +531,7 @@ def test_lean_multi_sae_steps_drop_step_tensors_and_keep_the_logs(config_only_mo
 
     original = msr.MultiSAETrainer
     plain = trainer(original)
-    with training._lean_multi_sae_steps():
+    with sae_lens_seams._lean_multi_sae_steps():
         lean = trainer(msr.MultiSAETrainer)
     assert msr.MultiSAETrainer is original
     torch.manual_seed(1)

@@ -1,0 +1,263 @@
+"""``train`` under ``torchrun``: several processes (on one machine or several), one run.
+
+``torchrun --nproc_per_node N -m sae_lens_t5gemma_cli train ... --parallel modules`` starts N
+processes; each reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``/``MASTER_PORT``) and joins one process group: gloo on CPU, nccl on
+``cuda:LOCAL_RANK``. Multi-node runs use torchrun's own rendezvous (``--nnodes``,
+``--rdzv-backend c10d``, ``--rdzv-endpoint host:port``); nothing here changes.
+
+**Module-parallel** (``parallel="modules"``): the SAEs of each stack are dealt to the ranks
+(site ``i`` to rank ``i % N``). Every rank reads its own shard of the documents (document ``j``
+to rank ``j % N``, ``datasets.distributed.split_dataset_by_node``), harvests every hook of the
+stack on it, and yields SAE batches of ``train_batch_size_tokens / N`` rows; one
+``all_to_all_single`` per step hands each hook's rows, from every rank in rank order, to the
+SAE's owner, which so steps on the whole global batch. SAELens' trainer, dead-feature
+statistics, BatchTopK threshold, norm estimate, schedules and saving are untouched. With
+``activations_mixing_fraction=0`` (SAELens' mixing buffer then keeps harvest order) the SAEs
+equal, bit for bit, those of a one-process run whose data holds the same rows in the same
+order (the shards' blocks of ``train_batch_size_tokens / N`` rows interleaved by rank). Every
+rank initialises every SAE from the run's seed (so initialisation does not depend on N) and
+keeps only its own.
+
+**Data-parallel** (``parallel="data"``, one replica of every SAE per rank) is refused by name
+in this version: it needs gradient averaging from a post-accumulate-grad hook and global
+dead-feature statistics, sample counts, norm estimates and BatchTopK selection, which are
+not built yet. ``auto`` picks ``modules`` where every stack has at least N hooks, and
+otherwise refuses (naming the data-parallel mode it would need).
+
+Saving: each SAE folder is written by its owner only (SAELens' ``_save_final_outputs``); rank 0
+alone takes the output lock, prepares ``out``, runs the final evals, and writes the
+training summary and the release YAML, so the folder looks like a one-process run's. A rank
+that fails takes the others down: they see gloo's "Connection closed by peer" (or the
+collective timeout, :data:`TIMEOUT_S`) and exit; torchrun then stops the job.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sae_lens_t5gemma.training.memory import sae_state_bytes
+from sae_lens_t5gemma.training.plan import TrainingPlan, per_stack
+
+if TYPE_CHECKING:
+    from sae_lens_t5gemma.model.sites import Site
+
+PARALLEL_MODES = ("auto", "modules", "data")
+TIMEOUT_S = 300
+"""Collective timeout: a rank that waits longer for the others fails (and so the job)."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a ``torchrun`` job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_environment() -> Ranks | None:
+    """The job torchrun started this process in; None for a one-process run.
+
+    Raises:
+        ValueError: torchrun's variables are malformed or inconsistent.
+    """
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return None
+    try:
+        ranks = Ranks(
+            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+        )
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"torchrun environment: RANK/WORLD_SIZE/LOCAL_RANK malformed ({e})") from e
+    if not 0 <= ranks.rank < ranks.world_size:
+        raise ValueError(f"torchrun environment: RANK={ranks.rank} outside WORLD_SIZE={ranks.world_size}")
+    return ranks
+
+
+def choose_mode(plan: TrainingPlan, world_size: int) -> str:
+    """The parallel mode of ``plan`` on ``world_size`` processes; refusals name the reason.
+
+    Raises:
+        ValueError: a global batch not divisible by N, too few hooks per stack for modules,
+            single-hook runners (``multi_hook=False``), data-parallel (not built yet), or
+            resume/checkpoints (not yet distributed).
+    """
+    cfg = plan.config
+    wanted = cfg.parallel
+    if wanted not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {wanted!r}")
+    if cfg.train_batch_size_tokens % world_size:
+        raise ValueError(
+            f"train_batch_size_tokens={cfg.train_batch_size_tokens} (the global batch) is not divisible by the "
+            f"{world_size} processes; each rank harvests an equal share"
+        )
+    fewest = min(len(sp.sites) for sp in per_stack(plan))
+    if wanted == "auto":
+        wanted = "modules" if fewest >= world_size and cfg.multi_hook else "data"
+    if wanted == "data":
+        raise ValueError(
+            f"parallel='data' (one replica per rank) is not available in this version; parallel='modules' needs "
+            f"every stack to have at least {world_size} hooks (the fewest here: {fewest}), one SAE per rank at least"
+        )
+    if fewest < world_size:
+        raise ValueError(
+            f"parallel='modules' on {world_size} processes needs at least {world_size} hooks per stack (each rank "
+            f"owns some SAEs); the fewest here is {fewest}"
+        )
+    if not cfg.multi_hook:
+        raise ValueError("parallel='modules' shares one forward among SAEs: it needs multi_hook=True")
+    if cfg.resume or cfg.n_checkpoints:
+        raise ValueError(
+            "resume and n_checkpoints are not distributed yet: run with one process to checkpoint or resume"
+        )
+    return wanted
+
+
+def owners(sites: tuple[Site, ...] | list[Site], world_size: int) -> dict[str, int]:
+    """SAE id -> the rank that trains it (site ``i`` of a stack to rank ``i % N``)."""
+    return {s.friendly: i % world_size for i, s in enumerate(sites)}
+
+
+def describe(plan: TrainingPlan, world_size: int, mode: str) -> str:
+    """Lines for ``describe_plan``: which rank owns which SAE, and the memory per rank."""
+    cfg = plan.config
+    lines = [
+        f"parallel {mode} on {world_size} processes: global batch {cfg.train_batch_size_tokens} tokens, "
+        f"{cfg.train_batch_size_tokens // world_size} harvested per rank per step"
+    ]
+    for sp in per_stack(plan):
+        own = owners(sp.sites, world_size)
+        sizing = sp.store_sizing(sp.sites)
+        for rank in range(world_size):
+            mine = [s for s in sp.sites if own[s.friendly] == rank]
+            state = sum(sae_state_bytes(plan.dims.d_in(s), cfg.d_sae) for s in mine)
+            received = 4 * cfg.train_batch_size_tokens * sum(plan.dims.d_in(s) for s in mine)
+            lines.append(
+                f"  rank {rank} {sp.sites[0].stack}: {', '.join(s.friendly for s in mine)}; memory above the model "
+                f"~{(sizing.activation_bytes + state + received) / 2**30:.2f} GiB (store "
+                f"{sizing.activation_bytes / 2**30:.2f}, SAEs with Adam {state / 2**30:.2f}, all-to-all "
+                f"{received / 2**30:.2f})"
+            )
+    return "\n".join(lines)
+
+
+def init_process_group(ranks: Ranks, device: str) -> str:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA); returns the device of this rank."""
+    import torch.distributed as dist
+
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        device = f"cuda:{ranks.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if on_cuda else "gloo",
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        )
+    return device
+
+
+def shard_dataset(dataset: Any, ranks: Ranks) -> Any:
+    """Document ``j`` to rank ``j % N`` (``datasets``' ``split_dataset_by_node``)."""
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(dataset, rank=ranks.rank, world_size=ranks.world_size)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def exchange_rows(
+    batches: Iterator[dict[str, torch.Tensor]], owner_of: dict[str, int], ranks: Ranks
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Each local multi-hook batch (``hook -> [B/N, d]``) becomes, on each rank, the global batch
+    of the hooks it owns (``hook -> [B, d]``, rows of rank 0 first): one ``all_to_all_single``."""
+    import torch.distributed as dist
+
+    n = ranks.world_size
+    by_rank = [[h for h, r in owner_of.items() if r == rank] for rank in range(n)]
+    mine = by_rank[ranks.rank]
+    for local in batches:
+        rows = next(iter(local.values())).shape[0]
+        widths = {h: local[h].shape[1] for h in owner_of}
+        send = torch.cat([torch.cat([local[h] for h in hooks], dim=1).reshape(-1) for hooks in by_rank])
+        width_mine = sum(widths[h] for h in mine)
+        recv = send.new_empty(n * rows * width_mine)
+        dist.all_to_all_single(
+            recv,
+            send.contiguous(),
+            output_split_sizes=[rows * width_mine] * n,
+            input_split_sizes=[rows * sum(widths[h] for h in hooks) for hooks in by_rank],
+        )
+        packed = recv.view(n * rows, width_mine)
+        out, start = {}, 0
+        for h in mine:
+            out[h] = packed[:, start : start + widths[h]]
+            start += widths[h]
+        yield out
+
+
+def own_modules(runner: Any, plan: TrainingPlan, ranks: Ranks) -> Any:
+    """Make a ``MultiSAETrainingRunner`` (built with every SAE of its stack) module-parallel on this rank.
+
+    Keeps this rank's SAEs (``runner.saes``, and a copy of ``runner.cfg`` naming only them, since
+    SAELens' trainer wants the two to agree: its private per-SAE tables are set too), makes the
+    store yield ``1/N`` of each SAE batch, and routes its multi-hook loader through
+    :func:`exchange_rows` (patches of the runner and store instances, checked against SAELens
+    6.54 as :mod:`sae_lens_seams` describes: SAELens has no seam for the data provider).
+
+    Returns:
+        The runner's whole config, for :func:`write_runner_cfg` (rank 0 writes it after the run,
+        so ``runner_cfg.json`` is a one-process run's).
+    """
+    whole = runner.cfg
+    own = owners(plan.sites, ranks.world_size)
+    hook_of = whole.hook_names_per_sae
+    owner_of_hook = {hook_of[name]: rank for name, rank in own.items()}
+    mine = [name for name in whole.saes if own[name] == ranks.rank]
+    cfg = copy.copy(whole)
+    cfg.saes = {n: whole.saes[n] for n in mine}
+    cfg.hook_names = {n: hook_of[n] for n in mine}
+    cfg._hook_names_per_sae = dict(cfg.hook_names)
+    cfg._hook_head_indices_per_sae = {n: whole.hook_head_indices_per_sae[n] for n in mine}
+    runner.cfg = cfg
+    runner.saes = {name: runner.saes[name] for name in mine}
+    store = runner.activations_store
+    store.train_batch_size_tokens = plan.config.train_batch_size_tokens // ranks.world_size
+    loader = store.get_multi_hook_data_loader
+
+    def exchanged() -> Iterator[dict[str, torch.Tensor]]:
+        return exchange_rows(loader(), owner_of_hook, ranks)
+
+    store.get_multi_hook_data_loader = exchanged
+    return whole
+
+
+def write_runner_cfg(whole_cfg: Any, out: Any) -> None:
+    """Rank 0: SAELens' ``runner_cfg.json`` of the whole run (each rank's runner wrote its own share)."""
+    import json
+    from pathlib import Path
+
+    from sae_lens.constants import RUNNER_CFG_FILENAME
+
+    from sae_lens_t5gemma.outputs import atomic_write
+
+    atomic_write(Path(out) / RUNNER_CFG_FILENAME, json.dumps(whole_cfg.to_dict()))

@@ -1,0 +1,248 @@
+"""Every place training reaches into SAELens' internals, each with why (checked against SAELens 6.54.12).
+
+SAELens has no hooks for what this package needs around its runners, so the adaptations live
+here, in one module, and :func:`check_sae_lens_version` warns when the installed SAELens is not
+the minor version they were written against. Documented extension points (subclassing a runner
+and overriding a public method, passing ``override_model``/``override_dataset``, setting
+``runner.evaluator``) are used as such; the rest are patches:
+
+- :func:`_runner_classes`: subclasses of both training runners. The single-SAE runner's
+  ``run_trainer_with_interruption_handling`` and ``save_checkpoint`` are public; the multi-SAE
+  runner's ``_run_with_interruption_handling`` and ``_save_runner_checkpoint_files`` are
+  private (a patch). Why: SAELens 6.54's single-SAE interruption save writes into a folder it
+  never created and without the SAE; and every checkpoint must be marked complete.
+- :func:`_lean_multi_sae_steps`: swaps the module attribute ``multi_sae_training_runner.MultiSAETrainer``
+  for the duration of a run (a patch). Why: SAELens keeps every SAE's step tensors alive until
+  all SAEs have stepped (gigabytes at 18 hooks) and builds the trainer with no hook to reach it.
+- :func:`_cast_multi_hook_activations`: replaces a store's ``get_multi_hook_activations`` on the
+  instance (a patch). Why: the multi-hook path passes the model's dtype through.
+- :func:`_cache_runner_class`: a ``CacheActivationsRunner`` subclass whose ``__init__`` rebuilds
+  SAELens' own with the private ``_mk_activations_store`` (a patch). Why: that runner has no
+  ``override_model``.
+- :func:`_wandb_mode` and :func:`_quiet_runner_setup`: environment and logging only (no patch):
+  SAELens runs in-training evals only in its wandb branch, and warns about overrides by design.
+
+``sae_lens_t5gemma.training.distributed`` adds the seams of multi-process training the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_lens_t5gemma.training.checkpoints import _fit_or_checkpoint, _record_checkpoint, _RunnerContext
+
+CHECKED_SAE_LENS = "6.54"
+"""The SAELens minor version the seams below were written and tested against."""
+
+
+@functools.cache
+def check_sae_lens_version() -> str:
+    """The installed SAELens version; warns once if its minor version is not :data:`CHECKED_SAE_LENS`."""
+    try:
+        installed = version("sae-lens")
+    except PackageNotFoundError:
+        return "unknown"
+    if not (installed == CHECKED_SAE_LENS or installed.startswith(CHECKED_SAE_LENS + ".")):
+        warnings.warn(
+            f"sae_lens_t5gemma's training adapts SAELens {CHECKED_SAE_LENS} internals (runner methods, "
+            f"MultiSAETrainer, CacheActivationsRunner.__init__); SAELens {installed} is installed: check "
+            "sae_lens_t5gemma/training/sae_lens_seams.py against it",
+            stacklevel=2,
+        )
+    return installed
+
+
+@contextlib.contextmanager
+def _wandb_mode(enabled: bool) -> Iterator[None]:
+    """With wandb off, make SAELens' ``wandb.init`` a disabled run (no network, no files)."""
+    if enabled:
+        yield
+        return
+    saved = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "disabled"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = saved
+
+
+class _DropOverrideNotices(logging.Filter):
+    """SAELens warns that ``override_model``/``override_dataset`` make a run irreproducible
+    from its config alone; here overriding is the design (the config records both), so the
+    notices are noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not msg.startswith(
+            ("You just passed in a", "override_dataset overrides", "override_model overrides")
+        )
+
+
+@contextlib.contextmanager
+def _quiet_runner_setup() -> Iterator[None]:
+    sae_lens_logger = logging.getLogger("sae_lens")
+    notice_filter = _DropOverrideNotices()
+    sae_lens_logger.addFilter(notice_filter)
+    try:
+        with warnings.catch_warnings():
+            # Text is tokenised on the fly by design; and SAELens compares a dataset's rows
+            # with the token budget, which says nothing when rows are sentences.
+            warnings.filterwarnings("ignore", message=".*(not tokenized|fewer samples).*")
+            yield
+    finally:
+        sae_lens_logger.removeFilter(notice_filter)
+
+
+# ------------------------------------------------------------------------------ train
+
+
+@functools.cache
+def _runner_classes() -> tuple[type, type]:
+    """SAELens' two training runners, with the interruption save of :func:`_fit_or_checkpoint`
+    and a :data:`CHECKPOINT_RECORD` written last into every checkpoint.
+
+    The overridden methods are SAELens 6.54's: ``run_trainer_with_interruption_handling`` and
+    ``save_checkpoint`` (the trainer's ``save_checkpoint_fn``) of the single-SAE runner,
+    ``_run_with_interruption_handling`` and ``_save_runner_checkpoint_files`` of the multi-SAE one.
+    """
+    from sae_lens import LanguageModelSAETrainingRunner, MultiSAETrainingRunner
+
+    check_sae_lens_version()
+
+    class Runner(LanguageModelSAETrainingRunner):  # type: ignore[misc]
+        t5gemma2: _RunnerContext
+
+        def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+            return _fit_or_checkpoint(self, trainer)
+
+        def save_checkpoint(self, checkpoint_path: Path | None) -> None:
+            super().save_checkpoint(checkpoint_path)
+            _record_checkpoint(self, checkpoint_path)
+
+    class MultiRunner(MultiSAETrainingRunner):  # type: ignore[misc]
+        t5gemma2: _RunnerContext
+
+        def _run_with_interruption_handling(self, trainer: Any) -> Any:
+            return _fit_or_checkpoint(self, trainer)
+
+        def _save_runner_checkpoint_files(self, checkpoint_path: Path | None) -> None:
+            super()._save_runner_checkpoint_files(checkpoint_path)
+            _record_checkpoint(self, checkpoint_path)
+
+    return Runner, MultiRunner
+
+
+def _cast_multi_hook_activations(store: Any) -> None:
+    """Make the multi-hook store hand SAELens activations in the store's dtype.
+
+    SAELens' single-hook ``get_activations`` copies into a float32 tensor, but
+    ``get_multi_hook_activations`` passes the model's dtype through; a bfloat16 model would
+    then feed bfloat16 rows (with bfloat16 rounding in the mixing buffer) to float32 SAEs.
+    """
+    harvest = store.get_multi_hook_activations
+
+    def cast(batch_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {h: t.to(store.dtype) for h, t in harvest(batch_tokens).items()}
+
+    store.get_multi_hook_activations = cast
+
+
+_EMPTY = torch.empty(0)
+
+
+@contextlib.contextmanager
+def _lean_multi_sae_steps() -> Iterator[None]:
+    """Make SAELens' multi-SAE trainer drop each SAE's step tensors as soon as it has stepped.
+
+    ``MultiSAETrainer.fit`` keeps every SAE's ``TrainStepOutput`` until all SAEs have
+    stepped (for the progress bar and wandb), and each holds the step's ``sae_in``,
+    ``sae_out``, ``feature_acts`` and ``hidden_pre``: 2 x batch x d_sae floats and more per
+    SAE. With 18 hooks at d_sae 4096 that was 2.6 GiB alive at once (measured per phase, as
+    ``benchmarks/bench_training.py`` does; about 9 GiB at d_sae 16384, computed). The
+    progress bar reads only the loss. So each per-SAE ``step`` is wrapped to return the
+    output without those tensors; on a wandb logging step the log dict is built first,
+    from the full output, and handed to ``_log_train_step`` unchanged.
+
+    SAELens builds the trainer inside ``MultiSAETrainingRunner.run`` with no hook to reach
+    it, so this swaps in a subclass for the duration (SAELens 6.54's names; with
+    :func:`_runner_classes`, the places this package reaches into SAELens' training internals).
+    """
+    from sae_lens import multi_sae_training_runner as msr
+
+    check_sae_lens_version()
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    base = msr.MultiSAETrainer
+
+    class LeanMultiSAETrainer(base):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            for trainer in self.trainers.values():
+                trainer.step = self._lean(trainer)  # type: ignore[method-assign]
+
+        def _lean(self, trainer: Any) -> Any:
+            step = trainer.step
+
+            def lean_step(batch: torch.Tensor) -> Any:
+                out = step(batch)
+                if self._is_logging_step():
+                    log = SAETrainer.build_train_step_log_dict(trainer, out, trainer.n_training_samples)
+                    trainer.build_train_step_log_dict = lambda output, n_training_samples: {
+                        **log,
+                        "details/n_training_samples": n_training_samples,
+                    }
+                return replace(
+                    out, sae_in=_EMPTY, sae_out=_EMPTY, feature_acts=_EMPTY, hidden_pre=_EMPTY, metrics={}
+                )
+
+            return lean_step
+
+    msr.MultiSAETrainer = LeanMultiSAETrainer
+    try:
+        yield
+    finally:
+        msr.MultiSAETrainer = base
+
+
+def _cache_runner_class():
+    from sae_lens import CacheActivationsRunner
+    from sae_lens.cache_activations_runner import _mk_activations_store
+
+    class T5Gemma2CacheActivationsRunner(CacheActivationsRunner):
+        """SAELens' ``CacheActivationsRunner`` with a model passed in.
+
+        SAELens' runner has no ``override_model`` and loads its model with ``load_model``,
+        which knows only TransformerLens and causal-LM classes. This subclass takes the
+        hooked model and otherwise builds exactly what SAELens' ``__init__`` builds; ``run``
+        (sharding, consolidation, shuffling) is SAELens' own.
+        """
+
+        def __init__(self, cfg: Any, model: Any, override_dataset: Any = None):
+            from datasets import Array2D, Features, Sequence, Value
+
+            self.cfg = cfg
+            self.model = model
+            self.activations_store = _mk_activations_store(model, cfg, override_dataset=override_dataset)
+            self.context_size = self._get_sliced_context_size(cfg.context_size, cfg.seqpos_slice)
+            self.features = Features(
+                {
+                    cfg.hook_name: Array2D(shape=(self.context_size, cfg.d_in), dtype=cfg.dtype),
+                    "token_ids": Sequence(Value(dtype="int32"), length=self.context_size),
+                }
+            )
+
+    return T5Gemma2CacheActivationsRunner
