@@ -25,7 +25,7 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Stack = Literal["encoder", "decoder"]
 STACKS: tuple[Stack, ...] = ("encoder", "decoder")
@@ -172,6 +172,9 @@ def _lookup_table(n_layers: int) -> dict[str, Site]:
 
 
 _LAYER_RE = re.compile(r"(?:_blocks|layers|^encoder|^decoder)\.(\d+)(?:\.|$)")
+# A hook name with the other stack's attention part (``decoder_blocks.5.attn.hook_out``).
+_STACK_PART_RE = re.compile(r"^(encoder|decoder)_blocks\.(\d+)\.(attn|self_attn)\.(.+)$")
+_ATTENTION_PART = {"encoder": "attn", "decoder": "self_attn"}
 
 
 def resolve(name: str, n_layers: int | None = None) -> Site:
@@ -202,9 +205,19 @@ def resolve(name: str, n_layers: int | None = None) -> Site:
             f"{module} output itself (before that norm) is '{stack}_blocks.{n}.{sub}.hook_out'."
         )
     valid = _lookup_table(n_layers) if n_layers is not None else table
+    where = f" (the model has {n_layers} layers per stack)" if n_layers is not None else ""
+    stack_part = _STACK_PART_RE.match(name)
+    if stack_part:
+        stack, n, _, rest = stack_part.groups()
+        right = f"{stack}_blocks.{n}.{_ATTENTION_PART[stack]}.{rest}"
+        if right in valid:
+            raise ValueError(
+                f"Unknown T5Gemma 2 hook name {name!r}{where}: the {stack}'s attention is "
+                f"'{_ATTENTION_PART[stack]}' in hook names (TransformerBridge's: encoder_blocks.N.attn, "
+                f"decoder_blocks.N.self_attn). Did you mean {right!r}?"
+            )
     close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.6)
     hint = f" Close matches: {close}." if close else ""
-    where = f" (the model has {n_layers} layers per stack)" if n_layers is not None else ""
     raise ValueError(f"Unknown T5Gemma 2 hook name {name!r}{where}.{hint}")
 
 
@@ -234,6 +247,121 @@ def merged_attention_line(hooks: list[str]) -> list[str]:
     return []
 
 
+# ------------------------------------------------------------------------ widths
+
+
+def _stack_text_config(model: Any, stack: str) -> Any:
+    config = model.hf_model.config
+    return config.encoder.text_config if stack == "encoder" else config.decoder
+
+
+def site_width(model: Any, hook_name: str) -> int:
+    """How wide the activation at ``hook_name`` is on ``model``: the one rule for an SAE's ``d_in``.
+
+    Args:
+        model: a ``HookedT5Gemma2`` (any spelling of a text site; head count, head size and MLP
+            width of the site's own stack), or a TransformerLens model with one stack of
+            ``blocks.N.<suffix>`` hooks (:data:`TL_SUFFIXES`).
+        hook_name: the hook.
+
+    Raises:
+        ValueError: an unknown hook, or attention probabilities (they have no width an SAE reads).
+    """
+    if hasattr(model, "canonical_name"):  # HookedT5Gemma2
+        s = resolve(model.canonical_name(hook_name))
+        stack, key = s.stack, s.kind.friendly
+        if s.kind.route == "attention" and key not in _HEAD_KINDS:
+            raise ValueError(f"{hook_name} holds attention probabilities, not an activation an SAE reads.")
+        text = _stack_text_config(model, stack)
+        n_heads, d_head, d_mlp = text.num_attention_heads, text.head_dim, text.intermediate_size
+    else:
+        key = tl_site_key(hook_name)
+        n_heads, d_head, d_mlp = model.cfg.n_heads, model.cfg.d_head, model.cfg.d_mlp
+    if key in _HEAD_KINDS:
+        return n_heads * d_head
+    if key == "mlp_post":
+        return d_mlp
+    return model.cfg.d_model
+
+
+_HEAD_KINDS = ("attn_z", "z_self", "z_cross")
+
+
+# ------------------------------------------------------- Gemma 3 / TransformerLens names
+#
+# Gemma 3 under TransformerLens (HookedTransformer, one stack of ``blocks.N``), as Gemma Scope 2's
+# SAEs name their sites: the hook suffix -> site key, and the T5Gemma 2 site reading the same
+# activation (for the comparison's transfer rows). Gemma 3 normalises each sublayer's output
+# before adding it to the residual stream, and TransformerLens' hook_attn_out/hook_mlp_out sit
+# after that norm: they are T5Gemma 2's post-norm sites (``*_normed``), not its o_proj / MLP outputs.
+
+TL_SUFFIXES: dict[str, str] = {
+    "hook_resid_pre": "resid_pre",
+    "attn.hook_z": "attn_z",
+    "hook_attn_out": "attn_out",
+    "hook_resid_mid": "resid_mid",
+    "hook_mlp_out": "mlp_out",
+    "hook_resid_post": "resid_post",
+}
+"""TransformerLens hook suffix (under ``blocks.N``) -> site key (before the post-norm rule)."""
+TRANSFER_KINDS: dict[str, str] = {
+    "resid_pre": "resid_pre",
+    "attn_z": "attn_z",
+    "resid_mid": "resid_mid",
+    "resid_post": "resid_post",
+    "attn_out_normed": "attn_out_normed",
+    "mlp_out_normed": "mlp_out_normed",
+}
+"""Gemma 3 site key -> the T5Gemma 2 site kind reading the same activation."""
+ENCODER_ONLY_KINDS = ("attn_z", "attn_out_normed")
+"""Transfer onto the encoder only: the decoder's self_attn merges self- and cross-attention, so its
+z and attention output are not Gemma 3's self-attention."""
+GEMMA_SCOPE_HOOKS: dict[str, str] = {
+    "attn_out": "attn.hook_z",
+    "resid_post": "hook_resid_post",
+    "mlp_out": "hook_mlp_out",
+}
+"""Gemma Scope 2 site (release folder) -> the TransformerLens hook suffix its SAEs read (SAELens'
+``gemma_3`` loader)."""
+
+
+def tl_site_key(hook_name: str) -> str:
+    """The site key of a per-layer TransformerLens hook (``blocks.5.attn.hook_z`` -> ``attn_z``).
+
+    Raises:
+        ValueError: not ``blocks.<layer>.<suffix>`` with a suffix of :data:`TL_SUFFIXES`.
+    """
+    parts = hook_name.split(".")
+    suffix = ".".join(parts[2:])
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or suffix not in TL_SUFFIXES:
+        raise ValueError(
+            f"Hook {hook_name!r} is not a per-layer TransformerLens site this package knows: "
+            f"expected blocks.<layer>.<one of {sorted(TL_SUFFIXES)}>."
+        )
+    return TL_SUFFIXES[suffix]
+
+
+def transfer_hook(gemma3_hook: str, stack: str = "encoder") -> str | None:
+    """The T5Gemma 2 hook reading the same activation as a Gemma 3 (TransformerLens) hook.
+
+    ``blocks.5.attn.hook_z`` -> ``encoder_blocks.5.attn.hook_z``; ``blocks.5.hook_mlp_out``
+    (after post_feedforward_layernorm, as Gemma Scope 2's mlp_out SAEs read it) ->
+    ``encoder_blocks.5.hook_mlp_out_normed``. With ``stack="decoder"``, the decoder's hook, or
+    None for attention sites (the decoder's self_attn merges self- and cross-attention).
+    None where T5Gemma 2 has no such site.
+    """
+    parts = gemma3_hook.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        return None
+    key = TL_SUFFIXES.get(".".join(parts[2:]))
+    if key in ("attn_out", "mlp_out"):  # Gemma 3 has sandwich norms: these hooks are post-norm
+        key += "_normed"
+    kind = TRANSFER_KINDS.get(key or "")
+    if kind is None or (stack == "decoder" and kind in ENCODER_ONLY_KINDS):
+        return None
+    return site(stack, int(parts[1]), kind).hook_name
+
+
 # ------------------------------------------------------------------------ vision tower
 #
 # T5Gemma 2's encoder carries a SigLIP vision tower. Each image runs through it as its own
@@ -246,10 +374,6 @@ def merged_attention_line(hooks: list[str]) -> list[str]:
 # d_model]`` (projector). On the real models n_patches = (896 / 14)^2 = 4096, d_vision = 1152.
 # The image tokens' own encoder activations sit in the text sites at the positions
 # ``HookedT5Gemma2.image_token_mask`` marks.
-VISION_SHAPE_NOTE = (
-    "vision sites are per image: SigLIP layers [n_images, n_patches, d_vision], "
-    "projector [n_images, mm_tokens_per_image, d_model]; not the [batch, n] text positions"
-)
 # transformers 5.23 builds the tower as a SiglipVisionModel without the ``vision_model`` level
 # that older releases (and the checkpoints' own weight names) have; both spellings resolve.
 HF_VISION = "model.encoder.vision_tower"
@@ -288,7 +412,6 @@ VISION_SITE_KINDS: tuple[VisionSiteKind, ...] = (
     VisionSiteKind("mm_proj_out", "hook_mm_proj_out", False, HF_MM_PROJECTOR,      "output", "multimodal projector output: the image's soft tokens that replace its placeholders [n_images, mm_tokens_per_image, d_model]", "vision_projector.hook_out"),
 )
 # fmt: on
-VISION_KINDS_BY_FRIENDLY = {k.friendly: k for k in VISION_SITE_KINDS}
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,7 @@ def test_one_rule_for_a_prompt_and_a_cache_that_says_what_is_real(model, split):
     token's state, and no warning is given."""
     import warnings
 
-    from sae_lens_t5gemma.model.hooked import UncoveredPositionsWarning
+    from sae_lens_t5gemma.model.cache import UncoveredPositionsWarning
     from sae_lens_t5gemma.model.steering import top_features
 
     text = "The cat sat on the mat and then the dog came."
