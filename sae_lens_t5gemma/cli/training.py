@@ -67,6 +67,8 @@ SHOWN_DEFAULTS: dict[str, Any] = {
     "n_checkpoints": 0,
     "convention": "prefix_lm",
     "disable_concat_sequences": True,
+    "activations_mixing_fraction": 0.5,
+    "parallel": "auto",
 }
 
 
@@ -198,6 +200,20 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="checkpoints saved during training, evenly spaced (SAELens' n_checkpoints), besides the "
         "one Ctrl-C or SIGTERM saves",
+    )
+    p.add_argument(
+        "--activations-mixing-fraction",
+        type=float,
+        help="fraction of SAELens' activation buffer kept back to mix with the next harvest (0: harvest order, "
+        "what an exact comparison between runs needs)",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=["auto", "modules", "data"],
+        help="under torchrun with N processes: modules (each rank trains some SAEs on rows from every rank), "
+        "data (a replica of every SAE per rank, gradients averaged), auto (modules where every stack has at "
+        "least N hooks, else data); ignored in one process. Launch: torchrun --nproc_per_node N -m "
+        "sae_lens_t5gemma_cli train ...; several machines: add --nnodes, --rdzv-backend c10d, --rdzv-endpoint",
     )
     p.add_argument("--wandb", action="store_true", default=None, help="log to Weights & Biases")
     add_convention(p, default=None)
