@@ -154,7 +154,7 @@ class TrainConfig:
     served in harvest order, unshuffled; what an exact comparison between runs needs)."""
     parallel: str = "auto"
     """Under ``torchrun`` with N processes: ``modules`` (each rank trains some SAEs, on rows from
-    every rank), ``data`` (a replica per rank; not available yet), or ``auto`` (modules where every
+    every rank), ``data`` (a replica of every SAE per rank, gradients averaged), or ``auto`` (modules where every
     stack has at least N hooks). Ignored in a one-process run (see ``training.distributed``)."""
 
     @classmethod

@@ -19,11 +19,23 @@ order (the shards' blocks of ``train_batch_size_tokens / N`` rows interleaved by
 rank initialises every SAE from the run's seed (so initialisation does not depend on N) and
 keeps only its own.
 
-**Data-parallel** (``parallel="data"``, one replica of every SAE per rank) is refused by name
-in this version: it needs gradient averaging from a post-accumulate-grad hook and global
-dead-feature statistics, sample counts, norm estimates and BatchTopK selection, which are
-not built yet. ``auto`` picks ``modules`` where every stack has at least N hooks, and
-otherwise refuses (naming the data-parallel mode it would need).
+**Data-parallel** (``parallel="data"``): every rank holds a replica of every SAE and steps it
+on its own shard, ``train_batch_size_tokens / N`` rows per step. ``DistributedDataParallel``
+cannot be used as is, because SAELens' ``SAETrainer._train_step`` calls
+``sae.training_forward_pass()``, not ``sae(...)``; so :func:`replicate_trainer` does by hand what
+an exact replica needs: parameters and buffers broadcast from rank 0 at the start; gradients
+averaged by one flat ``all_reduce`` from a post-accumulate-grad hook (so SAELens' gradient
+clipping sees the global norm); after each step ``n_forward_passes_since_fired`` all-reduced
+with MIN and the step's ``act_freq_scores`` increments with SUM; the sample counter global; the
+norm-scaling estimate averaged (the mean norm over every rank's rows); and for BatchTopK (and
+Matryoshka) the selection made global (each rank's top ``k * B`` values all-gathered, the
+global ``k * B``-th value the cut) and the threshold EMA fed the global minimum. The replicas
+end bit-identical (checked before saving: :func:`verify_replicas`) and equal a one-process run
+with the same global batch within float32 rounding. Data-parallel runs SAELens' multi-SAE
+trainer, so it needs ``multi_hook=True`` and at least 2 hooks per stack; a normalisation it
+does not synchronise is refused by name. Rank 0 alone saves.
+
+``auto`` picks ``modules`` where every stack has at least N hooks, ``data`` otherwise.
 
 Saving: each SAE folder is written by its owner only (SAELens' ``_save_final_outputs``); rank 0
 alone takes the output lock, prepares ``out``, runs the final evals, and writes the
@@ -51,6 +63,11 @@ if TYPE_CHECKING:
 
 PARALLEL_MODES = ("auto", "modules", "data")
 TIMEOUT_S = 300
+DATA_PARALLEL_NORMALISATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
+"""Input normalisations data-parallel reproduces exactly: per-row ones, and the mean-norm
+estimate (averaged over ranks). Anything needing other per-rank statistics is refused."""
+AVERAGE_GRADIENTS = True
+"""Data-parallel gradient averaging; False only for the no-sync control of the tests."""
 """Collective timeout: a rank that waits longer for the others fails (and so the job)."""
 
 
@@ -91,8 +108,8 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
 
     Raises:
         ValueError: a global batch not divisible by N, too few hooks per stack for modules,
-            single-hook runners (``multi_hook=False``), data-parallel (not built yet), or
-            resume/checkpoints (not yet distributed).
+            single-hook runners (``multi_hook=False``) in either mode, a normalisation that
+            data-parallel cannot synchronise, or resume/checkpoints (not yet distributed).
     """
     cfg = plan.config
     wanted = cfg.parallel
@@ -103,14 +120,26 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
             f"train_batch_size_tokens={cfg.train_batch_size_tokens} (the global batch) is not divisible by the "
             f"{world_size} processes; each rank harvests an equal share"
         )
-    fewest = min(len(sp.sites) for sp in per_stack(plan))
+    stacks = per_stack(plan)
+    fewest = min(len(sp.sites) for sp in stacks)
     if wanted == "auto":
         wanted = "modules" if fewest >= world_size and cfg.multi_hook else "data"
-    if wanted == "data":
+    if cfg.resume or cfg.n_checkpoints:
         raise ValueError(
-            f"parallel='data' (one replica per rank) is not available in this version; parallel='modules' needs "
-            f"every stack to have at least {world_size} hooks (the fewest here: {fewest}), one SAE per rank at least"
+            "resume and n_checkpoints are not distributed yet: run with one process to checkpoint or resume"
         )
+    if wanted == "data":
+        if not cfg.multi_hook or fewest < 2:
+            raise ValueError(
+                "parallel='data' drives SAELens' multi-SAE trainer: it needs multi_hook=True and at least 2 hooks "
+                f"in every stack (the fewest here: {fewest}); a single hook trains in one process"
+            )
+        if cfg.normalize_activations not in DATA_PARALLEL_NORMALISATIONS:
+            raise ValueError(
+                f"parallel='data' cannot synchronise normalize_activations={cfg.normalize_activations!r} exactly "
+                f"(per-rank statistics); use one of {DATA_PARALLEL_NORMALISATIONS} or parallel='modules'"
+            )
+        return wanted
     if fewest < world_size:
         raise ValueError(
             f"parallel='modules' on {world_size} processes needs at least {world_size} hooks per stack (each rank "
@@ -118,10 +147,6 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
         )
     if not cfg.multi_hook:
         raise ValueError("parallel='modules' shares one forward among SAEs: it needs multi_hook=True")
-    if cfg.resume or cfg.n_checkpoints:
-        raise ValueError(
-            "resume and n_checkpoints are not distributed yet: run with one process to checkpoint or resume"
-        )
     return wanted
 
 
@@ -133,6 +158,20 @@ def owners(sites: tuple[Site, ...] | list[Site], world_size: int) -> dict[str, i
 def describe(plan: TrainingPlan, world_size: int, mode: str) -> str:
     """Lines for ``describe_plan``: which rank owns which SAE, and the memory per rank."""
     cfg = plan.config
+    if mode == "data":
+        lines = [
+            f"parallel data on {world_size} processes: global batch {cfg.train_batch_size_tokens} tokens, "
+            f"{cfg.train_batch_size_tokens // world_size} per rank per step; every rank holds every SAE"
+        ]
+        for sp in per_stack(plan):
+            sizing = sp.store_sizing(sp.sites)
+            state = sum(sae_state_bytes(plan.dims.d_in(s), cfg.d_sae) for s in sp.sites)
+            lines.append(
+                f"  each rank {sp.sites[0].stack}: {', '.join(s.friendly for s in sp.sites)}; memory above the "
+                f"model ~{(sizing.activation_bytes + state) / 2**30:.2f} GiB (store "
+                f"{sizing.activation_bytes / 2**30:.2f}, SAEs with Adam {state / 2**30:.2f})"
+            )
+        return "\n".join(lines)
     lines = [
         f"parallel {mode} on {world_size} processes: global batch {cfg.train_batch_size_tokens} tokens, "
         f"{cfg.train_batch_size_tokens // world_size} harvested per rank per step"
@@ -261,3 +300,131 @@ def write_runner_cfg(whole_cfg: Any, out: Any) -> None:
     from sae_lens_t5gemma.outputs import atomic_write
 
     atomic_write(Path(out) / RUNNER_CFG_FILENAME, json.dumps(whole_cfg.to_dict()))
+
+
+# ------------------------------------------------------------------ data-parallel
+
+
+class Collectives:
+    """The collectives a data-parallel replica needs (``torch.distributed``, default group).
+
+    :func:`sae_lens_seams._replicate_trainer` calls these from inside SAELens' trainer; they are
+    kept here so the seams hold no process-group code.
+    """
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+        self.world_size = ranks.world_size
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values into every rank's ``tensors`` (one flat broadcast)."""
+        import torch.distributed as dist
+
+        if not tensors:
+            return
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=0)
+        _unflatten_into(flat, tensors)
+
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace ``tensors`` by their mean over ranks: one flat ``all_reduce`` (the gradients)."""
+        import torch.distributed as dist
+
+        if not AVERAGE_GRADIENTS:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        _unflatten_into(flat, tensors)
+
+    def min_(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+        return tensor
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over ranks (in float64)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def kth_largest(self, local_top: torch.Tensor, k: int) -> torch.Tensor:
+        """The ``k``-th largest value over every rank's ``local_top`` (equal lengths on every rank)."""
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(local_top) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local_top.contiguous())
+        return torch.topk(torch.cat(gathered), k).values[-1]
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    start = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[start : start + n].view_as(t))
+        start += n
+
+
+def verify_replicas(saes: dict[str, Any], ranks: Ranks) -> dict[str, str]:
+    """The sha256 of every SAE's state on this rank; raises if any rank's differs from rank 0's.
+
+    Data-parallel replicas must end bit-identical; a difference means a missed synchronisation,
+    and saving rank 0's copy would hide it.
+    """
+    import hashlib
+
+    import torch.distributed as dist
+
+    mine = {}
+    for name, sae in saes.items():
+        h = hashlib.sha256()
+        for key, t in sorted(sae.state_dict().items()):
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        mine[name] = h.hexdigest()
+    every: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(every, mine)
+    differ = sorted({n for d in every for n in d if d[n] != every[0][n]})
+    if differ:
+        raise RuntimeError(f"data-parallel replicas differ between ranks at the end of training: {differ}")
+    return mine
+
+
+def replicate(runner: Any, plan: TrainingPlan, ranks: Ranks) -> Collectives:
+    """Make a ``MultiSAETrainingRunner`` a data-parallel replica on this rank.
+
+    The store yields ``1/N`` of each SAE batch (this rank's shard); rank 0 alone saves, after
+    :func:`verify_replicas`. The trainer-side synchronisation is applied when SAELens builds its
+    trainer (:func:`sae_lens_seams._lean_multi_sae_steps` with the returned collectives).
+    """
+    runner.activations_store.train_batch_size_tokens = plan.config.train_batch_size_tokens // ranks.world_size
+    save = runner._save_final_outputs
+
+    def save_on_rank_0(saes: dict[str, Any], trainer: Any) -> None:
+        verify_replicas(saes, ranks)
+        if ranks.is_main:
+            save(saes, trainer)
+
+    runner._save_final_outputs = save_on_rank_0
+    return Collectives(ranks)
+
+
+def prepare_runner(runner: Any, plan: TrainingPlan, ranks: Ranks) -> tuple[Any, Collectives | None]:
+    """This rank's part of a multi-SAE runner in the mode :func:`choose_mode` picks.
+
+    Returns:
+        ``(whole runner config for rank 0 to write, or None; the collectives of a data-parallel
+        replica, or None)``.
+    """
+    if choose_mode(plan, ranks.world_size) == "data":
+        return None, replicate(runner, plan, ranks)
+    return own_modules(runner, plan, ranks), None

@@ -253,15 +253,18 @@ def _train_multi(
     )
     runner.evaluator = recorder  # type: ignore[assignment]
     initial = {k: copy.deepcopy(v).cpu() for k, v in runner.saes.items()} if keep_initial else {}
-    whole_cfg = distributed.own_modules(runner, plan, ranks) if ranks is not None else None
-    with _quiet_runner_setup(), _lean_multi_sae_steps():
+    whole_cfg, replica = (
+        distributed.prepare_runner(runner, plan, ranks) if ranks is not None else (None, None)
+    )
+    with _quiet_runner_setup(), _lean_multi_sae_steps(replica):
         runner.run()
     paths = {s.friendly: plan.out / s.friendly for s in plan.sites}
     distributed.barrier()  # every owner has saved its SAEs
     if ranks is not None:
         if not ranks.is_main:
             return TrainingResult(plan.out, paths, {}, {}, [], initial)
-        distributed.write_runner_cfg(whole_cfg, plan.out)
+        if whole_cfg is not None:  # module-parallel: each rank's runner wrote its own share
+            distributed.write_runner_cfg(whole_cfg, plan.out)
     evals = {k: _final_eval(recorder, p, plan, context.fingerprint) for k, p in paths.items()}
     return TrainingResult(plan.out, paths, {}, evals, list(recorder.history), initial)
 

@@ -14,6 +14,12 @@ and overriding a public method, passing ``override_model``/``override_dataset``,
 - :func:`_lean_multi_sae_steps`: swaps the module attribute ``multi_sae_training_runner.MultiSAETrainer``
   for the duration of a run (a patch). Why: SAELens keeps every SAE's step tensors alive until
   all SAEs have stepped (gigabytes at 18 hooks) and builds the trainer with no hook to reach it.
+- :func:`_replicate_trainer`: makes each per-SAE ``SAETrainer`` of a ``MultiSAETrainer`` a
+  data-parallel replica (instance patches of ``step``, ``_estimate_scaling_factors``, the SAE's
+  ``activation_fn`` and ``update_topk_threshold``, plus gradient hooks). Why: SAELens'
+  ``_train_step`` calls ``sae.training_forward_pass()``, so ``DistributedDataParallel`` cannot
+  wrap the SAE, and the dead-feature statistics, sample counter, norm estimate and BatchTopK
+  selection live in the trainer and the SAE, not in anything DDP syncs.
 - :func:`_cast_multi_hook_activations`: replaces a store's ``get_multi_hook_activations`` on the
   instance (a patch). Why: the multi-hook path passes the model's dtype through.
 - :func:`_cache_runner_class`: a ``CacheActivationsRunner`` subclass whose ``__init__`` rebuilds
@@ -165,7 +171,7 @@ _EMPTY = torch.empty(0)
 
 
 @contextlib.contextmanager
-def _lean_multi_sae_steps() -> Iterator[None]:
+def _lean_multi_sae_steps(collectives: Any = None) -> Iterator[None]:
     """Make SAELens' multi-SAE trainer drop each SAE's step tensors as soon as it has stepped.
 
     ``MultiSAETrainer.fit`` keeps every SAE's ``TrainStepOutput`` until all SAEs have
@@ -180,6 +186,8 @@ def _lean_multi_sae_steps() -> Iterator[None]:
     SAELens builds the trainer inside ``MultiSAETrainingRunner.run`` with no hook to reach
     it, so this swaps in a subclass for the duration (SAELens 6.54's names; with
     :func:`_runner_classes`, the places this package reaches into SAELens' training internals).
+    With ``collectives`` (``distributed.Collectives``) the trainer is made a data-parallel
+    replica first (:func:`_replicate_trainer`).
     """
     from sae_lens import multi_sae_training_runner as msr
 
@@ -191,6 +199,8 @@ def _lean_multi_sae_steps() -> Iterator[None]:
     class LeanMultiSAETrainer(base):  # type: ignore[misc,valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if collectives is not None:
+                _replicate_trainer(self, collectives)
             for trainer in self.trainers.values():
                 trainer.step = self._lean(trainer)  # type: ignore[method-assign]
 
@@ -216,6 +226,128 @@ def _lean_multi_sae_steps() -> Iterator[None]:
         yield
     finally:
         msr.MultiSAETrainer = base
+
+
+class _GlobalBatchTopK(torch.nn.Module):
+    """SAELens' ``BatchTopK`` over the global batch of a data-parallel job.
+
+    SAELens keeps the ``k * B`` largest activations of the batch. Each rank sends its own
+    ``k * B`` largest (B the global batch: no more can come from one rank), the ``k * B``-th
+    largest of them all is the cut, and each rank keeps its activations at or above it: the
+    rows a one-process run keeps, with the same values and gradients (ties at the cut aside).
+    In eval mode (evals run on one rank) it is SAELens' own, local selection.
+    """
+
+    def __init__(self, local: torch.nn.Module, collectives: Any) -> None:
+        super().__init__()
+        self.local = local
+        self.k = local.k
+        self.collectives = collectives
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.local(x)
+        acts = x.relu()
+        flat = acts.flatten()
+        n_global = acts.shape[:-1].numel() * self.collectives.world_size
+        k = int(self.k * n_global)
+        with torch.no_grad():
+            top = torch.topk(flat.detach(), min(k, flat.numel())).values
+            cut = self.collectives.kth_largest(top, k)
+        return acts * (acts >= cut)
+
+
+def _replicate_trainer(multi: Any, collectives: Any) -> None:
+    """Make SAELens' ``MultiSAETrainer`` ``multi`` one data-parallel replica of N (SAELens 6.54).
+
+    Per SAE: parameters and buffers broadcast from rank 0; gradients averaged by one flat
+    all-reduce once every parameter's gradient has accumulated (a post-accumulate-grad hook, so
+    ``_train_step``'s ``clip_grad_norm_`` sees the global norm); after each ``step``
+    ``n_forward_passes_since_fired`` all-reduced with MIN and the step's ``act_freq_scores``
+    increments with SUM, and ``n_training_samples`` counting every rank's rows; BatchTopK's
+    selection global (:class:`_GlobalBatchTopK`) and its threshold EMA fed the global minimum.
+    The norm-scaling estimate becomes the mean norm over every rank's rows.
+    """
+    from sae_lens.saes.batchtopk_sae import BatchTopK
+
+    n = collectives.world_size
+    for trainer in multi.trainers.values():
+        sae = trainer.sae
+        with torch.no_grad():
+            collectives.broadcast_(list(sae.state_dict().values()))
+        params = [p for p in sae.parameters() if p.requires_grad]
+        arrived: list[torch.nn.Parameter] = []
+
+        def grad_ready(p: torch.nn.Parameter, params: list = params, arrived: list = arrived) -> None:
+            arrived.append(p)
+            if len(arrived) == len(params):
+                arrived.clear()
+                with torch.no_grad():
+                    collectives.average_([q.grad for q in params])
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(grad_ready)
+
+        def check_all_arrived(optimizer: Any, args: Any, kwargs: Any, arrived: list = arrived) -> None:
+            if arrived:  # some parameter got no gradient: the average never ran
+                raise RuntimeError(
+                    f"data-parallel: {len(arrived)} of the SAE's parameters got gradients this step, not all; "
+                    "the gradient average did not run"
+                )
+
+        trainer.optimizer.register_step_pre_hook(check_all_arrived)
+        if isinstance(sae.activation_fn, BatchTopK):
+            sae.activation_fn = _GlobalBatchTopK(sae.activation_fn, collectives)
+        if hasattr(sae, "update_topk_threshold"):
+            sae.update_topk_threshold = _global_threshold_update(sae, collectives)
+        trainer.step = _synced_step(trainer, collectives, n)
+
+    estimate = multi._estimate_scaling_factors
+
+    def estimate_over_ranks() -> None:
+        before = {name: t.activation_scaler.scaling_factor for name, t in multi.trainers.items()}
+        estimate()
+        for name, t in multi.trainers.items():
+            scaler = t.activation_scaler
+            if before[name] is None and scaler.scaling_factor is not None:
+                root_d = multi.saes[name].cfg.d_in ** 0.5
+                scaler.scaling_factor = root_d / collectives.mean(root_d / scaler.scaling_factor)
+
+    multi._estimate_scaling_factors = estimate_over_ranks
+
+
+def _synced_step(trainer: Any, collectives: Any, n: int) -> Any:
+    step = trainer.step
+
+    def synced(batch: torch.Tensor) -> Any:
+        before = trainer.act_freq_scores.clone()
+        out = step(batch)
+        trainer.n_training_samples += batch.shape[0] * (n - 1)
+        collectives.min_(trainer.n_forward_passes_since_fired)
+        increments = collectives.sum_(trainer.act_freq_scores - before)
+        trainer.act_freq_scores = before + increments
+        return out
+
+    return synced
+
+
+def _global_threshold_update(sae: Any, collectives: Any) -> Any:
+    """SAELens' ``BatchTopKTrainingSAE.update_topk_threshold`` fed the minimum positive
+    activation over every rank (the same EMA, under the same disabled autocast)."""
+
+    @torch.no_grad()
+    def update(acts_topk: torch.Tensor) -> None:
+        positive = acts_topk > 0
+        lr = sae.cfg.topk_threshold_lr
+        with torch.autocast(sae.topk_threshold.device.type, enabled=False):
+            local = acts_topk[positive].min() if positive.any() else acts_topk.new_tensor(float("inf"))
+            smallest = collectives.min_(local.reshape(1).clone())[0]
+            if torch.isfinite(smallest):
+                sae.topk_threshold = (1 - lr) * sae.topk_threshold + lr * smallest.to(
+                    sae.topk_threshold.dtype
+                )
+
+    return update
 
 
 def _cache_runner_class():
