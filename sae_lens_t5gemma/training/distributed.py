@@ -22,7 +22,8 @@ keeps only its own.
 **Data-parallel** (``parallel="data"``): every rank holds a replica of every SAE and steps it
 on its own shard, ``train_batch_size_tokens / N`` rows per step. ``DistributedDataParallel``
 cannot be used as is, because SAELens' ``SAETrainer._train_step`` calls
-``sae.training_forward_pass()``, not ``sae(...)``; so :func:`replicate_trainer` does by hand what
+``sae.training_forward_pass()``, not ``sae(...)``; so :func:`replicate` and
+``sae_lens_seams._replicate_trainer`` do by hand what
 an exact replica needs: parameters and buffers broadcast from rank 0 at the start; gradients
 averaged by one flat ``all_reduce`` from a post-accumulate-grad hook (so SAELens' gradient
 clipping sees the global norm); after each step ``n_forward_passes_since_fired`` all-reduced
@@ -31,13 +32,16 @@ norm-scaling estimate averaged (the mean norm over every rank's rows); and for B
 Matryoshka) the selection made global (each rank's top ``k * B`` values all-gathered, the
 global ``k * B``-th value the cut) and the threshold EMA fed the global minimum. The replicas
 end bit-identical (checked before saving: :func:`verify_replicas`) and equal a one-process run
-with the same global batch within float32 rounding. Data-parallel runs SAELens' multi-SAE
+with the same global batch within float32 rounding (measured: at most 1.6e-6 relative over
+10 steps for standard, topk, batchtopk, matryoshka and jumprelu; 0.39 without gradient
+averaging). Covariance whitening and resume/checkpoints are refused. Data-parallel runs SAELens' multi-SAE
 trainer, so it needs ``multi_hook=True`` and at least 2 hooks per stack; a normalisation it
 does not synchronise is refused by name. Rank 0 alone saves.
 
 ``auto`` picks ``modules`` where every stack has at least N hooks, ``data`` otherwise.
 
-Saving: each SAE folder is written by its owner only (SAELens' ``_save_final_outputs``); rank 0
+Saving: each SAE folder is written by its owner only (SAELens' ``_save_final_outputs``; under
+data-parallel, by rank 0); rank 0
 alone takes the output lock, prepares ``out``, runs the final evals, and writes the
 training summary and the release YAML, so the folder looks like a one-process run's. A rank
 that fails takes the others down: they see gloo's "Connection closed by peer" (or the
