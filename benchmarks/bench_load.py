@@ -60,9 +60,9 @@ def main() -> None:
     from sae_lens import SAE
 
     import sae_lens_t5gemma  # noqa: F401  (registers the release)
-    from sae_lens_t5gemma.stand_in import synthetic as synthetic
     from sae_lens_t5gemma.loading.mindchain import _one_thread
     from sae_lens_t5gemma.loading.registration import PACKAGE_RELEASE
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
     ids = [f"{s}/layer_{n}" for s in ("encoder", "decoder") for n in range(18)]
     with tempfile.TemporaryDirectory(prefix="bench_load_") as tmp:

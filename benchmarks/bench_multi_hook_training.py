@@ -74,9 +74,8 @@ def run(
     from sae_lens.training.activations_store import ActivationsStore
 
     from sae_lens_t5gemma.model import sites as sites
-
-    from sae_lens_t5gemma.stand_in import synthetic as synthetic
     from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
     torch.set_num_threads(threads)
     # The stores are fed token batches directly: their dataset warnings do not apply.

@@ -64,11 +64,9 @@ def run(batch: int, seq: int, repeats: int, threads: int, device: str = "cpu") -
     import torch
 
     from sae_lens_t5gemma.model import dtypes as dtypes
-
     from sae_lens_t5gemma.model import sites as sites
-
-    from sae_lens_t5gemma.stand_in import synthetic as synthetic
     from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+    from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

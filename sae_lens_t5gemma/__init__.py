@@ -23,9 +23,9 @@ _EXPORTS: dict[str, str] = {
     "HookedT5Gemma2": "sae_lens_t5gemma.model.hooked",
     "load_t5gemma2": "sae_lens_t5gemma.model.hooked",
     "top_features": "sae_lens_t5gemma.model.steering",
-    "TrainConfig": "sae_lens_t5gemma.training.runner",
-    "train": "sae_lens_t5gemma.training.runner",
-    "register_release": "sae_lens_t5gemma.training.runner",
+    "TrainConfig": "sae_lens_t5gemma.training",
+    "train": "sae_lens_t5gemma.training",
+    "register_release": "sae_lens_t5gemma.training",
     "standard_pairs": "sae_lens_t5gemma.comparison.suite",
     "evaluate_sae": "sae_lens_t5gemma.analysis.evaluation",
     "training_history": "sae_lens_t5gemma.loading.mindchain_history",
@@ -49,13 +49,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sae_lens_t5gemma.comparison.suite import standard_pairs
     from sae_lens_t5gemma.analysis.evaluation import evaluate_sae
-    from sae_lens_t5gemma.model.hooked import HookedT5Gemma2, load_t5gemma2
+    from sae_lens_t5gemma.comparison.suite import standard_pairs
     from sae_lens_t5gemma.loading.mindchain_history import training_history
     from sae_lens_t5gemma.loading.registration import register, register_release_yaml
+    from sae_lens_t5gemma.model.hooked import HookedT5Gemma2, load_t5gemma2
     from sae_lens_t5gemma.model.steering import top_features
-    from sae_lens_t5gemma.training.runner import TrainConfig, register_release, train
+    from sae_lens_t5gemma.training import TrainConfig, register_release, train
 
 
 def __getattr__(name: str) -> Any:

@@ -30,8 +30,11 @@ __all__ = [
     "hub_settings",
     "install_saelens_entries",
     "read_gemma_scope_shapes_from_cache",
+    "register_attention",
+    "saelens_exclusion_mask",
     "saelens_release_directory",
     "saelens_loader_tables",
+    "saelens_sae_wrapper",
 ]
 
 CHECKED: dict[str, str] = {
@@ -228,3 +231,62 @@ def hub_settings(cache_dir: str | Path, offline: bool) -> Iterator[Path]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ------------------------------------------------------ SAELens: HookedSAETransformer's splicing
+
+
+def saelens_sae_wrapper() -> type:
+    """SAELens' private ``_SAEWrapper`` (``sae_lens.analysis.hooked_sae_transformer``), to subclass.
+
+    Checked against SAELens 6.54.x. Why: it is how ``HookedSAETransformer`` splices an SAE (the
+    error term, the ``hook_sae_*`` points, the special-token bypass); ``model.splicing`` subclasses
+    it so that an SAE spliced into ``HookedT5Gemma2`` behaves and caches exactly as there. SAELens
+    exports no public wrapper.
+    """
+    patch = "SAE splicing (SAELens' _SAEWrapper)"
+    check_version("sae-lens", CHECKED["sae-lens"], patch)
+    from sae_lens.analysis import hooked_sae_transformer
+
+    return _internal(hooked_sae_transformer, "_SAEWrapper", "sae-lens", patch)
+
+
+def saelens_exclusion_mask(model: Any, ids: Any, exclude_special_tokens: bool | list[int]) -> Any:
+    """``HookedSAETransformer._compute_exclusion_mask`` (private) on ``model``'s tokenizer: the
+    ``[batch, pos]`` mask of positions whose id is special (or in the given list).
+
+    Checked against SAELens 6.54.x. Why: ``exclude_special_tokens=True`` must pick the same
+    special tokens as SAELens does; the method reads only ``model.tokenizer``, so it runs
+    unbound on a ``HookedT5Gemma2``.
+    """
+    patch = "exclude_special_tokens (HookedSAETransformer._compute_exclusion_mask)"
+    check_version("sae-lens", CHECKED["sae-lens"], patch)
+    from sae_lens.analysis.hooked_sae_transformer import HookedSAETransformer
+
+    compute = _internal(HookedSAETransformer, "_compute_exclusion_mask", "sae-lens", patch)
+    return compute(model, ids, exclude_special_tokens)
+
+
+# ------------------------------------------------------------- transformers: attention registry
+
+_REGISTERED_ATTENTION: set[str] = set()
+
+
+def register_attention(name: str, fn: Callable[..., Any]) -> None:
+    """Register ``fn`` as transformers attention implementation ``name`` (idempotent).
+
+    Checked against transformers 5.23.x. Why: the decoder's merged attention computes
+    ``softmax([q k_dec | q k_enc]) @ [v_dec | v_enc]`` inside one transformers call; to hook its
+    self and cross parts and the patterns, ``model.routing`` gives a routed attention module a
+    config copy whose ``_attn_implementation`` names ``fn``, and transformers looks it up in the
+    process-wide ``AttentionInterface`` registry. ``AttentionInterface.register`` is public, but
+    it adds to a global table, so it runs the first time routing needs it, not on import.
+    """
+    if name in _REGISTERED_ATTENTION:
+        return
+    patch = "hooks inside the decoder's merged attention (AttentionInterface)"
+    check_version("transformers", CHECKED["transformers"], patch)
+    import transformers
+
+    _internal(transformers, "AttentionInterface", "transformers", patch).register(name, fn)
+    _REGISTERED_ATTENTION.add(name)

@@ -31,6 +31,7 @@ from sae_lens_t5gemma.comparison import models as M
 from sae_lens_t5gemma.comparison import suite as C
 from sae_lens_t5gemma.dashboard import neuronpedia as N
 from sae_lens_t5gemma.dashboard import pages as D
+from sae_lens_t5gemma.dashboard.checks import nonfinite_features
 from sae_lens_t5gemma.outputs import (
     OUTPUTS_JOURNAL,
     OUTPUTS_MANIFEST,
@@ -317,7 +318,7 @@ def broken_stats(model):
 
 def test_neuronpedia_export_refuses_inf_and_nan_naming_feature_and_field(model, broken_stats, tmp_path):
     sae, stats = broken_stats
-    assert D.nonfinite_features(stats, "dec") == [3, 5]
+    assert nonfinite_features(stats, "dec") == [3, 5]
     with pytest.raises(N.NonFiniteError) as e:
         N.export_neuronpedia(model, sae, stats, tmp_path / "np", key="dec")
     message = str(e.value)
@@ -367,22 +368,21 @@ def test_nan_features_are_reported_non_finite_not_dead(model, broken_stats, tmp_
     assert "<b>2 features with NaN/Inf activations</b> (broken, not dead): 3, 5" in index
 
 
-def test_dashboard_with_export_refuses_non_finite_before_any_page(model, tmp_path, tiny_model_dir, capsys):
+def test_dashboard_refuses_a_non_finite_sae_before_any_page(model, tmp_path, tiny_model_dir, capsys):
+    """A SAELens folder with a NaN weight is refused when it loads (naming the file and the
+    tensor), before the corpus pass and before any page: the export never sees NaN activations
+    from it. (NaN/Inf activations from finite weights: the export's own tests above.)"""
     sae = make_sae(32, seed=4)
     with torch.no_grad():
         sae.b_enc[5] = float("nan")
     sae.save_model(tmp_path / "sae")
     assert cli.main(_dashboard_argv(tmp_path, tiny_model_dir, tmp_path / "sae")) == 2
-    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
-    assert err.startswith(
-        "error: Neuronpedia export of 'decoder.1.attn_out': feature 5 field activations.values holds non-finite "
-        "activations (max nan, mean nan; 1 such features: [5])"
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert (
+        err.startswith("error: ")
+        and "sae_weights.safetensors: tensor b_enc holds 1 NaN and 0 Inf values" in err
     )
-    assert err.endswith("Pass --no-neuronpedia to write the pages alone.")
     assert not list((tmp_path / "d").glob("*.html"))
-    assert cli.main([*_dashboard_argv(tmp_path, tiny_model_dir, tmp_path / "sae"), "--overwrite",
-                     "--no-neuronpedia"]) == 0  # fmt: skip
-    assert "features with NaN/Inf activations" in (tmp_path / "d" / "index.html").read_text()
 
 
 # -------------------------------------------------------------------------------- compare
@@ -469,7 +469,7 @@ def test_bad_utf8_is_named_by_file(tmp_path, capsys):
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     good = tmp_path / "good.txt"
     good.write_text("a text\n")
-    assert cli.main(["compare", "--layers", "1", "--texts", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert cli.main(["compare", "--layers", "1", "--dataset", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (
         f"error: Texts file {bad} is not UTF-8 text (invalid continuation byte at byte 3).\n"
     )

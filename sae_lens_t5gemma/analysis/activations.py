@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def sae_info(model: HookedT5Gemma2, sae: SAE[Any], key: str | None = None, source: str = "",
              synthetic: bool = False) -> SAEInfo:  # fmt: skip
     """The :class:`SAEInfo` of ``sae`` on ``model`` (checks that it fits its hook)."""
-    from sae_lens_t5gemma.model.steering import check_sae_fits
+    from sae_lens_t5gemma.model.sae_fit import check_sae_fits
 
     name = check_sae_fits(model, sae)
     s = sites_mod.resolve(name)
@@ -73,7 +73,7 @@ def feature_acts(
         not special); ``split`` is each row's prefix_lm split ``p`` in this forward, ``[batch]``
         (None under reconstruct).
     """
-    from sae_lens_t5gemma.model.steering import _sae_input, check_sae_fits
+    from sae_lens_t5gemma.model.sae_fit import check_sae_fits, sae_input
 
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     names = [check_sae_fits(model, sae) for sae in saes]
@@ -85,7 +85,7 @@ def feature_acts(
     out, valid = [], []
     for sae, name in zip(saes, names, strict=True):
         stack = sites_mod.resolve(name).stack
-        x = to_sae(sae, _sae_input(sae, cache[name]))
+        x = to_sae(sae, sae_input(sae, cache[name]))
         f = sae.encode(x).float().cpu()
         v = (model.covered_mask(tokens, stack, mask) & ~special).cpu()
         out.append(f.masked_fill(~v[..., None], 0.0))

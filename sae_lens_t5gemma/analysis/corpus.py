@@ -55,9 +55,9 @@ def iter_rows(dataset: str | Path, split: str = "train", text_field: str = "text
     or ``.jsonl`` files (a ``text`` field, or pre-tokenised ``tokens``/``input_ids``).
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`training.plan.resolve_dataset_files` does.
+        FileNotFoundError, ValueError: as :func:`training.data.resolve_dataset_files` does.
     """
-    from sae_lens_t5gemma.training.plan import resolve_dataset_files
+    from sae_lens_t5gemma.training.data import resolve_dataset_files
 
     files = resolve_dataset_files(dataset)
     if not files:

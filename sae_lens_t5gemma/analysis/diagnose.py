@@ -206,7 +206,7 @@ def diagnose(
         seed: of the bootstrap over documents.
     """
     from sae_lens_t5gemma.analysis.evaluation import special_token_ids
-    from sae_lens_t5gemma.loading.mindchain import final_l0, training_history
+    from sae_lens_t5gemma.loading.mindchain_history import final_l0, training_history
 
     special = torch.tensor(special_token_ids(model.tokenizer))
     pad = pad_id(model.tokenizer)

@@ -59,7 +59,7 @@ def logit_effect_vectors(model: HookedT5Gemma2, sae: SAE[Any]) -> tuple[torch.Te
     Raises:
         ValueError: an encoder site, or a site with no linear path to the residual stream.
     """
-    from sae_lens_t5gemma.model.steering import check_sae_fits
+    from sae_lens_t5gemma.model.sae_fit import check_sae_fits
 
     name = check_sae_fits(model, sae)
     s = sites_mod.resolve(name)

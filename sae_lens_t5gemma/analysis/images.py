@@ -389,7 +389,8 @@ def top_features_with_images(
     Returns:
         ``FeatureHit`` rows sorted by activation; ``token`` is ``<img>`` at image positions.
     """
-    from sae_lens_t5gemma.model.steering import _sae_input, check_sae_fits, rank_features
+    from sae_lens_t5gemma.model.sae_fit import check_sae_fits, sae_input
+    from sae_lens_t5gemma.model.steering import rank_features
 
     hook = getattr(sae.cfg.metadata, "hook_name", None)
     if hook is not None and sites_mod.resolve_vision(hook) is not None:
@@ -397,7 +398,7 @@ def top_features_with_images(
             f"SAE hooks {hook!r}, a vision-tower site: its activations are per image patch, not per token"
         )
     name = check_sae_fits(model, sae)
-    if model._sites[name].stack != "encoder":
+    if model.site(name).stack != "encoder":
         raise ValueError(f"SAE hooks {name!r}: the decoder never reads images; use steering.top_features")
     tokens = inputs["input_ids"].to(model.cfg.device)
     mask = inputs.get("attention_mask")
@@ -413,5 +414,5 @@ def top_features_with_images(
     real = (
         torch.ones_like(tokens[row], dtype=torch.bool) if mask is None else mask[row].bool().to(tokens.device)
     )
-    feats = sae.encode(to_sae(sae, _sae_input(sae, cache[name][row])))
+    feats = sae.encode(to_sae(sae, sae_input(sae, cache[name][row])))
     return rank_features(feats, real, model.to_str_tokens(tokens[row]), k, per_token)

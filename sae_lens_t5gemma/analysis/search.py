@@ -46,7 +46,7 @@ def text_peaks(model: HookedT5Gemma2, sae: SAE[Any], texts: Sequence[str], batch
             decoder does not run), rather than the prefix the convention gives it (the default,
             as every call reads a prompt).
     """
-    from sae_lens_t5gemma.model.steering import check_sae_fits
+    from sae_lens_t5gemma.model.sae_fit import check_sae_fits
 
     if not texts:
         raise ValueError("No texts given")

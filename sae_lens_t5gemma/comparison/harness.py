@@ -25,12 +25,12 @@ from sae_lens_t5gemma.comparison.models import (
     family_of_name,
     load_model,
     load_sae,
-    site_width,
 )
-from sae_lens_t5gemma.comparison.pairs import Pair, transfer_hook
+from sae_lens_t5gemma.comparison.pairs import Pair
 from sae_lens_t5gemma.comparison.report import CE_KL_CAVEAT, HONEST_SITES_NOTE, Report, Row, TransferRow
 from sae_lens_t5gemma.comparison.transfer import FeatureTransfer, ev_kept
 from sae_lens_t5gemma.model.dtypes import dtype_name, resolve_dtype, sae_dtype
+from sae_lens_t5gemma.model.sites import site_width, transfer_hook
 
 
 def evaluate_pairs(
@@ -53,7 +53,7 @@ def evaluate_pairs(
     """:func:`compare`'s evaluation: the rows, transfers and setup of the report (nothing written)."""
     from tqdm.auto import tqdm
 
-    from sae_lens_t5gemma.model.hooked import CONVENTIONS
+    from sae_lens_t5gemma.model.conventions import CONVENTIONS
     from sae_lens_t5gemma.stand_in.synthetic import stand_in_texts
 
     dtype = resolve_dtype(dtype, device)
@@ -108,7 +108,7 @@ def evaluate_pairs(
             target = transfer_hook(hook) if family == "T5Gemma 2" else None
             hint = f" To apply it at the same activation of T5Gemma 2, give hook={target}." if target else ""
             raise ValueError(f"SAE {pair.sae} on {model_name}: {e}{hint}") from e
-        width = site_width(model, key)
+        width = site_width(model, hook)
         if sae.cfg.d_in != width:
             raise ValueError(
                 f"SAE {pair.sae} (d_in={sae.cfg.d_in}) does not fit {hook} on {model_name}, "

@@ -3,8 +3,8 @@
 T5Gemma 2 is run through :class:`~sae_lens_t5gemma.model.hooked.HookedT5Gemma2`, Gemma 3 through
 TransformerLens (:func:`~sae_lens_t5gemma.loading.gemma_scope.load_gemma3`), any other model
 through TransformerLens. :func:`describe_site` gives a hook's stack, layer, site key and plain
-words (:data:`~sae_lens_t5gemma.comparison.report.SITE_WORDS`); :func:`site_width` the width an
-SAE at that site must have. :func:`stand_in_hub` serves every stand-in offline.
+words (:data:`~sae_lens_t5gemma.comparison.report.SITE_WORDS`); the width an SAE at that site
+must have is :func:`sae_lens_t5gemma.model.sites.site_width`. :func:`stand_in_hub` serves every stand-in offline.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_t5gemma.comparison.pairs import MINDCHAIN_RELEASE, TL_SUFFIXES
+from sae_lens_t5gemma.comparison.pairs import MINDCHAIN_RELEASE
 from sae_lens_t5gemma.comparison.report import SITE_WORDS
 from sae_lens_t5gemma.model import sites as sites_mod
 
@@ -68,15 +68,13 @@ def check_sae_spec(spec: str) -> None:
 
 
 def load_sae(spec: str, device: str) -> tuple[Any, str]:
-    """(SAE, source label) for ``RELEASE:SAE_ID`` or a folder."""
-    from sae_lens import SAE
+    """(SAE, source label) for ``RELEASE:SAE_ID``, a SAELens folder or a mindchain ``.pt`` file."""
+    from sae_lens_t5gemma.loading.inspection import load_sae_spec
 
+    sae, _ = load_sae_spec(spec, device)
     if Path(spec).exists():
-        return SAE.load_from_disk(spec, device=device), "local"
-    release, _, sae_id = spec.partition(":")
-    if release.startswith("gemma-scope-2-"):
-        import sae_lens_t5gemma.loading.gemma_scope  # noqa: F401  (reads tensor shapes from the local cache offline)
-    sae = SAE.from_pretrained(release=release, sae_id=sae_id, device=device)
+        return sae, "local"
+    release = spec.partition(":")[0]
     source = {MINDCHAIN_RELEASE: "mindchain"}.get(release)
     if source is None:
         source = "gemma-scope-2" if release.startswith("gemma-scope-2") else release
@@ -103,19 +101,12 @@ def stand_in_hub(size: str | None = None) -> Iterator[Path]:
 
 
 def _describe_tl_hook(model: Any, hook_name: str) -> tuple[str, int, str]:
-    parts = hook_name.split(".")
-    suffix = ".".join(parts[2:])
-    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or suffix not in TL_SUFFIXES:
-        raise ValueError(
-            f"Hook {hook_name!r} is not a per-layer TransformerLens site this comparison knows: "
-            f"expected blocks.<layer>.<one of {sorted(TL_SUFFIXES)}>."
-        )
-    key = TL_SUFFIXES[suffix]
+    key = sites_mod.tl_site_key(hook_name)
     # Gemma 2/3 normalise each sublayer's output before adding it to the residual stream,
     # and TransformerLens' hook_attn_out/hook_mlp_out sit after that norm.
     if key in ("attn_out", "mlp_out") and getattr(model.cfg, "use_normalization_before_and_after", False):
         key += "_normed"
-    return "decoder-only", int(parts[1]), key
+    return "decoder-only", int(hook_name.split(".")[1]), key
 
 
 def describe_site(model: Any, hook_name: str) -> tuple[str, int, str, str]:
@@ -135,11 +126,3 @@ def describe_site(model: Any, hook_name: str) -> tuple[str, int, str, str]:
         raise ValueError(f"Hook {hook_name!r} does not exist on {model.cfg.model_name}.")
     stack, layer, key = _describe_tl_hook(model, hook_name)
     return stack, layer, key, SITE_WORDS[key]
-
-
-def site_width(model: Any, site_key: str) -> int:
-    if site_key in ("attn_z", "z_self", "z_cross"):
-        return model.cfg.n_heads * model.cfg.d_head
-    if site_key == "mlp_post":
-        return model.cfg.d_mlp
-    return model.cfg.d_model

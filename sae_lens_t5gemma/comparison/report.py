@@ -15,17 +15,10 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-SITE_WORDS: dict[str, str] = {
-    "resid_pre": "resid_pre (residual stream entering the layer)",
-    "attn_z": "o_proj input (hook_z: the heads' outputs concatenated, n_heads x d_head wide)",
-    "attn_out": "o_proj output (attention output before any post-attention norm)",
-    "attn_out_normed": "attention output after post_attention_layernorm",
-    "resid_mid": "resid_mid (residual stream between attention and MLP)",
-    "mlp_out": "mlp_out (MLP output before any post-MLP norm)",
-    "mlp_out_normed": "mlp_out after post_feedforward_layernorm",
-    "resid_post": "resid_post (residual stream leaving the layer)",
-}
-"""Site key -> plain words. Two rows are like with like only if their keys agree."""
+from sae_lens_t5gemma.model.sites import SITE_KINDS
+
+SITE_WORDS: dict[str, str] = {k.friendly: k.description for k in SITE_KINDS}
+"""Site key -> plain words (``sites.SiteKind.description``). Rows are like with like only if their keys agree."""
 
 CE_KL_CAVEAT = (
     "CE/KL caveat for T5Gemma 2 rows under the reconstruct convention: the encoder reads the whole "

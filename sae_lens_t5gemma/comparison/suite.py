@@ -42,16 +42,15 @@ import torch
 from sae_lens_t5gemma.comparison.harness import evaluate_pairs
 from sae_lens_t5gemma.comparison.pairs import (
     DEFAULT_GEMMA_SCOPE_VARIANT,
-    GEMMA_SCOPE_HOOKS,
     MINDCHAIN_RELEASE,
     Pair,
     gemma_scope_variants,
-    transfer_hook,
 )
 from sae_lens_t5gemma.comparison.report import Report
 from sae_lens_t5gemma.comparison.report_files import write_report
+from sae_lens_t5gemma.model.sites import GEMMA_SCOPE_HOOKS, transfer_hook
+from sae_lens_t5gemma.model.sizes import T5GEMMA2_MODEL
 from sae_lens_t5gemma.outputs import owned_outputs
-from sae_lens_t5gemma.stand_in.synthetic import T5GEMMA2_MODEL
 
 
 def standard_pairs(

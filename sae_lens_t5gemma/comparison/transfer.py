@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
+from sae_lens_t5gemma.analysis.evaluation import ReconStats, _flat, special_token_ids
 from sae_lens_t5gemma.model import sites as sites_mod
 from sae_lens_t5gemma.model.dtypes import to_sae
-from sae_lens_t5gemma.analysis.evaluation import ReconStats, _flat, special_token_ids
 
 MIN_HOME_EV = 0.1
 """ev_kept is reported only where the SAE explains at least this much variance on its home model."""

@@ -58,6 +58,7 @@ import torch
 
 from sae_lens_t5gemma.analysis.feature_stats import FeatureStats
 from sae_lens_t5gemma.analysis.stats_state import SAEInfo
+from sae_lens_t5gemma.model.sizes import T5GEMMA2_MODEL
 from sae_lens_t5gemma.outputs import OutputRun, owned_outputs
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def neuronpedia_id(info: SAEInfo, model_name: str, set_name: str | None = None) 
     return f"{neuronpedia_model_id(model_name)}/{info.layer}-{neuronpedia_set(info, set_name)}"
 
 
-def mindchain_neuronpedia_ids(model_name: str = "google/t5gemma-2-270m-270m", n_layers: int = 18,
+def mindchain_neuronpedia_ids(model_name: str = T5GEMMA2_MODEL, n_layers: int = 18,
                               d_sae: int = 4096) -> dict[str, str]:  # fmt: skip
     """The proposed ``neuronpedia`` id of each of the 36 mindchain SAEs (``sae_id -> id``)."""
     from sae_lens_t5gemma.model import sites as sites_mod
@@ -178,7 +179,7 @@ def check_finite(
     Raises:
         NonFiniteError: naming the first such feature, its field and value, and how many there are.
     """
-    from sae_lens_t5gemma.dashboard.pages import nonfinite_features
+    from sae_lens_t5gemma.dashboard.checks import nonfinite_features
 
     broken = nonfinite_features(stats, key)
     if features is not None:
@@ -304,7 +305,7 @@ def export_neuronpedia(
             activations), at that feature where it comes from the SAE's weights (logit effects).
         OutputLockedError: another run is writing ``out``.
     """
-    from sae_lens_t5gemma.dashboard.pages import check_features, nonfinite_features
+    from sae_lens_t5gemma.dashboard.checks import check_features, nonfinite_features
 
     key = key or (stats.keys[0] if len(stats.keys) == 1 else None)
     if key is None:

@@ -23,7 +23,6 @@ non-finite, never as dead.
 from __future__ import annotations
 
 import io
-import operator
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from sae_lens_t5gemma.analysis.effects import FeatureEffect
 from sae_lens_t5gemma.analysis.feature_stats import Example, FeatureStats
 from sae_lens_t5gemma.analysis.stats_state import SAEInfo
+from sae_lens_t5gemma.dashboard.checks import check_features, nonfinite_features
 from sae_lens_t5gemma.model.sites import IMAGE_TOKEN_LABEL
 from sae_lens_t5gemma.outputs import OutputRun, owned_outputs, refuse_symlinks
 
@@ -137,61 +137,6 @@ def values_svg(values: Sequence[float], xlabel: str) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     return _svg(fig)
-
-
-def load_sae(spec: str, device: str = "cpu") -> tuple[SAE[Any], str]:
-    """``(SAE, source)`` from ``RELEASE:SAE_ID`` or a SAELens folder.
-
-    Raises:
-        ValueError: neither an existing folder nor ``RELEASE:SAE_ID``.
-    """
-    from sae_lens import SAE
-
-    import sae_lens_t5gemma  # noqa: F401 (registers this package's releases)
-
-    if Path(spec).is_dir():
-        return SAE.load_from_disk(spec, device=device), str(Path(spec).resolve())
-    release, sep, sae_id = spec.partition(":")
-    if not sep:
-        raise ValueError(f"SAE {spec!r}: expected RELEASE:SAE_ID or an existing SAELens folder")
-    from sae_lens_t5gemma.loading.registration import check_sae_id
-
-    check_sae_id(release, sae_id)
-    return SAE.from_pretrained(release=release, sae_id=sae_id, device=device), spec
-
-
-def nonfinite_features(stats: FeatureStats, key: str) -> list[int]:
-    """Features whose activations held NaN or Inf somewhere in the corpus pass.
-
-    A NaN activation never counts as firing, so such a feature's density can be 0: it is
-    broken, not dead. Read from the activation sum and maximum, which any NaN/Inf reaches.
-    """
-    ok = stats.max_activation(key).isfinite() & stats.mean_activation(key).isfinite()
-    return [int(f) for f in (~ok).nonzero().flatten().tolist()]
-
-
-def check_features(
-    features: Sequence[int] | None, d_sae: int | None, what: str = "the SAE"
-) -> list[int] | None:
-    """Feature indices as ints, each in ``[0, d_sae)`` (``d_sae`` None: only ``>= 0``).
-
-    Raises:
-        ValueError: a feature out of range or not an integer (named, with the width).
-    """
-    if features is None:
-        return None
-    out = []
-    for f in features:
-        try:
-            i = operator.index(f) if not isinstance(f, bool) else None
-        except TypeError:
-            i = None
-        if i is None or i < 0:
-            raise ValueError(f"Feature {f!r}: feature indices are integers >= 0")
-        if d_sae is not None and i >= d_sae:
-            raise ValueError(f"Feature {i} out of range: {what} has {d_sae} features (0-{d_sae - 1})")
-        out.append(i)
-    return out
 
 
 def _positive(name: str, value: Any, none_ok: bool = False) -> None:
@@ -393,8 +338,9 @@ def run_dashboard(
     import contextlib
 
     from sae_lens_t5gemma.analysis.feature_stats import corpus_stats
+    from sae_lens_t5gemma.loading.inspection import load_sae_spec
     from sae_lens_t5gemma.model.hooked import load_t5gemma2
-    from sae_lens_t5gemma.stand_in import synthetic as synthetic
+    from sae_lens_t5gemma.model.sizes import T5GEMMA2_MODEL
 
     if dataset is None and not stand_in:
         raise ValueError("--dataset is required: a Hugging Face dataset name or local .txt/.jsonl files")
@@ -408,16 +354,16 @@ def run_dashboard(
         context = stand_in_hub()
     out = Path(out)
     with context, owned_outputs(out, "dashboard"):
-        sae, source = load_sae(sae_spec, device)
+        sae, source = load_sae_spec(sae_spec, device)
         features = check_features(features, sae.cfg.d_sae, f"SAE {sae_spec}")
         key = _key_for(sae)
         stats_dir = out / "stats"  # corpus_stats' own folder (its files are its to keep or replace)
         refuse_symlinks(stats_dir)  # nothing written there may go through a link
-        name = model_name or getattr(sae.cfg.metadata, "model_name", None) or synthetic.T5GEMMA2_MODEL
+        name = model_name or getattr(sae.cfg.metadata, "model_name", None) or T5GEMMA2_MODEL
         model = load_t5gemma2(name, device=device, dtype=dtype)
         if convention is not None:
             model.convention = convention
-        texts = synthetic.stand_in_texts() if dataset is None else None
+        texts = _stand_in_texts() if dataset is None else None
         stats = corpus_stats(
             model, {key: sae}, dataset, stats_dir, texts=texts, config=config, max_rows=max_rows,
             resume=resume, overwrite=overwrite, sources={key: source}, synthetic=stand_in, progress=progress,
@@ -461,8 +407,9 @@ def run_find_features(
 
     from sae_lens_t5gemma.analysis.corpus import read_texts
     from sae_lens_t5gemma.analysis.search import find_features
+    from sae_lens_t5gemma.loading.inspection import load_sae_spec
     from sae_lens_t5gemma.model.hooked import load_t5gemma2
-    from sae_lens_t5gemma.stand_in import synthetic as synthetic
+    from sae_lens_t5gemma.model.sizes import T5GEMMA2_MODEL
 
     _positive("k (-k)", k)
     texts_with, texts_without = read_texts(with_file), read_texts(without_file)
@@ -472,15 +419,15 @@ def run_find_features(
 
         context = stand_in_hub()
     with context:
-        sae, source = load_sae(sae_spec, device)
+        sae, source = load_sae_spec(sae_spec, device)
         model = load_t5gemma2(
-            model_name or sae.cfg.metadata.model_name or synthetic.T5GEMMA2_MODEL, device=device, dtype=dtype
+            model_name or sae.cfg.metadata.model_name or T5GEMMA2_MODEL, device=device, dtype=dtype
         )
         rows = find_features(model, sae, texts_with, texts_without, k=k,
                              encoder_reads_whole_text=encoder_reads_whole_text)  # fmt: skip
     label = " SYNTHETIC stand-in," if stand_in else ""
-    read = "whole texts" if encoder_reads_whole_text and model._sites[
-        model.canonical_name(sae.cfg.metadata.hook_name)].stack == "encoder" else f"convention {model.convention}"  # fmt: skip
+    read = "whole texts" if encoder_reads_whole_text and model.site(
+        sae.cfg.metadata.hook_name).stack == "encoder" else f"convention {model.convention}"  # fmt: skip
     lines = [
         f"features of {source} ({sae.cfg.metadata.hook_name}, d_sae {sae.cfg.d_sae},{label} "
         f"{read}) ranked by mean peak activation on {len(texts_with)} texts with minus "
@@ -491,3 +438,9 @@ def run_find_features(
         lines.append(f"{r.feature:>8}{r.score:>10.4f}{r.mean_with:>10.4f}{r.mean_without:>10.4f}"
                      f"{r.frac_with:>12.0%}{r.frac_without:>9.0%}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _stand_in_texts() -> list[str]:
+    from sae_lens_t5gemma.stand_in.synthetic import stand_in_texts
+
+    return stand_in_texts()

@@ -77,6 +77,21 @@ class _Feed:
     """The decoder's attention mask (rows of different lengths), or None."""
 
 
+def mask_on_batch(mask: torch.Tensor, span: _Span) -> torch.Tensor:
+    """A ``[batch, m]`` bool mask over a stack's positions, laid out on the batch's ``n``
+    positions (per row when rows are split each at its own length); True elsewhere."""
+    if span.rows is not None:
+        rows, pos, keep = _row_positions(span, mask.shape[1])
+        full = torch.ones((mask.shape[0], span.n), dtype=torch.bool, device=mask.device)
+        full[rows[keep], pos[keep]] = mask.to(torch.bool)[keep]
+        return full
+    if span.offset or mask.shape[1] != span.n:
+        full = torch.ones((mask.shape[0], span.n), dtype=torch.bool, device=mask.device)
+        full[:, span.offset : span.offset + mask.shape[1]] = mask
+        return full
+    return mask
+
+
 def _row_positions(span: _Span, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For a per-row span and a stack tensor of ``m`` positions: (row ids, batch positions,
     which of the ``[batch, m]`` stack positions belong to the row)."""

@@ -48,6 +48,7 @@ from sae_lens_t5gemma.model.conventions import (
     Convention,
     ConventionMixin,
     _tokenizer_prepends_bos,
+    mask_on_batch,
 )
 from sae_lens_t5gemma.model.dtypes import resolve_dtype
 from sae_lens_t5gemma.model.routing import Router, _StopForward
@@ -242,12 +243,7 @@ class HookedT5Gemma2(SAEMixin, ConventionMixin, HookedRootModule):
         Elsewhere (``generate``, explicit decoder inputs, outside a forward) ``mask`` is returned as is.
         """
         spans = self._router.spans
-        span = None if spans is None else spans[stack]
-        if span is not None and (span.offset or mask.shape[1] != span.n):
-            full = torch.ones((mask.shape[0], span.n), dtype=torch.bool, device=mask.device)
-            full[:, span.offset : span.offset + mask.shape[1]] = mask
-            mask = full
-        return mask
+        return mask if spans is None else mask_on_batch(mask, spans[stack])
 
     # ------------------------------------------------------------------ names
 

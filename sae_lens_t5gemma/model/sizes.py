@@ -13,7 +13,7 @@ checkpoints. :data:`SIZES` holds, per size:
   window, soft-caps, ``query_pre_attn_scalar``) with small hidden/intermediate/vocab sizes
   and a shorter stack that still ends the way the real layer pattern ends.
 
-Where each number comes from (and which are guesses) is in ``docs/sizes.md``.
+Where each number comes from (and which are guesses) is in ``docs/family.md``.
 
 :func:`check_text_config` is the gate on the T5Gemma 2 load path: a text-config field this
 package does not handle is refused with its name and value instead of being ignored.
@@ -189,7 +189,7 @@ SIZES: Mapping[str, ModelSize] = MappingProxyType(
             gemma3_id="google/gemma-3-1b-pt",
             gemma_scope_repo="google/gemma-scope-2-1b-pt",
             gemma_scope_releases=_releases("1b"),
-            # Guess (docs/sizes.md): RoPE scaling as in T5Gemma 2 270M.
+            # Guess (docs/family.md): RoPE scaling as in T5Gemma 2 270M.
             t5gemma2_text=dataclasses.replace(_GEMMA3_1B, rope_linear_factor_full=8.0),
             gemma3_text=_GEMMA3_1B,
             vision=VisionDims(),
@@ -201,7 +201,7 @@ SIZES: Mapping[str, ModelSize] = MappingProxyType(
             gemma3_id="google/gemma-3-4b-pt",
             gemma_scope_repo="google/gemma-scope-2-4b-pt",
             gemma_scope_releases=_releases("4b"),
-            # Guess (docs/sizes.md): the family's 262144-token vocabulary, not Gemma 3 4B's 262208.
+            # Guess (docs/family.md): the family's 262144-token vocabulary, not Gemma 3 4B's 262208.
             t5gemma2_text=dataclasses.replace(_GEMMA3_4B, vocab_size=262144),
             gemma3_text=_GEMMA3_4B,
             vision=VisionDims(),

@@ -152,6 +152,8 @@ def write_release_yaml(folder: str | Path, release_name: str, sae_ids: Sequence[
     package's local-folder loader; :func:`register_release` registers it.
     """
     from sae_lens_t5gemma.loading import registration as registration
+    from sae_lens_t5gemma.loading.release_yaml import release_yaml
+    from sae_lens_t5gemma.loading.saelens_folder import check_cfg_json
 
     folder = Path(folder).resolve()
     _check_release_name(release_name)
@@ -170,7 +172,7 @@ def write_release_yaml(folder: str | Path, release_name: str, sae_ids: Sequence[
         cfg_path = folder / sae_id / "cfg.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"SAE folder {str(folder / sae_id)!r} has no cfg.json")
-        meta = registration.check_cfg_json(folder / sae_id).get("metadata") or {}
+        meta = check_cfg_json(folder / sae_id).get("metadata") or {}
         model = model or meta.get("model_name")
         entry: dict[str, Any] = {"id": sae_id, "path": sae_id}
         if meta.get("l0") is not None:
@@ -185,7 +187,7 @@ def write_release_yaml(folder: str | Path, release_name: str, sae_ids: Sequence[
             if "explained_variance" in ev:
                 entry["variance_explained"] = round(float(ev["explained_variance"]), 4)
         entries.append(entry)
-    text = registration.release_yaml(
+    text = release_yaml(
         release_name,
         repo_id=str(folder),
         model=model or "unknown",

@@ -12,8 +12,8 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from sae_lens_t5gemma.cli.main import main
 from sae_lens_t5gemma.analysis.diagnose import CANDIDATES, diagnose
+from sae_lens_t5gemma.cli.main import main
 from sae_lens_t5gemma.model.hooked import load_t5gemma2
 
 HOOK = "decoder_blocks.1.self_attn.hook_out"

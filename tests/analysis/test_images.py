@@ -1,6 +1,6 @@
 """Images: T5Gemma 2's SigLIP tower, image tokens and SAEs on them, on a tiny random stand-in.
 
-The stand-in (``synthetic.build_image_stand_in``) has a 2-layer SigLIP that turns a 56x56
+The stand-in (``stand_in_images.build_image_stand_in``) has a 2-layer SigLIP that turns a 56x56
 image into 16 patches, pooled to 4 soft tokens per image, and transformers' own
 ``Gemma3Processor`` (saved and loaded back with ``AutoProcessor``) writing 4 placeholders per
 image. Covers: the processor's rows and ``image_token_mask``; vision-tower and projector hook
@@ -22,25 +22,26 @@ import torch
 from sae_lens_t5gemma.analysis import images as images
 from sae_lens_t5gemma.model import sites as sites
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
+from sae_lens_t5gemma.stand_in import images as stand_in_images
 from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
-MM = synthetic.STAND_IN_MM_TOKENS  # 4 soft tokens per image
+MM = stand_in_images.STAND_IN_MM_TOKENS  # 4 soft tokens per image
 N_PATCHES = 16  # (56 / 14) ** 2
-D_VISION = synthetic.TINY_VISION_POOLED["hidden_size"]
+D_VISION = stand_in_images.STAND_IN_VISION["hidden_size"]
 D_MODEL = synthetic.TINY_TEXT_DIMS["hidden_size"]
 PROMPTS = ["<start_of_image> in this image, there is", "a cat <start_of_image> sat on it, it was"]
 
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
-    hf, processor = synthetic.build_image_stand_in(tmp_path_factory.mktemp("image_stand_in"))
+    hf, processor = stand_in_images.build_image_stand_in(tmp_path_factory.mktemp("image_stand_in"))
     return HookedT5Gemma2(hf, processor.tokenizer), processor
 
 
 @pytest.fixture(scope="module")
 def batch(stand_in):
     _, processor = stand_in
-    imgs = [[synthetic.synthetic_image(0)], [synthetic.synthetic_image(1)]]
+    imgs = [[stand_in_images.stand_in_image(0)], [stand_in_images.stand_in_image(1)]]
     return processor(text=PROMPTS, images=imgs, return_tensors="pt", padding=True)
 
 
@@ -173,7 +174,7 @@ def test_what_changes_when_the_image_changes(stand_in, batch):
     model, processor = stand_in
     other = processor(
         text=PROMPTS,
-        images=[[synthetic.synthetic_image(7)], [synthetic.synthetic_image(8)]],
+        images=[[stand_in_images.stand_in_image(7)], [stand_in_images.stand_in_image(8)]],
         return_tensors="pt",
         padding=True,
     )
@@ -262,7 +263,7 @@ def test_generate_reads_the_image(stand_in, batch):
 
 def _many_batches(processor, n: int = 64, batch_size: int = 16):
     prompts = (synthetic.stand_in_texts() * 4)[:n]
-    imgs = [synthetic.synthetic_image(i) for i in range(n)]
+    imgs = [stand_in_images.stand_in_image(i) for i in range(n)]
     return list(images.image_text_batches(processor, prompts, imgs, batch_size))
 
 

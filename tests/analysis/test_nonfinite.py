@@ -26,6 +26,7 @@ from sae_lens_t5gemma.analysis import images as images
 from sae_lens_t5gemma.analysis.diagnose import diagnose
 from sae_lens_t5gemma.loading import inspection as inspection
 from sae_lens_t5gemma.loading import registration as registration
+from sae_lens_t5gemma.stand_in import images as stand_in_images
 from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 DEC = "decoder_blocks.1.self_attn.hook_out"
@@ -47,7 +48,7 @@ def _folder(tmp_path, name: str, value: float):
 def test_a_saelens_folder_with_a_nan_weight_is_refused(tmp_path):
     folder = _folder(tmp_path, "W_dec", math.nan)
     with pytest.raises(registration.RegistrationError) as e:
-        inspection.load_sae(path=folder)
+        inspection.load_sae_spec(folder)
     assert (
         str(e.value)
         == f"{folder / 'sae_weights.safetensors'}: tensor W_dec holds 2 NaN and 0 Inf values (of 2048)"
@@ -110,9 +111,9 @@ def test_diagnose_with_nan_features_gives_no_verdict(model, case, columns):
 def stand_in(tmp_path_factory):
     from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
 
-    hf, processor = synthetic.build_image_stand_in(tmp_path_factory.mktemp("image_stand_in"))
+    hf, processor = stand_in_images.build_image_stand_in(tmp_path_factory.mktemp("image_stand_in"))
     model = HookedT5Gemma2(hf, processor.tokenizer)
-    imgs = [[synthetic.synthetic_image(0)], [synthetic.synthetic_image(1)]]
+    imgs = [[stand_in_images.stand_in_image(0)], [stand_in_images.stand_in_image(1)]]
     prompts = ["<start_of_image> in this image, there is", "a cat <start_of_image> sat on it, it was"]
     return model, dict(processor(text=prompts, images=imgs, return_tensors="pt", padding=True))
 

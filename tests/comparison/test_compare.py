@@ -24,6 +24,7 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 
 import sae_lens_t5gemma  # noqa: F401  (registers the mindchain release)
+from sae_lens_t5gemma._compat import read_gemma_scope_shapes_from_cache
 from sae_lens_t5gemma.analysis import corpus
 from sae_lens_t5gemma.cli.main import main
 from sae_lens_t5gemma.comparison import harness as H
@@ -49,6 +50,7 @@ CTX, BATCH, N_BATCHES = 32, 4, 2
 def gemma_hub(hub_cache: Path) -> Path:
     """The session hub cache plus the Gemma 3 and Gemma Scope 2 stand-ins."""
     synthetic.write_gemma3_stand_in_hub(hub_cache)
+    read_gemma_scope_shapes_from_cache()  # Gemma Scope 2 SAEs load offline (SAE.from_pretrained below)
     return hub_cache
 
 
@@ -152,6 +154,7 @@ def test_gemma_scope_loads_through_saelens_own_loader(
 def test_tensor_shapes_come_from_the_local_cache_offline(gemma_hub: Path) -> None:
     from sae_lens.loading import pretrained_sae_loaders as loaders
 
+    read_gemma_scope_shapes_from_cache()  # installed where a Gemma Scope 2 SAE loads, not on import
     shapes = loaders.get_safetensors_tensor_shapes(
         synthetic.GEMMA_SCOPE_REPO, "attn_out_all/layer_0_width_16k_l0_small/params.safetensors"
     )
@@ -167,7 +170,7 @@ def test_tensor_shapes_come_from_the_local_cache_offline(gemma_hub: Path) -> Non
         FileNotFoundError, match=r"layer_0_width_262k_l0_small/params\.safetensors is not in the"
     ):
         loaders.get_safetensors_tensor_shapes(synthetic.GEMMA_SCOPE_REPO, missing)
-    gemma_scope.install_local_safetensors_shapes()  # idempotent: still one wrapper
+    read_gemma_scope_shapes_from_cache()  # idempotent: still one wrapper
     assert loaders.get_safetensors_tensor_shapes.__wrapped__.__module__ == loaders.__name__
 
 
@@ -507,11 +510,11 @@ def test_pair_specs_and_standard_pairs() -> None:
     ]
     with pytest.raises(ValueError, match="Unknown Gemma Scope 2 site 'resid'"):
         C.standard_pairs([4], gemma_scope_sites=("resid",))
-    assert P.transfer_hook("blocks.7.attn.hook_z") == "encoder_blocks.7.attn.hook_z"
-    assert P.transfer_hook("blocks.7.hook_resid_post") == "encoder_blocks.7.hook_resid_post"
+    assert sites.transfer_hook("blocks.7.attn.hook_z") == "encoder_blocks.7.attn.hook_z"
+    assert sites.transfer_hook("blocks.7.hook_resid_post") == "encoder_blocks.7.hook_resid_post"
     # post-norm in Gemma 3: T5Gemma 2's post-norm site, not its MLP output
-    assert P.transfer_hook("blocks.7.hook_mlp_out") == "encoder_blocks.7.hook_mlp_out_normed"
-    assert P.transfer_hook("blocks.7.hook_resid_mid.x") is None
+    assert sites.transfer_hook("blocks.7.hook_mlp_out") == "encoder_blocks.7.hook_mlp_out_normed"
+    assert sites.transfer_hook("blocks.7.hook_resid_mid.x") is None
 
 
 def test_cli_compare_transfer_pair(
@@ -520,7 +523,7 @@ def test_cli_compare_transfer_pair(
     spec = f"sae={GS_RES},model={T5},hook=encoder_blocks.{LAYER}.hook_resid_post"
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(synthetic.stand_in_texts()[:12]) + "\n\n")
-    rc = main(["compare", "--pair", spec, "--texts", str(texts), "--context-size", "16", "--n-batches", "1",
+    rc = main(["compare", "--pair", spec, "--dataset", str(texts), "--context-size", "16", "--n-batches", "1",
                "--convention", "reconstruct", "--out", str(tmp_path / "out")])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0
@@ -560,7 +563,7 @@ def test_cli_compare_transfer_pair(
             "error: SAE '/no/such/folder': expected RELEASE:SAE_ID or an existing",
         ),
         (
-            ["--layers", "1", "--texts", "/no/such/texts.txt"],
+            ["--layers", "1", "--dataset", "/no/such/texts.txt"],
             "error: Texts file /no/such/texts.txt does not exist.",
         ),
         (

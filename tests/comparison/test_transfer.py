@@ -28,6 +28,7 @@ from sae_lens_t5gemma.comparison.transfer import (
     ev_kept,
     feature_transfer,
 )
+from sae_lens_t5gemma.model import sites as sites
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2
 from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
@@ -261,12 +262,12 @@ def test_document_batches_pad_at_the_end_and_refuse_short_corpora(pair) -> None:
 
 
 def test_transfer_hooks_for_post_norm_sites_and_the_decoder() -> None:
-    assert P.transfer_hook("blocks.4.hook_mlp_out") == "encoder_blocks.4.hook_mlp_out_normed"
-    assert P.transfer_hook("blocks.4.hook_mlp_out", "decoder") == "decoder_blocks.4.hook_mlp_out_normed"
-    assert P.transfer_hook("blocks.4.hook_resid_post", "decoder") == "decoder_blocks.4.hook_resid_post"
-    assert P.transfer_hook("blocks.4.attn.hook_z") == "encoder_blocks.4.attn.hook_z"
-    assert P.transfer_hook("blocks.4.attn.hook_z", "decoder") is None  # merged self+cross attention
-    assert P.transfer_hook("blocks.4.hook_attn_out", "encoder") == "encoder_blocks.4.hook_attn_out_normed"
+    assert sites.transfer_hook("blocks.4.hook_mlp_out") == "encoder_blocks.4.hook_mlp_out_normed"
+    assert sites.transfer_hook("blocks.4.hook_mlp_out", "decoder") == "decoder_blocks.4.hook_mlp_out_normed"
+    assert sites.transfer_hook("blocks.4.hook_resid_post", "decoder") == "decoder_blocks.4.hook_resid_post"
+    assert sites.transfer_hook("blocks.4.attn.hook_z") == "encoder_blocks.4.attn.hook_z"
+    assert sites.transfer_hook("blocks.4.attn.hook_z", "decoder") is None  # merged self+cross attention
+    assert sites.transfer_hook("blocks.4.hook_attn_out", "encoder") == "encoder_blocks.4.hook_attn_out_normed"
     assert P.gemma_scope_variants("resid_post", 5) == [
         "layer_5_width_16k_l0_small",
         "layer_5_width_16k_l0_big",

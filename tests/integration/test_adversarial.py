@@ -31,16 +31,15 @@ import yaml
 from sae_lens import SAE
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
+from sae_lens_t5gemma import training
 from sae_lens_t5gemma.cli import main as cli
-
 from sae_lens_t5gemma.loading import convert as convert
-
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
-
-from sae_lens_t5gemma.training import runner as training
 from sae_lens_t5gemma.loading.convert import ConvertLockedError, convert_snapshot, lock_path
-from sae_lens_t5gemma.loading.mindchain import MindchainCheckpointError, mindchain_disk_loader, training_history
-from sae_lens_t5gemma.loading.registration import RegistrationError, register_release_yaml, release_yaml
+from sae_lens_t5gemma.loading.mindchain import MindchainCheckpointError, mindchain_disk_loader
+from sae_lens_t5gemma.loading.mindchain_history import training_history
+from sae_lens_t5gemma.loading.registration import register_release_yaml
+from sae_lens_t5gemma.loading.release_yaml import RegistrationError, release_yaml
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[2]

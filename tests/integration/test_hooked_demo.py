@@ -14,10 +14,10 @@ import torch
 from sae_lens import SAE
 
 import sae_lens_t5gemma  # noqa: F401 (registers the release)
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
 from sae_lens_t5gemma.cli.demo import models_in, section_hook_and_steer
 from sae_lens_t5gemma.model.hooked import load_t5gemma2
 from sae_lens_t5gemma.model.steering import top_features
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
-
-from sae_lens_t5gemma.training import runner as training
+from sae_lens_t5gemma import training
 from sae_lens_t5gemma.model.hooked import load_t5gemma2
-from sae_lens_t5gemma.training.plan import ModelDims, TrainingPlan, expand_hooks, memory_budget, store_bytes
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
+from sae_lens_t5gemma.training import runner as training_runner
+from sae_lens_t5gemma.training.memory import memory_budget, store_bytes
+from sae_lens_t5gemma.training.plan import ModelDims, TrainingPlan, expand_hooks
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
@@ -90,7 +91,7 @@ def test_bf16_model_trains_two_hooks_in_one_runner(
 ):
     _, bf16 = fp32_and_bf16
     seen: list[tuple[torch.dtype, ...]] = []
-    original = training._cast_multi_hook_activations
+    original = training_runner._cast_multi_hook_activations
 
     def spy(store):
         original(store)
@@ -103,7 +104,7 @@ def test_bf16_model_trains_two_hooks_in_one_runner(
 
         store.get_multi_hook_activations = record
 
-    monkeypatch.setattr(training, "_cast_multi_hook_activations", spy)
+    monkeypatch.setattr(training_runner, "_cast_multi_hook_activations", spy)
     cfg = training.TrainConfig(
         model=str(tiny_model_dir), hooks=["encoder.0.attn_out", "encoder.1.attn_out"], dataset=str(data),
         out=str(tmp_path / "out"), architecture="topk", k=8, d_sae=64, training_tokens=40 * 256,

@@ -21,8 +21,8 @@ from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2, load_t5gemma2
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 ENC_HOOK = "encoder_blocks.1.attn.hook_out"
 DEC_HOOK = "decoder_blocks.0.self_attn.hook_z"

@@ -514,3 +514,39 @@ def test_evaluate_sae_reads_padded_rows_through_their_mask(tiny_model_dir, token
     assert got["n_predictions"] == sum(a["n_predictions"] for a in alone) == (N - N // 2) + (7 - 7 // 2)
     ce = sum(a["ce_loss_with_sae"] * a["n_predictions"] for a in alone) / got["n_predictions"]
     assert got["ce_loss_with_sae"] == pytest.approx(ce, rel=1e-5)
+
+
+def test_exclude_special_tokens_follows_each_rows_own_split(tiny_model_dir, tokens):
+    """The special-token bypass is laid out row by row when rows are split each at its own
+    length: a padded batch with the SAE spliced reads, row by row, as each row alone (1e-5),
+    and at the row's special token the SAE is bypassed."""
+    model = load_t5gemma2(tiny_model_dir, dtype=torch.float32)
+    hook = "decoder_blocks.1.hook_resid_post"
+    meta = SAEMetadata(model_name="stand-in", hook_name=hook, prepend_bos=True)
+    torch.manual_seed(5)
+    sae = StandardSAE(
+        StandardSAEConfig(d_in=model.cfg.d_model, d_sae=64, apply_b_dec_to_input=False, metadata=meta)
+    )
+    toks = tokens.clone()
+    toks[1, 5] = EOS  # a special token in the short row's continuation (its split is 3)
+    mask = torch.ones_like(toks)
+    mask[1, 7:] = 0
+    padded = toks.masked_fill(mask == 0, PAD)
+    out = f"{hook}.hook_sae_output"
+    with torch.no_grad():
+        _, cache = model.run_with_cache_with_saes(
+            padded, saes=[sae], attention_mask=mask, exclude_special_tokens=True
+        )
+        splits = model.last_splits
+        assert splits.tolist() == [6, 3]
+        for row, length in ((0, N), (1, 7)):
+            with model.fed(prefix_len=int(splits[row])):
+                _, alone = model.run_with_cache_with_saes(
+                    toks[row : row + 1, :length], saes=[sae], exclude_special_tokens=True
+                )
+            p = int(splits[row])
+            torch.testing.assert_close(
+                cache.cache_dict[out][row, p:length], alone.cache_dict[out][0, p:], rtol=1e-5, atol=1e-5
+            )
+        bypassed = cache.cache_dict[out][1, 5]
+        torch.testing.assert_close(bypassed, cache.cache_dict[f"{hook}.hook_sae_input"][1, 5])

@@ -26,14 +26,12 @@ from sae_lens import SAE
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
-from sae_lens_t5gemma.model import dtypes as dtypes
-
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
-
-from sae_lens_t5gemma.training import runner as training
+from sae_lens_t5gemma import training
 from sae_lens_t5gemma.analysis.evaluation import evaluate_sae
+from sae_lens_t5gemma.model import dtypes as dtypes
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2, load_t5gemma2
 from sae_lens_t5gemma.model.steering import top_features
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 pytestmark = pytest.mark.auto_branch
 

@@ -28,17 +28,14 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sae_lens_t5gemma.loading import gemma_scope as gemma_scope
-
-from sae_lens_t5gemma.model import sites as sites
-
-from sae_lens_t5gemma.model import sizes as sizes
-
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
-
-from sae_lens_t5gemma.training import runner as training
+from sae_lens_t5gemma import training
+from sae_lens_t5gemma._compat import read_gemma_scope_shapes_from_cache
 from sae_lens_t5gemma.analysis.evaluation import evaluate_sae
+from sae_lens_t5gemma.loading import gemma_scope as gemma_scope
+from sae_lens_t5gemma.model import sites as sites
+from sae_lens_t5gemma.model import sizes as sizes
 from sae_lens_t5gemma.model.hooked import HookedT5Gemma2, load_t5gemma2
+from sae_lens_t5gemma.stand_in import synthetic as synthetic
 
 # The sizes with a structure other than the default stand-in's.
 BIG = ("1b", "4b")
@@ -112,7 +109,7 @@ def test_real_dims_equal_transformer_lens_recipe(size):
     assert [t == "full_attention" for t in g3.layer_types] == [t == "global" for t in tl["attn_types"]]
     assert g3.query_pre_attn_scalar**0.5 == 16.0 == tl["d_head"] ** 0.5  # TL scales by d_head
     # T5Gemma 2 keeps Gemma 3's text dimensions; it differs in RoPE scaling (270m: the hub
-    # config; 1b: a guess) and 4b's vocabulary (a guess), see docs/sizes.md.
+    # config; 1b: a guess) and 4b's vocabulary (a guess), see docs/family.md.
     t5 = spec.t5gemma2_text
     assert t5.rope_linear_factor_full == 8.0
     assert t5.vocab_size == 262144
@@ -296,7 +293,7 @@ def test_wrapping_refuses_unhandled_text_fields(overrides, message):
 
 
 # The text fields of google/t5gemma-2-270m-270m's config as a public printout shows them
-# (transformers 5.0.0.dev0; docs/sizes.md [HF270]), legacy generic fields included.
+# (transformers 5.0.0.dev0; docs/family.md [HF270]), legacy generic fields included.
 HF270_TEXT = dict(
     _sliding_window_pattern=6, add_cross_attention=False, attention_bias=False, attention_dropout=0.0,
     attn_logit_softcapping=None, bos_token_id=2, chunk_size_feed_forward=0, cross_attention_hidden_size=None,
@@ -435,7 +432,7 @@ def test_stand_in_hubs_under_real_ids(size, tmp_path):
     spec = sizes.SIZES[size]
     synthetic.write_stand_in_hub(tmp_path, size=size)
     synthetic.write_gemma3_stand_in_hub(tmp_path, size=size)
-    gemma_scope.install_local_safetensors_shapes()
+    read_gemma_scope_shapes_from_cache()
     dims = spec.stand_in_text("gemma3")
     with synthetic.offline_hub(tmp_path):
         t5 = load_t5gemma2(spec.t5gemma2_id, dtype=torch.float32)

@@ -68,10 +68,11 @@ def weightless_model(tiny_model_dir, tmp_path_factory) -> Path:
 def argv(model: Path, data: Path, out: Path, *extra: str, hooks: tuple[str, ...] = (HOOK,)) -> list[str]:
     hook_args = [a for h in hooks for a in ("--hook", h)]
     return [
-        "train", str(model), *hook_args, "--dataset", str(data), "--architecture", "topk", "--k", "8",
-        "--d-sae", "64", "--tokens", str(STEPS * BATCH), "--context-size", "32", "--batch-tokens", str(BATCH),
-        "--store-batch", "8", "--lr", "3e-3", "--eval-batches", "1", "--out", str(out), "--device", "cpu",
-        "--dtype", "float32", "--pack", "--seed", "7", *extra,
+        "train", str(model), *hook_args, "--dataset", str(data), "--architecture", "topk", "-k", "8",
+        "--d-sae", "64", "--training-tokens", str(STEPS * BATCH), "--context-size", "32",
+        "--train-batch-size-tokens", str(BATCH), "--store-batch-size-prompts", "8", "--lr", "3e-3",
+        "--n-eval-batches", "1", "--out", str(out), "--device", "cpu", "--model-dtype", "float32",
+        "--concat-sequences", "--seed", "7", *extra,
     ]  # fmt: skip
 
 
@@ -153,7 +154,7 @@ def test_interrupted_train_keeps_a_checkpoint_and_resume_ends_at_the_uninterrupt
         f"error: Output folder {str(out)!r} holds a checkpoint of an interrupted run ({ckpt}); pass --resume to "
         "continue it, overwrite to start over, or choose another --out"
     )
-    assert main([*argv(tiny_model_dir, data, out, "--resume"), "--k", "6"]) == 2
+    assert main([*argv(tiny_model_dir, data, out, "--resume"), "-k", "6"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: --resume: checkpoint {ckpt} comes from a run with other settings or data: k 8.0 there, 6.0 here"
     )
@@ -233,7 +234,7 @@ def test_a_signal_in_a_runners_last_step_stops_before_the_next_runner(
     saved and evaluated), then the run stops; --resume keeps it and trains the second."""
     hooks, out = ("encoder.0.attn_out", HOOK), tmp_path / "out"
     signal_during_step(monkeypatch, STEPS, signal.SIGINT)
-    assert main(argv(tiny_model_dir, data, out, "--one-pass-per-hook", hooks=hooks)) == 130
+    assert main(argv(tiny_model_dir, data, out, "--no-multi-hook", hooks=hooks)) == 130
     assert ours(capsys.readouterr().err)[-1] == (
         "interrupted: train stopped; encoder.0.attn_out finished as the signal came, and the run stopped before its "
         f"next runner; the finished SAEs are in {out}: the same command with --resume continues with the rest."
@@ -241,7 +242,7 @@ def test_a_signal_in_a_runners_last_step_stops_before_the_next_runner(
     assert (out / hooks[0] / "eval_metrics.json").is_file() and not (out / HOOK).exists()
     first = (out / hooks[0] / "sae_weights.safetensors").read_bytes()
     monkeypatch.undo()
-    assert main(argv(tiny_model_dir, data, out, "--one-pass-per-hook", "--resume", hooks=hooks)) == 0
+    assert main(argv(tiny_model_dir, data, out, "--no-multi-hook", "--resume", hooks=hooks)) == 0
     printed = capsys.readouterr().out
     assert f"resume   {hooks[0]}: finished, kept" in printed and f"resume   {HOOK}: from the start" in printed
     assert (out / hooks[0] / "sae_weights.safetensors").read_bytes() == first
@@ -277,8 +278,8 @@ def test_a_running_train_holds_its_out_and_stops_on_sigterm_with_a_checkpoint(
     """A CLI subprocess, told SIGTERM after its first periodic checkpoint: exit 143, one line, a
     whole checkpoint. While it runs, a second train into the same --out fails at once."""
     out, log = tmp_path / "out", tmp_path / "train.log"
-    cmd = argv(tiny_model_dir, data, out, "--checkpoints", "7")
-    cmd[cmd.index("--tokens") + 1] = str(400 * BATCH)  # long enough to be stopped mid-run
+    cmd = argv(tiny_model_dir, data, out, "--n-checkpoints", "7")
+    cmd[cmd.index("--training-tokens") + 1] = str(400 * BATCH)  # long enough to be stopped mid-run
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     with log.open("w") as fh:
         proc = subprocess.Popen(
@@ -349,21 +350,21 @@ def bad_data(tmp_path_factory) -> dict[str, Path]:
         (["--context-size", "3", "--hook", "decoder.1.attn_out"], None, "context_size=3 (p = context_size // 2): the "
          "encoder's SAEs would train on position 0 only, which holds BOS in every row and exclude_special_tokens "
          "drops; use a context_size of at least 4 or prefix_len >= 2"),
-        (["--tokens", "inf"], None, "argument --tokens: not a token count: 'inf' (e.g. 2000000, 2e6, 2M)"),
-        (["--tokens", "nan"], None, "argument --tokens: not a token count: 'nan' (e.g. 2000000, 2e6, 2M)"),
-        (["--tokens", "1e400"], None, "argument --tokens: not a token count: '1e400' (e.g. 2000000, 2e6, 2M)"),
-        (["--tokens", "-5"], None, "training_tokens must be a positive integer, got -5"),
+        (["--training-tokens", "inf"], None, "argument --training-tokens: not a token count: 'inf' (e.g. 2000000, 2e6, 2M)"),
+        (["--training-tokens", "nan"], None, "argument --training-tokens: not a token count: 'nan' (e.g. 2000000, 2e6, 2M)"),
+        (["--training-tokens", "1e400"], None, "argument --training-tokens: not a token count: '1e400' (e.g. 2000000, 2e6, 2M)"),
+        (["--training-tokens", "-5"], None, "training_tokens must be a positive integer, got -5"),
         (["--lr", "nan"], None, "lr must be a finite number, got nan"),
         (["--lr", "inf"], None, "lr must be a finite number, got inf"),
         (["--lr", "0"], None, "lr must be positive, got 0.0"),
-        (["--k", "inf"], None, "k must be a finite number, got inf"),
+        (["-k", "inf"], None, "k must be a finite number, got inf"),
         (["--architecture", "standard", "--l1", "nan"], None, "l1 must be a finite number, got nan"),
         (["--d-sae", "-3"], None, "d_sae must be a positive integer, got -3"),
-        (["--batch-tokens", "0"], None, "train_batch_size_tokens must be a positive integer, got 0"),
-        (["--store-batch", "0"], None, "store_batch_size_prompts must be a positive integer, got 0"),
-        (["--eval-every", "0"], None, "eval_every_n_steps must be a positive integer, got 0"),
-        (["--eval-batches", "-1"], None, "n_eval_batches must be a positive integer, got -1"),
-        (["--checkpoints", "-1"], None, "n_checkpoints must be a whole number >= 0, got -1"),
+        (["--train-batch-size-tokens", "0"], None, "train_batch_size_tokens must be a positive integer, got 0"),
+        (["--store-batch-size-prompts", "0"], None, "store_batch_size_prompts must be a positive integer, got 0"),
+        (["--eval-every-n-steps", "0"], None, "eval_every_n_steps must be a positive integer, got 0"),
+        (["--n-eval-batches", "-1"], None, "n_eval_batches must be a positive integer, got -1"),
+        (["--n-checkpoints", "-1"], None, "n_checkpoints must be a whole number >= 0, got -1"),
         (["--seed", "-1"], None, "seed must be a whole number in [0, 2**32), got -1"),
         (["--prefix-len", "0", "--hook", "decoder.1.attn_out"], None, "prefix_len must be a whole number in "
          "[1, context_size - 1] = [1, 31], got 0 (SAELens' seqpos_slice is fixed per run, so a random split cannot train)"),

@@ -449,8 +449,9 @@ def test_cli_trains_from_a_text_file_and_the_sae_loads_by_name(tiny_model_dir, d
     out = tmp_path / "cli_out"
     argv = [
         "train", str(tiny_model_dir), "--hook", HOOK, "--dataset", str(data["txt"]), "--architecture", "topk",
-        "--k", "8", "--d-sae", "64", "--tokens", "12.8k", "--context-size", str(CONTEXT), "--batch-tokens",
-        str(BATCH_TOKENS), "--store-batch", str(STORE_BATCH), "--lr", "3e-3", "--eval-batches", "1",
+        "-k", "8", "--d-sae", "64", "--training-tokens", "12.8k", "--context-size", str(CONTEXT),
+        "--train-batch-size-tokens", str(BATCH_TOKENS), "--store-batch-size-prompts", str(STORE_BATCH), "--lr",
+        "3e-3", "--n-eval-batches", "1",
         "--out", str(out), "--release-name", "test-cli-release", "--device", "cpu",
     ]  # fmt: skip
     assert main(argv) == 0
