@@ -6,7 +6,7 @@ registered as a local release, loads through ``SAE.from_pretrained``; a non-empt
 folder needs ``force``; invalid checkpoints stop the run before anything is written; a
 failure while writing leaves the output folder as it was; ``force`` replaces only convert's
 own output (a manifest with hashes), refusing by name otherwise; hub-cache and plain
-snapshot layouts. Locking and kill -9 are in ``test_adversarial.py``."""
+snapshot layouts. Locking and kill -9 are in ``test_convert_hostile.py``."""
 
 from __future__ import annotations
 
