@@ -99,6 +99,41 @@ def _error_line(e: BaseException) -> str:
     return one if len(one) <= 1000 else one[:1000] + " ..."
 
 
+def _rank() -> int | None:
+    """This process's rank under ``torchrun`` (None in one process, or if torchrun's variables are unreadable)."""
+    import os
+
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except (KeyError, ValueError):
+        return None
+
+
+def _job_line(e: BaseException, line: str) -> str:
+    """Under ``torchrun``: a rank's own error names the rank; a rank stopped by another's failure
+    says so in one line (the failing rank reports the real error, once)."""
+    rank = _rank()
+    if rank is None:
+        return line
+    from sae_lens_t5gemma.training import distributed
+
+    peer = distributed.peer_failure_line(e, distributed.from_environment())
+    return peer if peer is not None else f"rank {rank}: {line}"
+
+
+def _leave_together() -> None:
+    """Under ``torchrun``, every rank waits for the others before it exits: torchrun stops the
+    whole job as soon as one rank exits with a failure code (an interrupted run's 130/143)."""
+    if _rank() is None:
+        return
+    import contextlib
+
+    from sae_lens_t5gemma.training import distributed
+
+    with contextlib.suppress(RuntimeError):  # another rank is gone already
+        distributed.barrier()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
@@ -125,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         line = _interrupted_line(args, e)
         if signum == signal.SIGTERM:
             line = line.replace("interrupted:", "terminated (SIGTERM):", 1)
-        print(line, file=sys.stderr)
+        if not _rank():  # under torchrun, rank 0 speaks for the job (every rank saved its part)
+            print(line, file=sys.stderr)
+        _leave_together()
         return 128 + signum
     except (
         ValueError,
@@ -138,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         MemoryError,
     ) as e:
         # Bad input or a failing system call: one clear line, no traceback.
-        print(f"error: {_error_line(e)}", file=sys.stderr)
+        print(f"error: {_job_line(e, _error_line(e))}", file=sys.stderr)
         bad_input = isinstance(e, (ValueError, LookupError, FileNotFoundError, FileExistsError))
         return 2 if bad_input else 1
     except Exception as e:

@@ -10,8 +10,9 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,20 +111,30 @@ class _StopBetweenSteps:
 
     SAELens' trainers pull one batch at the start of each step, after the previous step, its
     logging and its checkpoint are complete: a stop raised there leaves the SAEs, the optimiser
-    and the counters of the same step.
+    and the counters of the same step. Under ``torchrun`` ``agree`` (one small all-reduce per
+    step) makes every rank stop at the same step when any of them got the signal.
     """
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, agree: Callable[[int | None], int | None] | None = None):
         self.inner = inner
+        self.agree = agree
         self.pending: int | None = None
+        self.pending_since = 0.0
 
     def __iter__(self) -> _StopBetweenSteps:
         return self
 
     def __next__(self) -> Any:
+        if self.agree is not None:
+            self.pending = self.agree(self.pending)
         if self.pending is not None:
             raise _Stop(self.pending, clean=True)
         return next(self.inner)
+
+
+SAME_REQUEST_S = 2.0
+"""A second signal this soon after the first is the same request delivered twice: Ctrl-C on
+``torchrun`` reaches each worker from the terminal and again forwarded by torchrun."""
 
 
 @contextlib.contextmanager
@@ -153,13 +164,15 @@ def _fit_or_checkpoint(runner: Any, trainer: Any) -> Any:
     Adam's update would save half-updated weights); a second one, or one before the first
     step, stops at once without saving.
     """
-    provider = trainer.data_provider = _StopBetweenSteps(trainer.data_provider)
     context: _RunnerContext = runner.t5gemma2
+    provider = trainer.data_provider = _StopBetweenSteps(trainer.data_provider, context.agree)
 
     def on_signal(signum: int, frame: Any) -> None:
+        if provider.pending is not None and time.monotonic() - provider.pending_since < SAME_REQUEST_S:
+            return
         if provider.pending is not None or trainer.n_training_samples == 0:
             raise _Stop(signum, clean=False)
-        provider.pending = signum
+        provider.pending, provider.pending_since = signum, time.monotonic()
         print(  # on a line of its own, below SAELens' progress bar
             f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
             "(signal again to stop at once, without it)",
@@ -185,6 +198,10 @@ def _fit_or_checkpoint(runner: Any, trainer: Any) -> Any:
             ) from None  # fmt: skip
 
 
+ONE_PROCESS = {"world_size": 1, "parallel": None}
+"""The ``processes`` of a checkpoint record written by a one-process run."""
+
+
 @dataclass
 class _RunnerContext:
     """What one runner's checkpoints record (set on the runner as ``t5gemma2``)."""
@@ -195,6 +212,10 @@ class _RunnerContext:
     fingerprint: dict[str, Any]
     stopped: int | None = None
     """A signal that came during the runner's last step (it finished; the run stops after it)."""
+    job: dict[str, Any] = field(default_factory=lambda: dict(ONE_PROCESS))
+    """The processes that train (:data:`ONE_PROCESS`, or what ``distributed.job`` records)."""
+    agree: Callable[[int | None], int | None] | None = None
+    """Under ``torchrun``: the stop signal any rank got (see :class:`_StopBetweenSteps`)."""
 
 
 def _record_checkpoint(runner: Any, checkpoint_path: Path | None) -> None:
@@ -208,6 +229,7 @@ def _record_checkpoint(runner: Any, checkpoint_path: Path | None) -> None:
         "n_training_samples": int(name) if name.isdigit() else None,
         "sae_ids": context.sae_ids,
         "fingerprint": context.fingerprint,
+        "processes": context.job,
     }
     atomic_write(Path(checkpoint_path) / CHECKPOINT_RECORD, json.dumps(record, indent=1))
 
@@ -318,19 +340,21 @@ class _Start:
     checkpoint: Path | None = None
 
 
-def _prepare_out(plan: TrainingPlan) -> dict[str, _Start]:
+def _prepare_out(plan: TrainingPlan, job: dict[str, Any] | None = None) -> dict[str, _Start]:
     """Decide where each runner starts (under the lock, before any model loads).
 
     Without ``resume``, checkpoints of an interrupted run in ``out`` are refused (so that
     nothing is lost) unless ``overwrite``, which removes them. With ``resume``, every
     runner's SAEs must be finished or its latest checkpoint must come from a run with the
-    same settings and data.
+    same settings and data, and with the same processes (``job``: number and parallel mode;
+    each rank continues its own shard of the data).
 
     Raises:
         FileExistsError: checkpoints of an interrupted run, without resume or overwrite.
         FileNotFoundError: resume with nothing to resume.
         ValueError: resume from a checkpoint of another run (the differences are named).
     """
+    job = job or ONE_PROCESS
     cfg, out = plan.config, plan.out
     groups = _runner_groups(plan)
     if not cfg.resume:
@@ -372,6 +396,17 @@ def _prepare_out(plan: TrainingPlan) -> dict[str, _Start]:
                 raise ValueError(
                     f"--resume: checkpoint {path} comes from a run with other settings or data: {diff}"
                 )
+            saved_job = record.get("processes") or ONE_PROCESS
+            if saved_job != job:
+                raise ValueError(
+                    f"--resume: checkpoint {path} was written by {_describe_job(saved_job)}; this run has "
+                    f"{_describe_job(job)}. Each process continues its own shard of the data: resume with "
+                    + (
+                        "one process (no torchrun)"
+                        if saved_job.get("world_size", 1) == 1
+                        else f"torchrun --nproc_per_node {saved_job['world_size']} ... --parallel {saved_job['parallel']}"
+                    )
+                )
         starts[key] = _Start(checkpoint=found[0] if found else None)
     if not any(st.finished or st.checkpoint for st in starts.values()):
         raise FileNotFoundError(
@@ -379,6 +414,11 @@ def _prepare_out(plan: TrainingPlan) -> dict[str, _Start]:
             "for this run; run without --resume"
         )
     return starts
+
+
+def _describe_job(job: dict[str, Any]) -> str:
+    n = job.get("world_size", 1)
+    return "one process" if n == 1 else f"{n} processes (parallel {job.get('parallel')})"
 
 
 def _multi_key(stack: str) -> str:

@@ -34,11 +34,20 @@ global ``k * B``-th value the cut) and the threshold EMA fed the global minimum.
 end bit-identical (checked before saving: :func:`verify_replicas`) and equal a one-process run
 with the same global batch within float32 rounding (measured: at most 1.6e-6 relative over
 10 steps for standard, topk, batchtopk, matryoshka and jumprelu; 0.39 without gradient
-averaging). Covariance whitening and resume/checkpoints are refused. Data-parallel runs SAELens' multi-SAE
+averaging). Covariance whitening is refused. Data-parallel runs SAELens' multi-SAE
 trainer, so it needs ``multi_hook=True`` and at least 2 hooks per stack; a normalisation it
 does not synchronise is refused by name. Rank 0 alone saves.
 
 ``auto`` picks ``modules`` where every stack has at least N hooks, ``data`` otherwise.
+
+Checkpoints and resume (:func:`checkpoint_per_rank`): one SAELens checkpoint folder for all
+ranks, ``out/checkpoints/<runner>/<samples seen>``: each SAE's subfolder written by its owner
+(data-parallel: by rank 0), each rank's activation-store state beside them
+(:func:`store_state_name`), then, once every rank has written, rank 0 writes the whole run's
+``runner_cfg.json`` and the record that marks the folder complete (with the number of
+processes and the mode, which ``--resume`` must match: each rank continues its own shard). A
+signal to any rank stops every rank at the same step (:func:`agree_on_stop`, one small
+all-reduce per step) and they save that step's checkpoint together.
 
 Saving: each SAE folder is written by its owner only (SAELens' ``_save_final_outputs``; under
 data-parallel, by rank 0); rank 0
@@ -55,6 +64,7 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,12 +77,12 @@ if TYPE_CHECKING:
 
 PARALLEL_MODES = ("auto", "modules", "data")
 TIMEOUT_S = 300
+"""Collective timeout: a rank that waits longer for the others fails (and so the job)."""
 DATA_PARALLEL_NORMALISATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
 """Input normalisations data-parallel reproduces exactly: per-row ones, and the mean-norm
 estimate (averaged over ranks). Anything needing other per-rank statistics is refused."""
 AVERAGE_GRADIENTS = True
 """Data-parallel gradient averaging; False only for the no-sync control of the tests."""
-"""Collective timeout: a rank that waits longer for the others fails (and so the job)."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +122,8 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
 
     Raises:
         ValueError: a global batch not divisible by N, too few hooks per stack for modules,
-            single-hook runners (``multi_hook=False``) in either mode, a normalisation that
-            data-parallel cannot synchronise, or resume/checkpoints (not yet distributed).
+            single-hook runners (``multi_hook=False``) in either mode, or a normalisation that
+            data-parallel cannot synchronise.
     """
     cfg = plan.config
     wanted = cfg.parallel
@@ -128,10 +138,6 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
     fewest = min(len(sp.sites) for sp in stacks)
     if wanted == "auto":
         wanted = "modules" if fewest >= world_size and cfg.multi_hook else "data"
-    if cfg.resume or cfg.n_checkpoints:
-        raise ValueError(
-            "resume and n_checkpoints are not distributed yet: run with one process to checkpoint or resume"
-        )
     if wanted == "data":
         if not cfg.multi_hook or fewest < 2:
             raise ValueError(
@@ -152,6 +158,63 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
     if not cfg.multi_hook:
         raise ValueError("parallel='modules' shares one forward among SAEs: it needs multi_hook=True")
     return wanted
+
+
+def job(plan: TrainingPlan, ranks: Ranks | None) -> dict[str, Any]:
+    """What a checkpoint records of the processes that wrote it (``--resume`` must match it)."""
+    if ranks is None:
+        return {"world_size": 1, "parallel": None}
+    return {"world_size": ranks.world_size, "parallel": choose_mode(plan, ranks.world_size)}
+
+
+class PeerFailed(RuntimeError):
+    """Another rank of the job failed; its own error is reported by that rank."""
+
+
+def from_main(compute: Any, ranks: Ranks) -> Any:
+    """``compute()`` on rank 0, its value on every rank (``broadcast_object_list``).
+
+    A failure on rank 0 is raised there, and as :class:`PeerFailed` on the others, so the
+    job ends at once with the real error reported once.
+    """
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if ranks.is_main:
+        try:
+            box = [("ok", compute())]
+        except Exception as e:
+            dist.broadcast_object_list([("error", type(e).__name__)], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise PeerFailed(
+            f"rank {ranks.rank} stopped: rank 0 failed with {value} (its error is reported there)"
+        )
+    return value
+
+
+def peer_failure_line(e: BaseException, ranks: Ranks | None) -> str | None:
+    """One line for a rank whose collective failed because another rank died (gloo's "Connection
+    closed by peer", nccl's errors), or None if ``e`` is this rank's own error."""
+    import torch.distributed as dist
+
+    if ranks is None:
+        return None
+    if isinstance(e, PeerFailed):
+        return str(e)
+    if (
+        isinstance(e, dist.DistError)
+        or "Connection closed by peer" in str(e)
+        or "Connection reset by peer" in str(e)
+    ):
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return (
+            f"rank {ranks.rank} stopped: another process of the job failed or was killed ({first[:200]}); "
+            "torchrun's summary names it, and its own error is reported by it"
+        )
+    return None
 
 
 def owners(sites: tuple[Site, ...] | list[Site], world_size: int) -> dict[str, int]:
@@ -297,7 +360,6 @@ def own_modules(runner: Any, plan: TrainingPlan, ranks: Ranks) -> Any:
 def write_runner_cfg(whole_cfg: Any, out: Any) -> None:
     """Rank 0: SAELens' ``runner_cfg.json`` of the whole run (each rank's runner wrote its own share)."""
     import json
-    from pathlib import Path
 
     from sae_lens.constants import RUNNER_CFG_FILENAME
 
@@ -316,9 +378,10 @@ class Collectives:
     kept here so the seams hold no process-group code.
     """
 
-    def __init__(self, ranks: Ranks) -> None:
+    def __init__(self, ranks: Ranks, device: str | torch.device = "cpu") -> None:
         self.ranks = ranks
         self.world_size = ranks.world_size
+        self.device = torch.device(device)  # nccl reduces CUDA tensors only
 
     def broadcast_(self, tensors: list[torch.Tensor]) -> None:
         """Rank 0's values into every rank's ``tensors`` (one flat broadcast)."""
@@ -357,7 +420,7 @@ class Collectives:
         """The mean of a float over ranks (in float64)."""
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
@@ -376,6 +439,55 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[start : start + n].view_as(t))
         start += n
+
+
+def agree_on_stop(pending: int | None, device: str | torch.device = "cpu") -> int | None:
+    """The stop signal any rank got before this step (None if none did): one all-reduce (MAX)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([pending or 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
+def store_state_name(ranks: Ranks) -> str:
+    """Each rank's activation-store state in a checkpoint (SAELens' one file, per rank)."""
+    from sae_lens.constants import ACTIVATIONS_STORE_STATE_FILENAME
+
+    stem, suffix = ACTIVATIONS_STORE_STATE_FILENAME.rsplit(".", 1)
+    return f"{stem}.rank{ranks.rank}-of-{ranks.world_size}.{suffix}"
+
+
+def checkpoint_per_rank(runner: Any, plan: TrainingPlan, ranks: Ranks, whole_cfg: Any) -> None:
+    """One checkpoint folder for every rank of a multi-SAE runner (instance patches, SAELens 6.54).
+
+    SAELens' multi-SAE trainer writes each of its SAEs' subfolders, then calls the runner's
+    ``_save_runner_checkpoint_files``, which here writes this rank's store state
+    (:func:`store_state_name`), waits for every rank, and on rank 0 writes the whole run's
+    ``runner_cfg.json`` and the record that marks the folder complete; the store reads its
+    own rank's file back on resume. The run's context records the job and agrees on stops.
+    """
+    from sae_lens_t5gemma.training.checkpoints import _record_checkpoint
+
+    store = runner.activations_store
+    name = store_state_name(ranks)
+    store.save_to_checkpoint = lambda path: store.save(str(Path(path) / name))
+    store.load_from_checkpoint = lambda path: store.load(str(Path(path) / name))
+    device = plan.config.device
+    runner.t5gemma2.job = job(plan, ranks)
+    runner.t5gemma2.agree = lambda pending: agree_on_stop(pending, device)
+
+    def save_files(checkpoint_path: Path | None) -> None:
+        if checkpoint_path is None:
+            return
+        store.save_to_checkpoint(checkpoint_path)
+        barrier()  # every rank's SAEs and store state are written
+        if ranks.is_main:
+            write_runner_cfg(whole_cfg, checkpoint_path)
+            _record_checkpoint(runner, checkpoint_path)
+        barrier()
+
+    runner._save_runner_checkpoint_files = save_files
 
 
 def verify_replicas(saes: dict[str, Any], ranks: Ranks) -> dict[str, str]:
@@ -419,7 +531,7 @@ def replicate(runner: Any, plan: TrainingPlan, ranks: Ranks) -> Collectives:
             save(saes, trainer)
 
     runner._save_final_outputs = save_on_rank_0
-    return Collectives(ranks)
+    return Collectives(ranks, plan.config.device)
 
 
 def prepare_runner(runner: Any, plan: TrainingPlan, ranks: Ranks) -> tuple[Any, Collectives | None]:
@@ -430,5 +542,9 @@ def prepare_runner(runner: Any, plan: TrainingPlan, ranks: Ranks) -> tuple[Any, 
         replica, or None)``.
     """
     if choose_mode(plan, ranks.world_size) == "data":
-        return None, replicate(runner, plan, ranks)
-    return own_modules(runner, plan, ranks), None
+        collectives = replicate(runner, plan, ranks)
+        checkpoint_per_rank(runner, plan, ranks, runner.cfg)
+        return None, collectives
+    whole = own_modules(runner, plan, ranks)
+    checkpoint_per_rank(runner, plan, ranks, whole)
+    return whole, None

@@ -130,51 +130,70 @@ def train(
     """
     plan = cfg if isinstance(cfg, TrainingPlan) else plan_training(cfg)
     plan, ranks = _join_job(plan)
-    with _writing(plan.out) if ranks is None or ranks.is_main else contextlib.nullcontext():
-        # Rank 0 alone prepares out (it may remove an earlier run's checkpoints).
-        starts = _prepare_out(plan) if ranks is None or ranks.is_main else {}
-        distributed.barrier()
-        dataset = dataset if dataset is not None else load_training_dataset(plan)
-        if ranks is not None:
-            dataset = distributed.shard_dataset(dataset, ranks)
-        model = model if model is not None else _load_model(plan)
-        _check_model(model, plan)
-        # What the SAEs' metadata records: the dtype the model really harvests in.
-        weights = next(model.parameters(), None)
-        if weights is not None:
-            plan = dataclasses.replace(plan, harvest_dtype=dtype_name(weights.dtype))
-        _return_freed_memory_to_the_os()
-        torch.manual_seed(plan.config.seed)
-        fingerprint = run_fingerprint(plan)
-        results = []
-        with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
-            # One runner per stack: a runner has one seqpos_slice, and the stacks cover different
-            # positions; and without multi_hook, one runner per site.
-            groups = _runner_groups(plan)
-            for key, sub, multi in groups:
-                start = starts.get(key, _Start())
-                if start.finished:
-                    results.append(_finished_result(sub))
-                    continue
-                context = _RunnerContext(plan.out, key, sub.sae_ids, fingerprint)
-                if multi:
-                    results.append(
-                        _train_multi(sub, model, dataset, keep_initial, context, start.checkpoint, ranks)
-                    )
-                else:
-                    results.append(
-                        _train_single_sites(sub, model, dataset, keep_initial, context, start.checkpoint)
-                    )
-                if context.stopped is not None and key != groups[-1][0]:
-                    raise TrainingInterrupted(
-                        context.stopped, plan.out, None, sae_ids=sub.sae_ids, finished=True
-                    )
-                # A finished runner is held by reference cycles (runner, store, trainers): free its
-                # SAEs, optimiser states and mixing buffer before the next runner starts.
-                gc.collect()
-        if ranks is not None and not ranks.is_main:
-            return _merge(plan, results)  # rank 0 writes the summary and the release
-        return _finish(plan, _merge(plan, results))
+    with _writing_on_main(plan.out, ranks):
+        return _train(plan, ranks, _starts(plan, ranks), model, dataset, keep_initial)
+
+
+def _writing_on_main(out: Path, ranks: distributed.Ranks | None) -> Any:
+    """The write lock on ``out``, held by rank 0 alone under ``torchrun``."""
+    return _writing(out) if ranks is None or ranks.is_main else contextlib.nullcontext()
+
+
+def _starts(plan: TrainingPlan, ranks: distributed.Ranks | None) -> dict[str, _Start]:
+    """Where each runner starts. Under ``torchrun`` rank 0 alone prepares ``out`` (it may remove an
+    earlier run's checkpoints) and every rank gets its answer, or stops if it failed."""
+    if ranks is None:
+        return _prepare_out(plan)
+    return distributed.from_main(lambda: _prepare_out(plan, distributed.job(plan, ranks)), ranks)
+
+
+def _train(
+    plan: TrainingPlan,
+    ranks: distributed.Ranks | None,
+    starts: dict[str, _Start],
+    model: Any,
+    dataset: Any,
+    keep_initial: bool,
+) -> TrainingResult:
+    dataset = dataset if dataset is not None else load_training_dataset(plan)
+    if ranks is not None:
+        dataset = distributed.shard_dataset(dataset, ranks)
+    model = model if model is not None else _load_model(plan)
+    _check_model(model, plan)
+    # What the SAEs' metadata records: the dtype the model really harvests in.
+    weights = next(model.parameters(), None)
+    if weights is not None:
+        plan = dataclasses.replace(plan, harvest_dtype=dtype_name(weights.dtype))
+    _return_freed_memory_to_the_os()
+    torch.manual_seed(plan.config.seed)
+    fingerprint = run_fingerprint(plan)
+    results = []
+    with _wandb_mode(plan.config.wandb), _fed_as_planned(model, plan):
+        # One runner per stack: a runner has one seqpos_slice, and the stacks cover different
+        # positions; and without multi_hook, one runner per site.
+        groups = _runner_groups(plan)
+        for key, sub, multi in groups:
+            start = starts.get(key, _Start())
+            if start.finished:
+                results.append(_finished_result(sub))
+                continue
+            context = _RunnerContext(plan.out, key, sub.sae_ids, fingerprint)
+            if multi:
+                results.append(
+                    _train_multi(sub, model, dataset, keep_initial, context, start.checkpoint, ranks)
+                )
+            else:
+                results.append(
+                    _train_single_sites(sub, model, dataset, keep_initial, context, start.checkpoint)
+                )
+            if context.stopped is not None and key != groups[-1][0]:
+                raise TrainingInterrupted(context.stopped, plan.out, None, sae_ids=sub.sae_ids, finished=True)
+            # A finished runner is held by reference cycles (runner, store, trainers): free its
+            # SAEs, optimiser states and mixing buffer before the next runner starts.
+            gc.collect()
+    if ranks is not None and not ranks.is_main:
+        return _merge(plan, results)  # rank 0 writes the summary and the release
+    return _finish(plan, _merge(plan, results))
 
 
 def _join_job(plan: TrainingPlan) -> tuple[TrainingPlan, distributed.Ranks | None]:
@@ -380,32 +399,35 @@ def run_training(cfg: TrainConfig, cache_dir: str | Path | None = None, echo: An
     if cache_dir is not None:
         _no_resume_from_cache(plan)
         _check_cache_dir(plan, Path(cache_dir))
-    ranks = distributed.from_environment()
-    if ranks is not None:
-        if cache_dir is not None:
-            raise ValueError("cache_dir (an activation cache) is not distributed yet: run it in one process")
-        mode = distributed.choose_mode(plan, ranks.world_size)  # refusals before any model loads
-        if not ranks.is_main:
-            return train(plan)
-    with _writing(plan.out):  # a second run into the same out fails here, at once
-        starts = _prepare_out(plan)
-        dataset = None if ranks is not None else load_training_dataset(plan)
-        echo(describe_plan(plan, cached=cache_dir is not None))
-        if ranks is not None:
-            echo(distributed.describe(plan, ranks.world_size, mode))
-        for key, st in starts.items():
-            echo(
-                f"resume   {key}: "
-                + ("finished, kept" if st.finished else f"from {st.checkpoint or 'the start'}")
+        if distributed.from_environment() is not None:
+            raise ValueError(
+                "cache_dir (an activation cache) is not distributed: run it in one process (see docs/training.md, "
+                "'Across processes and machines', for why)"
             )
-        model = _load_model(plan) if ranks is None else None  # under torchrun, train loads it on its device
-        if cache_dir is not None:
+    plan, ranks = _join_job(plan)  # under torchrun: the parallel mode checked, then the process group
+    main = ranks is None or ranks.is_main
+    with _writing_on_main(plan.out, ranks):  # a second run into the same out fails here, at once
+        starts = _starts(plan, ranks)
+        if main:
+            echo(describe_plan(plan, cached=cache_dir is not None))
+            if ranks is not None:
+                echo(distributed.describe(plan, ranks.world_size, distributed.job(plan, ranks)["parallel"]))
+            for key, st in starts.items():
+                echo(
+                    f"resume   {key}: "
+                    + ("finished, kept" if st.finished else f"from {st.checkpoint or 'the start'}")
+                )
+        if ranks is not None:  # each rank loads the model on its own device and reads its shard
+            result = _train(plan, ranks, starts, None, None, False)
+        elif cache_dir is not None:
+            model, dataset = _load_model(plan), load_training_dataset(plan)
             paths = cache_activations(plan, cache_dir, model=model, dataset=dataset)
             echo(f"cached activations: {', '.join(str(p) for p in paths.values())}")
             result = train_from_cache(plan, cache_dir, model=model, dataset=load_training_dataset(plan))
         else:
-            result = train(plan, model=None if ranks is not None else model, dataset=dataset)
-    echo(format_report(result))
+            result = _train(plan, None, starts, _load_model(plan), load_training_dataset(plan), False)
+    if main:
+        echo(format_report(result))
     return result
 
 

@@ -296,6 +296,9 @@ def _replicate_trainer(multi: Any, collectives: Any) -> None:
                 )
 
         trainer.optimizer.register_step_pre_hook(check_all_arrived)
+        if not collectives.ranks.is_main:
+            # The replicas are identical: rank 0 alone writes the SAEs' checkpoint subfolders.
+            trainer.save_checkpoint = _saved_by_rank_0
         if isinstance(sae.activation_fn, BatchTopK):
             sae.activation_fn = _GlobalBatchTopK(sae.activation_fn, collectives)
         if hasattr(sae, "update_topk_threshold"):
@@ -314,6 +317,10 @@ def _replicate_trainer(multi: Any, collectives: Any) -> None:
                 scaler.scaling_factor = root_d / collectives.mean(root_d / scaler.scaling_factor)
 
     multi._estimate_scaling_factors = estimate_over_ranks
+
+
+def _saved_by_rank_0(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _synced_step(trainer: Any, collectives: Any, n: int) -> Any:

@@ -11,26 +11,28 @@ loads, and a failing rank bringing the job down.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from torchrun_jobs import (
+    SAE_IDS,
+    cli_fields,
+    config,
+    launch,
+    one_process,
+    relative,
+    torchrun,
+    train_argv,
+    weights,
+)
 
 from sae_lens_t5gemma import training
-from sae_lens_t5gemma.stand_in import synthetic as synthetic
 from sae_lens_t5gemma.training import distributed
 
 pytestmark = pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted")
 
-CONTEXT = 33  # 32 rows per document once BOS is dropped
-BATCH = 256  # global batch: 8 documents, 4 per rank
-DOCS_PER_RANK_BATCH = 4
 WORKER = """
 import json, os, sys
 from pathlib import Path
@@ -53,42 +55,6 @@ train(TrainConfig(**json.loads(sys.argv[1])))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _documents() -> list[str]:
-    """128 documents, each longer than a row (so every one gives exactly CONTEXT - 1 rows)."""
-    texts = synthetic.stand_in_texts()
-    return [" ".join(texts[(i + j) % len(texts)] for j in range(4)) for i in range(128)]
-
-
-def _interleaved(docs: list[str], n: int) -> list[str]:
-    """The order in which a one-process run reads the rows that N ranks read: rank r holds
-    documents r, r + N, ... (``split_dataset_by_node``); each global batch is rank 0's block,
-    then rank 1's, ..."""
-    shards = [docs[r::n] for r in range(n)]
-    out = []
-    for k in range(0, len(shards[0]), DOCS_PER_RANK_BATCH):
-        for shard in shards:
-            out += shard[k : k + DOCS_PER_RANK_BATCH]
-    return out
-
-
-def _config(model_dir: Path, data: Path, out: Path, **overrides) -> dict:
-    cfg = dict(
-        model=str(model_dir), hooks=["encoder.0.attn_out", "encoder.1.attn_out"], dataset=str(data),
-        out=str(out), architecture="topk", k=8, d_sae=64, training_tokens=10 * BATCH,
-        train_batch_size_tokens=BATCH, context_size=CONTEXT, store_batch_size_prompts=4, lr=3e-3,
-        activations_mixing_fraction=0.0, n_batches_for_norm_estimate=2, eval_every_n_steps=10_000,
-        n_eval_batches=1, eval_batch_size_prompts=2, model_dtype="float32", seed=7,
-    )  # fmt: skip
-    cfg.update(overrides)
-    return cfg
-
-
 FAILING_WORKER = """
 import json, os, sys
 from sae_lens_t5gemma.training import TrainConfig, runner, train
@@ -100,60 +66,16 @@ train(TrainConfig(**json.loads(sys.argv[1])))
 """
 
 
-def _torchrun(cfg: dict, tmp_path: Path, timeout: int = 240, worker: str = WORKER, env: dict | None = None):
-    script = tmp_path / "worker.py"
-    script.write_text(worker)
-    return _launch([str(script), json.dumps(cfg)], timeout, env)
-
-
-def _launch(args: list[str], timeout: int, env: dict | None = None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), *args,
-    ]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _one_process(cfg: dict | training.TrainConfig) -> training.TrainingResult:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as under torchrun: the same reduction order in every matmul
-    try:
-        return training.train(cfg if isinstance(cfg, training.TrainConfig) else training.TrainConfig(**cfg))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def _weights(out: Path, sae_id: str) -> dict[str, torch.Tensor]:
-    return load_file(out / sae_id / "sae_weights.safetensors")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dist_data")
-    docs = _documents()
-    sharded = training.write_text_dataset(docs, folder / "sharded.jsonl")
-    reference = training.write_text_dataset(_interleaved(docs, 2), folder / "reference.jsonl")
-    return sharded, reference
-
-
 @pytest.mark.slow  # two torchrun jobs and a reference run: about 70 s together
 def test_module_parallel_equals_one_process_bit_for_bit(tiny_model_dir, files, tmp_path):
     sharded, reference = files
-    run = _torchrun(_config(tiny_model_dir, sharded, tmp_path / "two", parallel="modules"), tmp_path)
+    run = torchrun(config(tiny_model_dir, sharded, tmp_path / "two", parallel="modules"), tmp_path, WORKER)
     assert run.returncode == 0, run.stderr[-4000:]
 
     one = _reference("topk", tiny_model_dir, reference, tmp_path / "one")
 
     for sae_id in ("encoder.0.attn_out", "encoder.1.attn_out"):
-        a, b = _weights(tmp_path / "two", sae_id), _weights(tmp_path / "one", sae_id)
+        a, b = weights(tmp_path / "two", sae_id), weights(tmp_path / "one", sae_id)
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), (sae_id, name, (a[name] - b[name]).abs().max())
@@ -169,7 +91,7 @@ def test_module_parallel_equals_one_process_bit_for_bit(tiny_model_dir, files, t
 
 def test_refusals_name_the_reason(tiny_model_dir, files, tmp_path):
     sharded, _ = files
-    plan = training.plan_training(training.TrainConfig(**_config(tiny_model_dir, sharded, tmp_path / "o")))
+    plan = training.plan_training(training.TrainConfig(**config(tiny_model_dir, sharded, tmp_path / "o")))
     assert distributed.choose_mode(plan, 2) == "modules"  # auto: 2 encoder hooks, 2 ranks
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         distributed.choose_mode(plan, 3)
@@ -188,7 +110,7 @@ def test_refusals_name_the_reason(tiny_model_dir, files, tmp_path):
     assert "every rank holds every SAE" in distributed.describe(plan, 2, "data")
     with pytest.raises(ValueError, match="parallel must be auto, modules or data"):
         training.plan_training(
-            training.TrainConfig(**_config(tiny_model_dir, sharded, tmp_path / "o", parallel="x"))
+            training.TrainConfig(**config(tiny_model_dir, sharded, tmp_path / "o", parallel="x"))
         )
     lines = distributed.describe(plan, 2, "modules")
     assert "rank 0 encoder: encoder.0.attn_out" in lines and "rank 1 encoder: encoder.1.attn_out" in lines
@@ -198,14 +120,13 @@ def test_refusals_name_the_reason(tiny_model_dir, files, tmp_path):
 def test_failing_rank_brings_the_job_down(tiny_model_dir, files, tmp_path):
     """Rank 1 refuses its model (no such folder): the job ends with an error, soon, not a hang."""
     sharded, _ = files
-    cfg = _config(tiny_model_dir, sharded, tmp_path / "out", parallel="modules")
-    run = _torchrun(cfg, tmp_path, timeout=200, worker=FAILING_WORKER)
+    cfg = config(tiny_model_dir, sharded, tmp_path / "out", parallel="modules")
+    run = torchrun(cfg, tmp_path, timeout=200, worker=FAILING_WORKER)
     assert run.returncode != 0
     assert run.stderr.count("rank 1 cannot load its model") >= 1
     assert not (tmp_path / "out" / "encoder.0.attn_out" / "eval_metrics.json").exists()
 
 
-SAE_IDS = ("encoder.0.attn_out", "encoder.1.attn_out")
 _REFERENCES: dict[str, tuple[Path, training.TrainingResult]] = {}
 
 
@@ -216,7 +137,7 @@ def _reference(arch: str, model_dir: Path, data: Path, out: Path) -> training.Tr
 
     if arch not in _REFERENCES:
         first = out.parent / f"reference_{arch}"
-        _REFERENCES[arch] = (first, _one_process(_config(model_dir, data, first, **DATA_CASES[arch])))
+        _REFERENCES[arch] = (first, one_process(config(model_dir, data, first, **DATA_CASES[arch])))
     first, result = _REFERENCES[arch]
     if out != first:
         shutil.copytree(first, out)
@@ -229,9 +150,9 @@ TOLERANCE = 1e-5
 def _largest_difference(two: Path, one: Path) -> float:
     worst = 0.0
     for sae_id in SAE_IDS:
-        a, b = _weights(two, sae_id), _weights(one, sae_id)
+        a, b = weights(two, sae_id), weights(one, sae_id)
         assert a.keys() == b.keys()
-        worst = max(worst, *(_relative(a[k], b[k]) for k in a))
+        worst = max(worst, *(relative(a[k], b[k]) for k in a))
     return worst
 
 
@@ -249,7 +170,9 @@ DATA_CASES = {
 def test_data_parallel_equals_one_process(tiny_model_dir, files, tmp_path, arch):
     sharded, reference = files
     extra = DATA_CASES[arch]
-    run = _torchrun(_config(tiny_model_dir, sharded, tmp_path / "two", parallel="data", **extra), tmp_path)
+    run = torchrun(
+        config(tiny_model_dir, sharded, tmp_path / "two", parallel="data", **extra), tmp_path, WORKER
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     _reference(arch, tiny_model_dir, reference, tmp_path / "one")
     difference = _largest_difference(tmp_path / "two", tmp_path / "one")
@@ -266,8 +189,8 @@ def test_data_parallel_equals_one_process(tiny_model_dir, files, tmp_path, arch)
 def test_data_parallel_without_gradient_averaging_fails_the_tolerance(tiny_model_dir, files, tmp_path):
     """The control: each replica steps on its own gradient; the run must not pass as equal."""
     sharded, reference = files
-    cfg = _config(tiny_model_dir, sharded, tmp_path / "two", parallel="data")
-    run = _torchrun(cfg, tmp_path, env={"TEST_AVERAGE_GRADIENTS": "0"})
+    cfg = config(tiny_model_dir, sharded, tmp_path / "two", parallel="data")
+    run = torchrun(cfg, tmp_path, WORKER, env={"TEST_AVERAGE_GRADIENTS": "0"})
     assert run.returncode == 0, run.stderr[-4000:]
     # The replicas diverge, and the end-of-training check says so.
     record = json.loads((tmp_path / "two.digests0.json").read_text())
@@ -285,23 +208,16 @@ def test_train_command_under_torchrun(tiny_model_dir, files, tmp_path):
     from sae_lens import SAE
 
     sharded, reference = files
-    fields = dict(
-        model=str(tiny_model_dir), hooks=list(SAE_IDS), architecture="topk", k=8, d_sae=64,
-        training_tokens=10 * BATCH, train_batch_size_tokens=BATCH, context_size=CONTEXT,
-        store_batch_size_prompts=4, lr=3e-3, activations_mixing_fraction=0.0, eval_every_n_steps=10_000,
-        n_eval_batches=1, model_dtype="float32", seed=7, device="cpu",
-    )  # fmt: skip
-    args = ["-m", "sae_lens_t5gemma_cli", "train", str(tiny_model_dir), "--parallel", "modules"]
-    for name, value in fields.items():
-        if name == "hooks":
-            args += [a for h in value for a in ("--hook", h)]
-        elif name != "model":
-            args += ["--top-k" if name == "k" else "--" + name.replace("_", "-"), str(value)]
-    args += ["--dataset", str(sharded), "--out", str(tmp_path / "two")]
-    run = _launch(args, timeout=240)
+    fields = cli_fields(tiny_model_dir)
+    args = [
+        "-m",
+        "sae_lens_t5gemma_cli",
+        *train_argv(fields, sharded, tmp_path / "two", "--parallel", "modules"),
+    ]
+    run = launch(args, timeout=240)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("parallel modules on 2 processes") == 1  # rank 0 alone reports
-    one = _one_process(
+    one = one_process(
         training.TrainConfig.from_preset(
             "recommended", **fields, dataset=str(reference), out=str(tmp_path / "one")
         )
