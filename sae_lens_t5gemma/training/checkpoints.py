@@ -216,6 +216,8 @@ class _RunnerContext:
     """The processes that train (:data:`ONE_PROCESS`, or what ``distributed.job`` records)."""
     agree: Callable[[int | None], int | None] | None = None
     """Under ``torchrun``: the stop signal any rank got (see :class:`_StopBetweenSteps`)."""
+    replica: Any = None
+    """Under ``torchrun``, data-parallel: the collectives a single-SAE runner's trainer syncs with."""
 
 
 def _record_checkpoint(runner: Any, checkpoint_path: Path | None) -> None:

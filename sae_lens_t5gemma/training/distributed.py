@@ -35,8 +35,8 @@ end bit-identical (checked before saving: :func:`verify_replicas`) and equal a o
 with the same global batch within float32 rounding (measured: at most 1.6e-6 relative over
 10 steps for standard, topk, batchtopk, matryoshka and jumprelu; 0.39 without gradient
 averaging). Covariance whitening is refused. Data-parallel runs SAELens' multi-SAE
-trainer, so it needs ``multi_hook=True`` and at least 2 hooks per stack; a normalisation it
-does not synchronise is refused by name. Rank 0 alone saves.
+trainer for several hooks and SAELens' single-SAE one for a single hook (or ``multi_hook=False``);
+a normalisation it does not synchronise is refused by name. Rank 0 alone saves.
 
 ``auto`` picks ``modules`` where every stack has at least N hooks, ``data`` otherwise.
 
@@ -76,8 +76,10 @@ if TYPE_CHECKING:
     from sae_lens_t5gemma.model.sites import Site
 
 PARALLEL_MODES = ("auto", "modules", "data")
-TIMEOUT_S = 300
-"""Collective timeout: a rank that waits longer for the others fails (and so the job)."""
+TIMEOUT_S = 1800
+"""Collective timeout: a rank that waits longer for the others fails (and so the job). A rank
+that dies is seen at once (its connections close); this bounds a rank that hangs. It is long
+because ranks legitimately wait for rank 0 while it alone runs a runner's final evals."""
 DATA_PARALLEL_NORMALISATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
 """Input normalisations data-parallel reproduces exactly: per-row ones, and the mean-norm
 estimate (averaged over ranks). Anything needing other per-rank statistics is refused."""
@@ -121,9 +123,9 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
     """The parallel mode of ``plan`` on ``world_size`` processes; refusals name the reason.
 
     Raises:
-        ValueError: a global batch not divisible by N, too few hooks per stack for modules,
-            single-hook runners (``multi_hook=False``) in either mode, or a normalisation that
-            data-parallel cannot synchronise.
+        ValueError: a global batch not divisible by N; for modules, too few hooks per stack or
+            single-hook runners (``multi_hook=False``); for data, a normalisation it cannot
+            synchronise.
     """
     cfg = plan.config
     wanted = cfg.parallel
@@ -139,11 +141,6 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
     if wanted == "auto":
         wanted = "modules" if fewest >= world_size and cfg.multi_hook else "data"
     if wanted == "data":
-        if not cfg.multi_hook or fewest < 2:
-            raise ValueError(
-                "parallel='data' drives SAELens' multi-SAE trainer: it needs multi_hook=True and at least 2 hooks "
-                f"in every stack (the fewest here: {fewest}); a single hook trains in one process"
-            )
         if cfg.normalize_activations not in DATA_PARALLEL_NORMALISATIONS:
             raise ValueError(
                 f"parallel='data' cannot synchronise normalize_activations={cfg.normalize_activations!r} exactly "
@@ -458,11 +455,12 @@ def store_state_name(ranks: Ranks) -> str:
     return f"{stem}.rank{ranks.rank}-of-{ranks.world_size}.{suffix}"
 
 
-def checkpoint_per_rank(runner: Any, plan: TrainingPlan, ranks: Ranks, whole_cfg: Any) -> None:
-    """One checkpoint folder for every rank of a multi-SAE runner (instance patches, SAELens 6.54).
+def checkpoint_per_rank(runner: Any, plan: TrainingPlan, ranks: Ranks, whole_cfg: Any, hook: str) -> None:
+    """One checkpoint folder for every rank of a runner (instance patches, SAELens 6.54).
 
-    SAELens' multi-SAE trainer writes each of its SAEs' subfolders, then calls the runner's
-    ``_save_runner_checkpoint_files``, which here writes this rank's store state
+    SAELens' trainer writes its SAEs' files, then calls the runner's checkpoint ``hook``
+    (``_save_runner_checkpoint_files`` of the multi-SAE runner, ``save_checkpoint`` of the
+    single-SAE one), which here writes this rank's store state
     (:func:`store_state_name`), waits for every rank, and on rank 0 writes the whole run's
     ``runner_cfg.json`` and the record that marks the folder complete; the store reads its
     own rank's file back on resume. The run's context records the job and agrees on stops.
@@ -487,7 +485,7 @@ def checkpoint_per_rank(runner: Any, plan: TrainingPlan, ranks: Ranks, whole_cfg
             _record_checkpoint(runner, checkpoint_path)
         barrier()
 
-    runner._save_runner_checkpoint_files = save_files
+    setattr(runner, hook, save_files)
 
 
 def verify_replicas(saes: dict[str, Any], ranks: Ranks) -> dict[str, str]:
@@ -516,21 +514,31 @@ def verify_replicas(saes: dict[str, Any], ranks: Ranks) -> dict[str, str]:
 
 
 def replicate(runner: Any, plan: TrainingPlan, ranks: Ranks) -> Collectives:
-    """Make a ``MultiSAETrainingRunner`` a data-parallel replica on this rank.
+    """Make a SAELens runner (multi-SAE, or single-SAE) a data-parallel replica on this rank.
 
     The store yields ``1/N`` of each SAE batch (this rank's shard); rank 0 alone saves, after
     :func:`verify_replicas`. The trainer-side synchronisation is applied when SAELens builds its
-    trainer (:func:`sae_lens_seams._lean_multi_sae_steps` with the returned collectives).
+    trainer (``sae_lens_seams._replicate``, with the returned collectives).
     """
     runner.activations_store.train_batch_size_tokens = plan.config.train_batch_size_tokens // ranks.world_size
-    save = runner._save_final_outputs
+    if hasattr(runner, "saes"):  # MultiSAETrainingRunner
+        save = runner._save_final_outputs
 
-    def save_on_rank_0(saes: dict[str, Any], trainer: Any) -> None:
-        verify_replicas(saes, ranks)
-        if ranks.is_main:
-            save(saes, trainer)
+        def save_on_rank_0(saes: dict[str, Any], trainer: Any) -> None:
+            verify_replicas(saes, ranks)
+            if ranks.is_main:
+                save(saes, trainer)
 
-    runner._save_final_outputs = save_on_rank_0
+        runner._save_final_outputs = save_on_rank_0
+    else:  # LanguageModelSAETrainingRunner: one site
+        save_sae = runner.save_final_sae
+
+        def save_sae_on_rank_0(sae: Any, output_path: str, log_feature_sparsity: Any = None) -> None:
+            verify_replicas({plan.sites[0].friendly: sae}, ranks)
+            if ranks.is_main:
+                save_sae(sae=sae, output_path=output_path, log_feature_sparsity=log_feature_sparsity)
+
+        runner.save_final_sae = save_sae_on_rank_0
     return Collectives(ranks, plan.config.device)
 
 
@@ -543,8 +551,15 @@ def prepare_runner(runner: Any, plan: TrainingPlan, ranks: Ranks) -> tuple[Any, 
     """
     if choose_mode(plan, ranks.world_size) == "data":
         collectives = replicate(runner, plan, ranks)
-        checkpoint_per_rank(runner, plan, ranks, runner.cfg)
+        checkpoint_per_rank(runner, plan, ranks, runner.cfg, "_save_runner_checkpoint_files")
         return None, collectives
     whole = own_modules(runner, plan, ranks)
-    checkpoint_per_rank(runner, plan, ranks, whole)
+    checkpoint_per_rank(runner, plan, ranks, whole, "_save_runner_checkpoint_files")
     return whole, None
+
+
+def prepare_single_runner(runner: Any, plan: TrainingPlan, ranks: Ranks) -> None:
+    """A single-SAE runner (one site of ``plan``) as a data-parallel replica on this rank (the only
+    mode a single hook can take: module-parallel needs N hooks)."""
+    runner.t5gemma2.replica = replicate(runner, plan, ranks)
+    checkpoint_per_rank(runner, plan, ranks, runner.cfg, "save_checkpoint")

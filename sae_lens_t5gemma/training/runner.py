@@ -184,7 +184,7 @@ def _train(
                 )
             else:
                 results.append(
-                    _train_single_sites(sub, model, dataset, keep_initial, context, start.checkpoint)
+                    _train_single_sites(sub, model, dataset, keep_initial, context, start.checkpoint, ranks)
                 )
             if context.stopped is not None and key != groups[-1][0]:
                 raise TrainingInterrupted(context.stopped, plan.out, None, sae_ids=sub.sae_ids, finished=True)
@@ -226,10 +226,12 @@ def _train_single_sites(
     keep_initial: bool,
     context: _RunnerContext,
     resume_from: Path | None = None,
+    ranks: distributed.Ranks | None = None,
     **extra: Any,
 ) -> TrainingResult:
     """One ``LanguageModelSAETrainingRunner`` per site of ``plan`` (one site when ``context`` is
-    its checkpoint key), continuing from ``resume_from`` if given."""
+    its checkpoint key), continuing from ``resume_from`` if given; under ``torchrun`` each is a
+    data-parallel replica (rank 0 saves and evaluates)."""
     runner_class = _runner_classes()[0]
     paths, evals, history, initial = {}, {}, [], {}
     for site in plan.sites:
@@ -244,9 +246,13 @@ def _train_single_sites(
         runner.evaluator = recorder  # type: ignore[assignment]
         if keep_initial:
             initial[site.friendly] = copy.deepcopy(runner.sae).cpu()
+        if ranks is not None:
+            distributed.prepare_single_runner(runner, replace(plan, sites=(site,)), ranks)
         with _quiet_runner_setup():
             runner.run()
         paths[site.friendly] = Path(runner_cfg.output_path)  # type: ignore[arg-type]
+        if ranks is not None and not ranks.is_main:
+            continue
         evals[site.friendly] = _final_eval(recorder, paths[site.friendly], plan, context.fingerprint)
         history.extend({site.friendly: h} for h in recorder.history)
     return TrainingResult(plan.out, paths, {}, evals, history, initial)
@@ -288,6 +294,15 @@ def _train_multi(
     return TrainingResult(plan.out, paths, {}, evals, list(recorder.history), initial)
 
 
+def _one_process_only() -> None:
+    """The activation-cache path runs in one process; under ``torchrun`` it is refused."""
+    if distributed.from_environment() is not None:
+        raise ValueError(
+            "an activation cache (cache_dir) is not distributed: run it in one process; under torchrun, train from "
+            "the model's activations (docs/training.md, 'Across processes and machines', says why)"
+        )
+
+
 def _check_cache_dir(plan: TrainingPlan, cache_dir: Path) -> None:
     taken = [
         s.friendly
@@ -310,9 +325,11 @@ def cache_activations(
 
     Each hook gets ``<cache_dir>/<sae id>``, a Hugging Face dataset (``datasets.load_from_disk``)
     with one column of ``[context_size, d_in]`` activations named by the hook and one of
-    token ids; ``cfg.training_tokens`` tokens each. Returns SAE id -> folder.
+    token ids; ``cfg.training_tokens`` tokens each, its rows (one per document row) saved in a
+    random order (``cfg.seed``), so that training from it mixes documents. Returns SAE id -> folder.
     """
     plan = cfg if isinstance(cfg, TrainingPlan) else plan_training(cfg)
+    _one_process_only()
     cache_dir = Path(cache_dir)
     _check_cache_dir(plan, cache_dir)
     dataset = dataset if dataset is not None else load_training_dataset(plan)
@@ -342,6 +359,7 @@ def train_from_cache(
     in-training and final evals (CE-loss and KL scores need forward passes).
     """
     plan = cfg if isinstance(cfg, TrainingPlan) else plan_training(cfg)
+    _one_process_only()
     _no_resume_from_cache(plan)
     cache_dir = Path(cache_dir)
     missing = [s.friendly for s in plan.sites if not (cache_dir / s.friendly / "dataset_info.json").exists()]
@@ -399,11 +417,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | Path | None = None, echo: An
     if cache_dir is not None:
         _no_resume_from_cache(plan)
         _check_cache_dir(plan, Path(cache_dir))
-        if distributed.from_environment() is not None:
-            raise ValueError(
-                "cache_dir (an activation cache) is not distributed: run it in one process (see docs/training.md, "
-                "'Across processes and machines', for why)"
-            )
+        _one_process_only()
     plan, ranks = _join_job(plan)  # under torchrun: the parallel mode checked, then the process group
     main = ranks is None or ranks.is_main
     with _writing_on_main(plan.out, ranks):  # a second run into the same out fails here, at once

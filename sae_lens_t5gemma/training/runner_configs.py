@@ -230,6 +230,7 @@ def build_cache_config(plan: TrainingPlan, site: Site, cache_dir: str | Path, sh
         context_size=cfg.context_size,
         new_cached_activations_path=str(cache_dir),
         seed=cfg.seed,
+        shuffle=True,  # rows (one per document row) in a random order, saved: sae_lens_seams._save_shuffled
         dtype=cfg.dtype,
         device=cfg.device,
         buffer_size_gb=(per_shard * bytes_per_token + bytes_per_token // 2) / 1e9,

@@ -14,8 +14,9 @@ and overriding a public method, passing ``override_model``/``override_dataset``,
 - :func:`_lean_multi_sae_steps`: swaps the module attribute ``multi_sae_training_runner.MultiSAETrainer``
   for the duration of a run (a patch). Why: SAELens keeps every SAE's step tensors alive until
   all SAEs have stepped (gigabytes at 18 hooks) and builds the trainer with no hook to reach it.
-- :func:`_replicate_trainer`: makes each per-SAE ``SAETrainer`` of a ``MultiSAETrainer`` a
-  data-parallel replica (instance patches of ``step``, ``_estimate_scaling_factors``, the SAE's
+- :func:`_replicate`: makes an ``SAETrainer`` (the single-SAE runner's, or each per-SAE one of a
+  ``MultiSAETrainer``: :func:`_replicate_trainer`) a data-parallel replica (instance patches of
+  ``step``, ``save_checkpoint``, the scaler's ``estimate_scaling_factor``, the SAE's
   ``activation_fn`` and ``update_topk_threshold``, plus gradient hooks). Why: SAELens'
   ``_train_step`` calls ``sae.training_forward_pass()``, so ``DistributedDataParallel`` cannot
   wrap the SAE, and the dead-feature statistics, sample counter, norm estimate and BatchTopK
@@ -23,8 +24,9 @@ and overriding a public method, passing ``override_model``/``override_dataset``,
 - :func:`_cast_multi_hook_activations`: replaces a store's ``get_multi_hook_activations`` on the
   instance (a patch). Why: the multi-hook path passes the model's dtype through.
 - :func:`_cache_runner_class`: a ``CacheActivationsRunner`` subclass whose ``__init__`` rebuilds
-  SAELens' own with the private ``_mk_activations_store`` (a patch). Why: that runner has no
-  ``override_model``.
+  SAELens' own with the private ``_mk_activations_store`` (a patch), and whose ``run`` saves the
+  shuffle (:func:`_save_shuffled`). Why: that runner has no ``override_model``, and its
+  ``shuffle=True`` is never written to disk.
 - :func:`_wandb_mode` and :func:`_quiet_runner_setup`: environment and logging only (no patch):
   SAELens runs in-training evals only in its wandb branch, and warns about overrides by design.
 
@@ -133,6 +135,8 @@ def _runner_classes() -> tuple[type, type]:
         t5gemma2: _RunnerContext
 
         def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+            if self.t5gemma2.replica is not None:  # data-parallel under torchrun
+                _replicate(trainer, self.t5gemma2.replica)
             return _fit_or_checkpoint(self, trainer)
 
         def save_checkpoint(self, checkpoint_path: Path | None) -> None:
@@ -258,69 +262,84 @@ class _GlobalBatchTopK(torch.nn.Module):
 
 
 def _replicate_trainer(multi: Any, collectives: Any) -> None:
-    """Make SAELens' ``MultiSAETrainer`` ``multi`` one data-parallel replica of N (SAELens 6.54).
+    """Make each per-SAE ``SAETrainer`` of SAELens' ``MultiSAETrainer`` ``multi`` a data-parallel replica."""
+    for trainer in multi.trainers.values():
+        _replicate(trainer, collectives)
 
-    Per SAE: parameters and buffers broadcast from rank 0; gradients averaged by one flat
-    all-reduce once every parameter's gradient has accumulated (a post-accumulate-grad hook, so
+
+def _replicate(trainer: Any, collectives: Any) -> None:
+    """Make SAELens' ``SAETrainer`` ``trainer`` one data-parallel replica of N (SAELens 6.54).
+
+    Parameters and buffers broadcast from rank 0; gradients averaged by one flat all-reduce
+    once every parameter's gradient has accumulated (a post-accumulate-grad hook, so
     ``_train_step``'s ``clip_grad_norm_`` sees the global norm); after each ``step``
     ``n_forward_passes_since_fired`` all-reduced with MIN and the step's ``act_freq_scores``
     increments with SUM, and ``n_training_samples`` counting every rank's rows; BatchTopK's
-    selection global (:class:`_GlobalBatchTopK`) and its threshold EMA fed the global minimum.
-    The norm-scaling estimate becomes the mean norm over every rank's rows.
+    selection global (:class:`_GlobalBatchTopK`) and its threshold EMA fed the global minimum;
+    the norm-scaling estimate the mean norm over every rank's rows; the SAE's checkpoint files
+    written by rank 0 alone (the runner's own checkpoint files still on every rank).
     """
     from sae_lens.saes.batchtopk_sae import BatchTopK
 
-    n = collectives.world_size
-    for trainer in multi.trainers.values():
-        sae = trainer.sae
-        with torch.no_grad():
-            collectives.broadcast_(list(sae.state_dict().values()))
-        params = [p for p in sae.parameters() if p.requires_grad]
-        arrived: list[torch.nn.Parameter] = []
+    sae = trainer.sae
+    with torch.no_grad():
+        collectives.broadcast_(list(sae.state_dict().values()))
+    params = [p for p in sae.parameters() if p.requires_grad]
+    arrived: list[torch.nn.Parameter] = []
 
-        def grad_ready(p: torch.nn.Parameter, params: list = params, arrived: list = arrived) -> None:
-            arrived.append(p)
-            if len(arrived) == len(params):
-                arrived.clear()
-                with torch.no_grad():
-                    collectives.average_([q.grad for q in params])
+    def grad_ready(p: torch.nn.Parameter) -> None:
+        arrived.append(p)
+        if len(arrived) == len(params):
+            arrived.clear()
+            with torch.no_grad():
+                collectives.average_([q.grad for q in params])
 
-        for p in params:
-            p.register_post_accumulate_grad_hook(grad_ready)
+    for p in params:
+        p.register_post_accumulate_grad_hook(grad_ready)
 
-        def check_all_arrived(optimizer: Any, args: Any, kwargs: Any, arrived: list = arrived) -> None:
-            if arrived:  # some parameter got no gradient: the average never ran
-                raise RuntimeError(
-                    f"data-parallel: {len(arrived)} of the SAE's parameters got gradients this step, not all; "
-                    "the gradient average did not run"
-                )
+    def check_all_arrived(optimizer: Any, args: Any, kwargs: Any) -> None:
+        if arrived:  # some parameter got no gradient: the average never ran
+            raise RuntimeError(
+                f"data-parallel: {len(arrived)} of the SAE's parameters got gradients this step, not all; "
+                "the gradient average did not run"
+            )
 
-        trainer.optimizer.register_step_pre_hook(check_all_arrived)
-        if not collectives.ranks.is_main:
-            # The replicas are identical: rank 0 alone writes the SAEs' checkpoint subfolders.
-            trainer.save_checkpoint = _saved_by_rank_0
-        if isinstance(sae.activation_fn, BatchTopK):
-            sae.activation_fn = _GlobalBatchTopK(sae.activation_fn, collectives)
-        if hasattr(sae, "update_topk_threshold"):
-            sae.update_topk_threshold = _global_threshold_update(sae, collectives)
-        trainer.step = _synced_step(trainer, collectives, n)
+    trainer.optimizer.register_step_pre_hook(check_all_arrived)
+    if not collectives.ranks.is_main:
+        trainer.save_checkpoint = _runner_files_only(trainer)
+    if isinstance(sae.activation_fn, BatchTopK):
+        sae.activation_fn = _GlobalBatchTopK(sae.activation_fn, collectives)
+    if hasattr(sae, "update_topk_threshold"):
+        sae.update_topk_threshold = _global_threshold_update(sae, collectives)
+    trainer.step = _synced_step(trainer, collectives, collectives.world_size)
+    scaler = trainer.activation_scaler
+    estimate = scaler.estimate_scaling_factor
 
-    estimate = multi._estimate_scaling_factors
+    def estimate_over_ranks(d_in: int, data_provider: Any, n_batches_for_norm_estimate: int) -> None:
+        estimate(
+            d_in=d_in, data_provider=data_provider, n_batches_for_norm_estimate=n_batches_for_norm_estimate
+        )
+        root_d = d_in**0.5
+        scaler.scaling_factor = root_d / collectives.mean(root_d / scaler.scaling_factor)
 
-    def estimate_over_ranks() -> None:
-        before = {name: t.activation_scaler.scaling_factor for name, t in multi.trainers.items()}
-        estimate()
-        for name, t in multi.trainers.items():
-            scaler = t.activation_scaler
-            if before[name] is None and scaler.scaling_factor is not None:
-                root_d = multi.saes[name].cfg.d_in ** 0.5
-                scaler.scaling_factor = root_d / collectives.mean(root_d / scaler.scaling_factor)
-
-    multi._estimate_scaling_factors = estimate_over_ranks
+    scaler.estimate_scaling_factor = estimate_over_ranks
 
 
-def _saved_by_rank_0(*args: Any, **kwargs: Any) -> None:
-    return None
+def _runner_files_only(trainer: Any) -> Any:
+    """``SAETrainer.save_checkpoint`` on a replica other than rank 0: the SAE's files are rank 0's
+    (the replicas are identical); the runner's own files (``save_checkpoint_fn``: this rank's
+    store state, and the wait for the others) are still written."""
+
+    def save_checkpoint(checkpoint_name: str, base_path: Any = None, wandb_aliases: Any = None) -> None:
+        if trainer.save_checkpoint_fn is None:  # a MultiSAETrainer's per-SAE trainer: nothing of its own
+            return
+        base = base_path if base_path is not None else trainer.cfg.checkpoint_path
+        path = Path(base) / checkpoint_name if base is not None else None
+        if path is not None:
+            path.mkdir(exist_ok=True, parents=True)
+        trainer.save_checkpoint_fn(checkpoint_path=path)
+
+    return save_checkpoint
 
 
 def _synced_step(trainer: Any, collectives: Any, n: int) -> Any:
@@ -367,7 +386,7 @@ def _cache_runner_class():
         SAELens' runner has no ``override_model`` and loads its model with ``load_model``,
         which knows only TransformerLens and causal-LM classes. This subclass takes the
         hooked model and otherwise builds exactly what SAELens' ``__init__`` builds; ``run``
-        (sharding, consolidation, shuffling) is SAELens' own.
+        (sharding, consolidation, shuffling) is SAELens' own, followed by :func:`_save_shuffled`.
         """
 
         def __init__(self, cfg: Any, model: Any, override_dataset: Any = None):
@@ -384,4 +403,35 @@ def _cache_runner_class():
                 }
             )
 
+        def run(self) -> Any:
+            dataset = super().run()
+            if self.cfg.shuffle:
+                dataset = _save_shuffled(dataset, Path(self.cfg.new_cached_activations_path))
+            return dataset
+
     return T5Gemma2CacheActivationsRunner
+
+
+def _save_shuffled(dataset: Any, folder: Path) -> Any:
+    """Write the rows of a cache in the shuffled order SAELens' ``run`` returns (SAELens 6.54).
+
+    With ``shuffle=True``, ``CacheActivationsRunner.run`` shuffles the dataset after saving it,
+    which only attaches an index mapping to the returned object: the folder keeps harvest order,
+    and a run with ``use_cached_activations=True`` reads it in that order (training from a
+    "shuffled" cache was bit-identical to an unshuffled one). So the shuffled rows are saved
+    to a sibling folder, which then replaces the cache (the disk briefly holds it twice).
+    """
+    import shutil
+
+    import datasets
+
+    staged = folder.with_name(folder.name + ".shuffling")
+    harvest_order = folder.with_name(folder.name + ".harvest-order")
+    for leftover in (staged, harvest_order):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    dataset.save_to_disk(str(staged))
+    folder.rename(harvest_order)
+    staged.rename(folder)
+    shutil.rmtree(harvest_order)
+    return datasets.load_from_disk(str(folder))

@@ -101,8 +101,11 @@ def test_refusals_name_the_reason(tiny_model_dir, files, tmp_path):
     data = replace(plan, config=replace(plan.config, parallel="data"))
     assert distributed.choose_mode(data, 2) == "data"
     assert distributed.choose_mode(plan, 4) == "data"  # auto: fewer hooks than ranks
-    single = replace(data, config=replace(data.config, multi_hook=False))
-    with pytest.raises(ValueError, match="parallel='data'.*multi_hook=True"):
+    assert distributed.choose_mode(replace(data, config=replace(data.config, multi_hook=False)), 2) == "data"
+    single = replace(modules, config=replace(modules.config, multi_hook=False))
+    with pytest.raises(
+        ValueError, match="parallel='modules' shares one forward among SAEs: it needs multi_hook=True"
+    ):
         distributed.choose_mode(single, 2)
     whitened = replace(data, config=replace(data.config, normalize_activations="covariance_whitening"))
     with pytest.raises(ValueError, match="cannot synchronise normalize_activations='covariance_whitening'"):
@@ -181,6 +184,25 @@ def test_data_parallel_equals_one_process(tiny_model_dir, files, tmp_path, arch)
     # Replicas bit-identical at the end (sha256 of every SAE's state on each rank).
     digests = [json.loads((tmp_path / f"two.digests{r}.json").read_text())["digests"] for r in (0, 1)]
     assert digests[0] == digests[1] and digests[0].keys() == set(SAE_IDS)
+    names = lambda p: sorted(str(q.relative_to(p)) for q in p.rglob("*") if ".lock" not in q.name)  # noqa: E731
+    assert names(tmp_path / "two") == names(tmp_path / "one")
+
+
+@pytest.mark.slow  # one torchrun job and a one-process run, about 15 s
+def test_a_single_hook_trains_data_parallel(tiny_model_dir, files, tmp_path):
+    """One hook (fewer than the ranks, so ``auto`` picks data): SAELens' single-SAE runner, its
+    trainer a replica on each rank; BatchTopK with the norm estimate, against one process."""
+    sharded, reference = files
+    extra = dict(hooks=["encoder.1.attn_out"], architecture="batchtopk")
+    run = torchrun(config(tiny_model_dir, sharded, tmp_path / "two", **extra), tmp_path, WORKER)
+    assert run.returncode == 0, run.stderr[-4000:]
+    one_process(config(tiny_model_dir, reference, tmp_path / "one", **extra))
+    a, b = weights(tmp_path / "two", "encoder.1.attn_out"), weights(tmp_path / "one", "encoder.1.attn_out")
+    difference = max(relative(a[k], b[k]) for k in b)
+    print(f"single hook, batchtopk: largest relative difference {difference:.2e}")
+    assert a.keys() == b.keys() and difference <= TOLERANCE, difference
+    digests = [json.loads((tmp_path / f"two.digests{r}.json").read_text())["digests"] for r in (0, 1)]
+    assert digests[0] == digests[1] and list(digests[0]) == ["encoder.1.attn_out"]
     names = lambda p: sorted(str(q.relative_to(p)) for q in p.rglob("*") if ".lock" not in q.name)  # noqa: E731
     assert names(tmp_path / "two") == names(tmp_path / "one")
 

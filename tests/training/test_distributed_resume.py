@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 
 import pytest
 import torch
@@ -69,22 +68,22 @@ def _worker(tmp_path, text: str, name: str) -> str:
     return str(script)
 
 
-def _uninterrupted(tiny_model_dir, reference, tmp_path) -> dict:
+def _uninterrupted(tiny_model_dir, reference, tmp_path, hooks=SAE_IDS) -> dict:
     """The uninterrupted run: a one-process run on the interleaved data equals either mode's
     (bit for bit for modules, within 1e-5 for data: tests/training/test_distributed.py)."""
-    fields = cli_fields(tiny_model_dir)
+    fields = {**cli_fields(tiny_model_dir), "hooks": list(hooks)}
     cfg = training.TrainConfig.from_preset(
         "recommended", **fields, dataset=str(reference), out=str(tmp_path / "one")
     )
     return one_process(cfg).saes
 
 
-def _close_to(out, whole: dict) -> list[tuple[float, float]]:
+def _close_to(out, whole: dict, sae_ids=SAE_IDS) -> list[tuple[float, float]]:
     """Per SAE: (mean cosine of the decoder rows, relative difference of W_dec) against ``whole``."""
     from sae_lens import SAE
 
     found = []
-    for sae_id in SAE_IDS:
+    for sae_id in sae_ids:
         resumed = SAE.load_from_disk(str(out / sae_id)).state_dict()["W_dec"]
         base = whole[sae_id].state_dict()["W_dec"]
         cosine = torch.nn.functional.cosine_similarity(resumed, base, dim=1).mean().item()
@@ -92,73 +91,85 @@ def _close_to(out, whole: dict) -> list[tuple[float, float]]:
     return found
 
 
-def test_a_signal_to_one_rank_checkpoints_both_and_resume_continues(tiny_model_dir, files, tmp_path, capsys):
+MULTI_FILES = ["activations_store_state.rank0-of-2.safetensors", "activations_store_state.rank1-of-2.safetensors",
+               *SAE_IDS, "runner_cfg.json", "t5gemma2_checkpoint.json"]  # fmt: skip
+SINGLE_FILES = ["activation_scaler.json", "activations_store_state.rank0-of-2.safetensors",
+                "activations_store_state.rank1-of-2.safetensors", "cfg.json", "runner_cfg.json",
+                "sae_weights.safetensors", "sparsity.safetensors", "t5gemma2_checkpoint.json",
+                "trainer_state.pt"]  # fmt: skip
+CASES = {
+    # Two hooks, module-parallel: one MultiSAETrainingRunner, each SAE's subfolder by its owner.
+    "modules": dict(hooks=SAE_IDS, key="multi-encoder", files=MULTI_FILES, subfolders=SAE_IDS),
+    # One hook, data-parallel: the single-SAE runner; rank 0 writes the SAE, each rank its store state.
+    "data, one hook": dict(hooks=SAE_IDS[1:], key=SAE_IDS[1], files=SINGLE_FILES, subfolders=("",)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_signal_to_one_rank_checkpoints_both_and_resume_continues(
+    tiny_model_dir, files, tmp_path, capsys, case
+):
     sharded, reference = files
-    fields, out = cli_fields(tiny_model_dir), tmp_path / "two"
+    hooks, key = CASES[case]["hooks"], CASES[case]["key"]
+    mode = case.split(",")[0]
+    fields, out = {**cli_fields(tiny_model_dir), "hooks": list(hooks)}, tmp_path / "two"
     worker = _worker(tmp_path, SIGNALLING_WORKER, "signalling.py")
-    args = train_argv(fields, sharded, out, "--parallel", "modules")
+    args = train_argv(fields, sharded, out, "--parallel", mode)
     run = launch([worker, *args], timeout=240, env={"TEST_SIGNAL_RANK": "1", "TEST_SIGNAL_AT": "15"})
     assert run.returncode != 0
     # Both ranks stopped before the 5th training batch: 4 steps of the global batch.
-    ckpt = out / "checkpoints" / "multi-encoder" / str(4 * BATCH)
+    ckpt = out / "checkpoints" / key / str(4 * BATCH)
     line = (
-        f"terminated (SIGTERM): train stopped; {', '.join(SAE_IDS)} stopped after {4 * BATCH:,} of {10 * BATCH:,} "
+        f"terminated (SIGTERM): train stopped; {', '.join(hooks)} stopped after {4 * BATCH:,} of {10 * BATCH:,} "
         f"tokens; checkpoint {ckpt} "
     )
     assert run.stderr.count(line) == 1, run.stderr[-4000:]  # rank 0 speaks for the job
-    # One folder: each SAE written by its owner, each rank's store state, rank 0's record and runner config.
-    assert sorted(p.name for p in ckpt.iterdir()) == [
-        "activations_store_state.rank0-of-2.safetensors",
-        "activations_store_state.rank1-of-2.safetensors",
-        *SAE_IDS,
-        "runner_cfg.json",
-        "t5gemma2_checkpoint.json",
-    ]
+    # One folder: the SAEs' files, each rank's store state, rank 0's record and runner config.
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(CASES[case]["files"])
     record = json.loads((ckpt / "t5gemma2_checkpoint.json").read_text())
-    assert record["processes"] == {"world_size": 2, "parallel": "modules"}
-    assert record["n_training_samples"] == 4 * BATCH and record["sae_ids"] == list(SAE_IDS)
-    assert sorted(json.loads((ckpt / "runner_cfg.json").read_text())["saes"]) == list(SAE_IDS)
-    for sae_id in SAE_IDS:
-        state = torch.load(ckpt / sae_id / "trainer_state.pt", weights_only=False)
+    assert record["processes"] == {"world_size": 2, "parallel": mode}
+    assert record["n_training_samples"] == 4 * BATCH and record["sae_ids"] == list(hooks)
+    for sub in CASES[case]["subfolders"]:
+        state = torch.load(ckpt / sub / "trainer_state.pt", weights_only=False)
         assert (state["n_training_steps"], state["n_training_samples"]) == (4, 4 * BATCH)
     assert not list(out.glob("*/eval_metrics.json"))
 
     # Resumed by another kind of job: refused by name, before any model loads.
     assert main([*args, "--resume"]) == 2
     assert (
-        f"error: --resume: checkpoint {ckpt} was written by 2 processes (parallel modules); this run has one "
-        "process. Each process continues its own shard of the data: resume with torchrun --nproc_per_node 2 ... "
-        "--parallel modules"
+        f"error: --resume: checkpoint {ckpt} was written by 2 processes (parallel {mode}); this run has one "
+        f"process. Each process continues its own shard of the data: resume with torchrun --nproc_per_node 2 ... "
+        f"--parallel {mode}"
     ) in capsys.readouterr().err
+    other = {"world_size": 2, "parallel": "data" if mode == "modules" else "modules"}
     plan = training.plan_training(
         training.TrainConfig.from_preset(
             "recommended", **fields, dataset=str(sharded), out=str(out), resume=True
         )
     )
-    with pytest.raises(
-        ValueError,
-        match=r"written by 2 processes \(parallel modules\); this run has 2 processes \(parallel data\)",
-    ):
-        checkpoints._prepare_out(replace(plan), {"world_size": 2, "parallel": "data"})
+    with pytest.raises(ValueError, match=rf"this run has 2 processes \(parallel {other['parallel']}\)"):
+        checkpoints._prepare_out(plan, other)
 
     # The same command with --resume under torchrun continues from the checkpoint.
     run = launch(["-m", "sae_lens_t5gemma_cli", *args, "--resume"], timeout=240)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.count(f"resume   multi-encoder: from {ckpt}") == 1
-    assert all((out / s / "eval_metrics.json").is_file() for s in SAE_IDS)
-    close = _close_to(out, _uninterrupted(tiny_model_dir, reference, tmp_path))
-    print("modules, resumed against uninterrupted (mean cosine, relative W_dec difference):", close)
+    assert run.stdout.count(f"resume   {key}: from {ckpt}") == 1
+    assert all((out / s / "eval_metrics.json").is_file() for s in hooks)
+    close = _close_to(out, _uninterrupted(tiny_model_dir, reference, tmp_path, hooks), hooks)
+    print(f"{case}, resumed against uninterrupted (mean cosine, relative W_dec difference):", close)
     # The resumed run skips the rows its store had harvested but not trained on (SAELens saves the
-    # store's position, not its buffer), so it is near the uninterrupted run, not equal. Measured:
-    # mean cosine 0.999 and 0.998, W_dec within 4.7% and 5.6%. The control, another seed, is far.
+    # store's position, not its buffer), so it is near the uninterrupted run, not equal. Measured
+    # (modules): mean cosine 0.999 and 0.998, W_dec within 4.7% and 5.6%. The control, another
+    # seed, is far.
     for cosine, difference in close:
         assert cosine > 0.99 and 0 < difference < 0.2, close
-    other = training.TrainConfig.from_preset(
-        "recommended", **{**fields, "seed": 8}, dataset=str(reference), out=str(tmp_path / "seed8")
-    )
-    far = _close_to(out, one_process(other).saes)
-    print("control, another seed:", far)
-    assert all(cosine < 0.5 and difference > 0.5 for cosine, difference in far), far
+    if mode == "modules":
+        other_seed = training.TrainConfig.from_preset(
+            "recommended", **{**fields, "seed": 8}, dataset=str(reference), out=str(tmp_path / "seed8")
+        )
+        far = _close_to(out, one_process(other_seed).saes, hooks)
+        print("control, another seed:", far)
+        assert all(cosine < 0.5 and difference > 0.5 for cosine, difference in far), far
 
 
 def test_a_rank_killed_while_checkpointing_leaves_no_complete_folder_and_resume_continues(

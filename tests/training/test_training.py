@@ -368,6 +368,43 @@ def test_cache_activations_then_train_from_the_cache(model, tiny_model_dir, data
         training.cache_activations(cfg, tmp_path / "cache", model=model)
 
 
+def test_the_cache_is_saved_shuffled_and_training_reads_it_so(model, tiny_model_dir, data, tmp_path):
+    """SAELens' ``shuffle=True`` shuffles a view it never saves; the cache here is saved in the
+    shuffled order (a permutation of harvest order by ``seed``), and training from it differs
+    from training from the harvest order (before: bit-identical)."""
+    from sae_lens_t5gemma.training.data import load_training_dataset
+    from sae_lens_t5gemma.training.runner_configs import build_cache_config
+
+    cfg = small(tiny_model_dir, data["txt"], tmp_path / "out", training_tokens=20 * BATCH_TOKENS)
+    plan = training.plan_training(cfg)
+    site = plan.sites[0]
+    shuffled = datasets.load_from_disk(
+        str(training.cache_activations(plan, tmp_path / "cache", model=model)[HOOK])
+    )
+    assert not (tmp_path / "cache" / f"{HOOK}.shuffling").exists()
+    assert not (tmp_path / "cache" / f"{HOOK}.harvest-order").exists()
+    # The same harvest, unshuffled (SAELens' runner with shuffle off).
+    unshuffled_cfg = build_cache_config(plan, site, tmp_path / "harvest" / HOOK)
+    unshuffled_cfg.shuffle = False
+    with model.fed(cfg.convention, plan.split):
+        runner = sae_lens_seams._cache_runner_class()
+        runner(unshuffled_cfg, model, override_dataset=load_training_dataset(plan)).run()
+    harvest = datasets.load_from_disk(str(tmp_path / "harvest" / HOOK))
+    rows = lambda d: [tuple(r) for r in d["token_ids"]]  # noqa: E731
+    assert sorted(rows(shuffled)) == sorted(rows(harvest)) and rows(shuffled) != rows(harvest)
+    assert rows(shuffled) == rows(harvest.shuffle(seed=cfg.seed))  # the permutation SAELens drew
+    a = shuffled.with_format("torch")[0][HOOK_NAME]
+    b = harvest.with_format("torch")[harvest["token_ids"].index(shuffled["token_ids"][0])][HOOK_NAME]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # activations moved with their tokens
+    # Training reads the saved order: the SAE differs from one trained on the harvest order.
+    one = training.train_from_cache(cfg, tmp_path / "cache", model=model).saes[HOOK]
+    two = training.train_from_cache(
+        replace(cfg, out=str(tmp_path / "out2")), tmp_path / "harvest", model=model
+    )
+    difference = (one.W_dec - two.saes[HOOK].W_dec).norm() / two.saes[HOOK].W_dec.norm()
+    assert difference > 0.01, float(difference)
+
+
 # ----------------------------------------------------------------- evals, save, load
 
 
