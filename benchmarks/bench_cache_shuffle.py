@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         model, model_dir, data = _setup(tmp_path, args.threads)
-        cfg = _config(model_dir, data, tmp_path / "out", hooks=[HOOK], training_tokens=args.tokens, context_size=512)
+        cfg = _config(
+            model_dir, data, tmp_path / "out", hooks=[HOOK], training_tokens=args.tokens, context_size=512
+        )
         size = 0
         for i in range(args.repeats):
             for name in times:
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "seconds": times,
         "median_s": medians,
-        "ratio_saved_shuffled_over_harvest_order": medians["saved shuffled"] / medians["harvest order (SAELens)"],
+        "ratio_saved_shuffled_over_harvest_order": medians["saved shuffled"]
+        / medians["harvest order (SAELens)"],
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_cache_shuffle.json").write_text(json.dumps(result, indent=1))

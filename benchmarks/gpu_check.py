@@ -10,7 +10,9 @@ Steps, each a subprocess with its own time limit, run in this order:
    port, in float32, bfloat16 and float16) with ``SAE_LENS_T5GEMMA_TEST_DEVICE=DEVICE``;
 4. ``bench_precision``: harvest speed and activation difference, float32 against bfloat16;
 5. ``bench_training``: end-to-end training of one SAE (harvest + SAE step), model float32
-   against the default ``auto``.
+   against the default ``auto``;
+6. ``bench_distributed``: ``train`` under ``torchrun`` with nccl, tokens/s and memory per rank
+   for N = 1 and, on a machine with 2 GPUs or more, N = 2 in both modes.
 
 ``--dry-run`` runs every step on the CPU at its smallest size (the demo's load and
 hook-and-steer sections, the tests of the bfloat16 branch only, the benchmarks' ``--quick``
@@ -86,7 +88,10 @@ def steps(device: str, dry_run: bool, out: Path) -> list[tuple[str, list[str], i
     ]
     training = [py, "benchmarks/bench_training.py", "--only", "one", "--model-dtypes", "float32,auto",
                 "--device", device, "--out", str(out / "bench_training.json")]  # fmt: skip
+    distributed = [py, "benchmarks/bench_distributed.py", "--device", device,
+                   "--out", str(out / "bench_distributed.json")]  # fmt: skip
     if dry_run:
+        distributed.append("--quick")
         demo += ["--sections", "load,hook_and_steer"]
         tests += ["-k", "bfloat16"]
         precision.append("--quick")
@@ -97,6 +102,7 @@ def steps(device: str, dry_run: bool, out: Path) -> list[tuple[str, list[str], i
         ("tests", tests, 180),
         ("bench_precision", precision, 150),
         ("bench_training", training, 150),
+        ("bench_distributed", distributed, 240),
     ]
 
 

@@ -386,7 +386,7 @@ class Collectives:
 
         if not tensors:
             return
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(self.device)
         dist.broadcast(flat, src=0)
         _unflatten_into(flat, tensors)
 
@@ -396,7 +396,7 @@ class Collectives:
 
         if not AVERAGE_GRADIENTS:
             return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(self.device)
         dist.all_reduce(flat)
         flat /= self.world_size
         _unflatten_into(flat, tensors)

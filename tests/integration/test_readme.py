@@ -6,8 +6,10 @@ and in one scratch folder:
 - each ```python block runs in one namespace shared by the page's blocks;
 - each ```bash block whose first command is ``sae-lens-t5gemma`` runs command by command
   through ``cli.main`` (every line of such a block must be a ``sae-lens-t5gemma`` command), with
-  ``--stand-in`` added where the subcommand has that flag; other bash blocks (``make``,
-  ``pip``) are set-up, not this package's commands, and are not run.
+  ``--stand-in`` added where the subcommand has that flag;
+- each ```bash block whose first command is ``torchrun ... -m sae_lens_t5gemma_cli`` runs as a
+  real ``torchrun`` job (``python -m torch.distributed.run``, on 127.0.0.1, with a timeout);
+- other bash blocks (``make``, ``pip``) are set-up, not this package's commands, and are not run.
 
 Everything runs inside a throwaway hub cache served offline that holds the stand-ins under the
 real repo ids (T5Gemma 2 270m, the 36 mindchain SAEs, Gemma 3 270m and Gemma Scope 2), and the
@@ -59,6 +61,10 @@ class Block:
     def is_cli(self) -> bool:
         return self.lang == "bash" and next(iter(commands(self.body)), "").startswith(CLI)
 
+    @property
+    def is_torchrun(self) -> bool:
+        return self.lang == "bash" and next(iter(commands(self.body)), "").startswith("torchrun ")
+
 
 def blocks(page: Path) -> list[Block]:
     """The page's fenced code blocks, in order, each with the opt-out reason above it (if any)."""
@@ -105,6 +111,31 @@ def run_cli(command: str) -> None:
     assert rc == 0, f"`{command}` (run as {argv}) exited {rc}"
 
 
+def run_torchrun(command: str) -> None:
+    """One ``torchrun ... -m sae_lens_t5gemma_cli ...`` line as a real job: ``python -m
+    torch.distributed.run`` on 127.0.0.1 (a free port), the hub settings passed in the environment."""
+    import socket
+    import subprocess
+    import sys
+
+    argv = shlex.split(command)
+    assert argv[0] == "torchrun" and "sae_lens_t5gemma_cli" in argv, f"not a torchrun train job: {command}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+    ]
+    done = subprocess.run([*cmd, *argv[1:]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
+
+
 def write_user_files(folder: Path) -> None:
     """The files the pages call the user's own: documents of four stand-in sentences each."""
     texts = synthetic.stand_in_texts()
@@ -131,6 +162,9 @@ def run_blocks(selected: list[Block], namespace: dict) -> list[Block]:
         elif block.is_cli:
             for command in commands(block.body):
                 run_cli(command)
+        elif block.is_torchrun:
+            for command in commands(block.body):
+                run_torchrun(command)
         else:
             continue
         ran.append(block)
@@ -178,7 +212,7 @@ def test_page_blocks_run_as_written(page, docs_hub, scratch, capsys):
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     with synthetic.offline_hub(docs_hub):
         ran = run_blocks(blocks(page), namespace)
-    runnable = [b for b in blocks(page) if b.lang == "python" or b.is_cli]
+    runnable = [b for b in blocks(page) if b.lang == "python" or b.is_cli or b.is_torchrun]
     assert len(ran) == len([b for b in runnable if b.skip_reason is None])
     CHECKS.get(page.name, lambda ns, out: None)(namespace, capsys.readouterr().out)
 
