@@ -56,13 +56,14 @@ train(TrainConfig(**json.loads(sys.argv[1])))
 
 
 FAILING_WORKER = """
-import json, os, sys
-from sae_lens_t5gemma.training import TrainConfig, runner, train
+import os, sys
+from sae_lens_t5gemma.cli.main import main
+from sae_lens_t5gemma.training import runner
 if os.environ["RANK"] == "1":
     def broken(plan):
         raise RuntimeError("rank 1 cannot load its model")
     runner._load_model = broken
-train(TrainConfig(**json.loads(sys.argv[1])))
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -121,13 +122,25 @@ def test_refusals_name_the_reason(tiny_model_dir, files, tmp_path):
 
 @pytest.mark.slow
 def test_failing_rank_brings_the_job_down(tiny_model_dir, files, tmp_path):
-    """Rank 1 refuses its model (no such folder): the job ends with an error, soon, not a hang."""
+    """Rank 1 fails to load its model (``train`` on the command line): the job ends soon, not in a
+    hang, with rank 1's error printed once (rank 0 is stopped by torchrun, or says in one line that
+    another process failed), and no SAE folder looks finished."""
+    import time
+
     sharded, _ = files
-    cfg = config(tiny_model_dir, sharded, tmp_path / "out", parallel="modules")
-    run = torchrun(cfg, tmp_path, timeout=200, worker=FAILING_WORKER)
-    assert run.returncode != 0
-    assert run.stderr.count("rank 1 cannot load its model") >= 1
-    assert not (tmp_path / "out" / "encoder.0.attn_out" / "eval_metrics.json").exists()
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_WORKER)
+    started = time.monotonic()
+    args = train_argv(cli_fields(tiny_model_dir), sharded, tmp_path / "out", "--parallel", "modules")
+    run = launch([str(script), *args], timeout=200)
+    took = time.monotonic() - started
+    print(f"failing rank: the job ended after {took:.0f} s")
+    assert run.returncode != 0 and took < 120
+    assert run.stderr.count("error: rank 1: RuntimeError: rank 1 cannot load its model") == 1, run.stderr[
+        -3000:
+    ]
+    assert run.stderr.count("cannot load its model") == 1  # no second report from rank 0
+    assert not list((tmp_path / "out").glob("*/eval_metrics.json"))
 
 
 _REFERENCES: dict[str, tuple[Path, training.TrainingResult]] = {}
