@@ -54,8 +54,19 @@ def _merge(plan: TrainingPlan, results: list[TrainingResult]) -> TrainingResult:
     return merged
 
 
-def _finish(plan: TrainingPlan, result: TrainingResult) -> TrainingResult:
+def _finish(
+    plan: TrainingPlan, result: TrainingResult, processes: dict[str, Any] | None = None
+) -> TrainingResult:
+    """Load the saved SAEs back, write ``training_summary.json`` and the release YAML.
+
+    ``processes``: the ``torchrun`` job that trained (``distributed.job``), recorded in the
+    summary with where its final evals read their data; one process when None.
+    """
     from sae_lens import SAE
+
+    processes = dict(processes or {"world_size": 1, "parallel": None})
+    if processes["world_size"] > 1:
+        processes["final_evals"] = "on rank 0, on batches of its shard of the documents"
 
     result.saes = {k: SAE.load_from_disk(p, device=plan.config.device) for k, p in result.paths.items()}
     result.convention = "; ".join(
@@ -69,6 +80,7 @@ def _finish(plan: TrainingPlan, result: TrainingResult) -> TrainingResult:
         "saes": {k: str(p) for k, p in result.paths.items()},
         "eval_metrics": result.eval_metrics,
         "convention": {s.friendly: plan.convention_metadata(s.stack) for s in plan.sites},
+        "processes": processes,
         "note": "Metrics over covered positions only (sae_lens_t5gemma.analysis.evaluation); CE/KL scored on the "
         "continuation under prefix_lm, on a copy task under reconstruct.",
     }

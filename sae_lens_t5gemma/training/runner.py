@@ -193,7 +193,7 @@ def _train(
             gc.collect()
     if ranks is not None and not ranks.is_main:
         return _merge(plan, results)  # rank 0 writes the summary and the release
-    return _finish(plan, _merge(plan, results))
+    return _finish(plan, _merge(plan, results), distributed.job(plan, ranks))
 
 
 def _join_job(plan: TrainingPlan) -> tuple[TrainingPlan, distributed.Ranks | None]:

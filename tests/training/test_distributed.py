@@ -88,6 +88,18 @@ def test_module_parallel_equals_one_process_bit_for_bit(tiny_model_dir, files, t
     names = lambda p: sorted(str(q.relative_to(p)) for q in p.rglob("*") if ".lock" not in q.name)  # noqa: E731
     assert names(tmp_path / "two") == names(tmp_path / "one")
     assert one.paths.keys() == {"encoder.0.attn_out", "encoder.1.attn_out"}
+    # runner_cfg.json names every SAE, as one process's does; the summary records the job.
+    runner_two = json.loads((tmp_path / "two" / "runner_cfg.json").read_text())
+    runner_one = json.loads((tmp_path / "one" / "runner_cfg.json").read_text())
+    assert (
+        runner_two["hook_names"] == runner_one["hook_names"]
+        and runner_two["saes"].keys() == runner_one["saes"].keys()
+    )
+    summary = lambda p: json.loads((p / "training_summary.json").read_text())["processes"]  # noqa: E731
+    assert summary(tmp_path / "one") == {"world_size": 1, "parallel": None}
+    assert summary(tmp_path / "two") == {
+        "world_size": 2, "parallel": "modules", "final_evals": "on rank 0, on batches of its shard of the documents"
+    }  # fmt: skip
 
 
 def test_refusals_name_the_reason(tiny_model_dir, files, tmp_path):
