@@ -1,6 +1,7 @@
 """``train`` under ``torchrun`` (sae_lens_t5gemma.training.distributed): 2 CPU processes, gloo.
 
-Module-parallel against a one-process run with the same global batch (bit for bit), also
+Module-parallel against a one-process run with the same global batch (bit for bit, standard,
+topk, batchtopk, matryoshka and jumprelu), also
 through the ``train`` command line; data-parallel against the same one-process run (standard,
 topk, batchtopk, matryoshka and jumprelu within 1e-5 relative in float32 over these 10 steps),
 its no-sync control failing that tolerance,
@@ -67,13 +68,17 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow  # two torchrun jobs and a reference run: about 70 s together
-def test_module_parallel_equals_one_process_bit_for_bit(tiny_model_dir, files, tmp_path):
+@pytest.mark.slow  # per architecture: one torchrun job and a one-process run, about 15 s
+@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "matryoshka", "jumprelu"])
+def test_module_parallel_equals_one_process_bit_for_bit(tiny_model_dir, files, tmp_path, arch):
     sharded, reference = files
-    run = torchrun(config(tiny_model_dir, sharded, tmp_path / "two", parallel="modules"), tmp_path, WORKER)
+    extra = DATA_CASES[arch]
+    run = torchrun(
+        config(tiny_model_dir, sharded, tmp_path / "two", parallel="modules", **extra), tmp_path, WORKER
+    )
     assert run.returncode == 0, run.stderr[-4000:]
 
-    one = _reference("topk", tiny_model_dir, reference, tmp_path / "one")
+    one = _reference(arch, tiny_model_dir, reference, tmp_path / "one")
 
     for sae_id in ("encoder.0.attn_out", "encoder.1.attn_out"):
         a, b = weights(tmp_path / "two", sae_id), weights(tmp_path / "one", sae_id)
