@@ -121,10 +121,13 @@ def _job_line(e: BaseException, line: str) -> str:
     return peer if peer is not None else f"rank {rank}: {line}"
 
 
-def _leave_together() -> None:
-    """Under ``torchrun``, every rank waits for the others before it exits: torchrun stops the
-    whole job as soon as one rank exits with a failure code (an interrupted run's 130/143)."""
-    if _rank() is None:
+def _leave_together(e: BaseException) -> None:
+    """Under ``torchrun``, after a stop every rank agreed on (a checkpoint saved, or a runner
+    finished), every rank waits for the others before it exits: torchrun stops the whole job as
+    soon as one rank exits with a failure code (an interrupted run's 130/143). After a stop of
+    this rank alone there is nobody to wait for: torchrun takes the others down."""
+    agreed = getattr(e, "checkpoint", None) is not None or getattr(e, "finished", False)
+    if _rank() is None or not agreed:
         return
     import contextlib
 
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             line = line.replace("interrupted:", "terminated (SIGTERM):", 1)
         if not _rank():  # under torchrun, rank 0 speaks for the job (every rank saved its part)
             print(line, file=sys.stderr)
-        _leave_together()
+        _leave_together(e)
         return 128 + signum
     except (
         ValueError,

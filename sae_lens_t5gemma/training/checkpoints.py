@@ -183,8 +183,8 @@ def _fit_or_checkpoint(runner: Any, trainer: Any) -> Any:
         try:
             fitted = trainer.fit()
             # A signal during the last step: the runner finishes (its SAEs are saved next), and
-            # train stops before the next runner (see train).
-            context.stopped = provider.pending
+            # train stops before the next runner (see train); under torchrun every rank does.
+            context.stopped = context.agree(provider.pending) if context.agree else provider.pending
             return fitted
         except _Stop as stop:
             saved = None

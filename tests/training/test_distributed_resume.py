@@ -4,6 +4,9 @@
   by its owner, each rank's store state, rank 0's record naming the processes), rank 0 alone
   reports; a one-process ``--resume`` and one in the other mode are refused by name; the same
   command under torchrun with ``--resume`` continues and ends near the uninterrupted run.
+- A SIGTERM to one rank during the last step of a runner (one runner per hook): every rank
+  finishes that runner and stops before the next (before: the ranks disagreed and the job hung);
+  ``--resume`` keeps the finished SAE and trains the other.
 - A rank killed (SIGKILL) while a data-parallel checkpoint is being written: the job ends soon,
   the other rank says in one line that another process failed, the half-written checkpoint has no
   record (and so is passed over), no SAE folder looks finished, and ``--resume`` continues from
@@ -24,7 +27,7 @@ from sae_lens_t5gemma.cli.main import main
 from sae_lens_t5gemma.training import checkpoints
 
 pytestmark = [
-    pytest.mark.slow,  # each test: three torchrun jobs, about 60 s together
+    pytest.mark.slow,  # each test: two or three torchrun jobs, 20 to 45 s
     pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted"),
 ]
 
@@ -33,14 +36,19 @@ import os, signal, sys
 from sae_lens_t5gemma.cli.main import main
 from sae_lens_t5gemma.training import checkpoints
 # TEST_SIGNAL_RANK gets SIGTERM as the trainer asks for its TEST_SIGNAL_AT-th batch (the first
-# 10 estimate the activations' norm: n_batches_for_norm_estimate capped at the run's 10 steps).
+# 10 estimate the activations' norm: n_batches_for_norm_estimate capped at the run's 10 steps),
+# or, with TEST_SIGNAL_AFTER=1, just after that batch was handed out (during that step).
 if os.environ.get("TEST_SIGNAL_RANK") == os.environ["RANK"]:
     base, calls = checkpoints._StopBetweenSteps.__next__, [0]
+    after = os.environ.get("TEST_SIGNAL_AFTER") == "1"
     def next_and_signal(self):
         calls[0] += 1
-        if calls[0] == int(os.environ["TEST_SIGNAL_AT"]):
+        if calls[0] == int(os.environ["TEST_SIGNAL_AT"]) and not after:
             os.kill(os.getpid(), signal.SIGTERM)
-        return base(self)
+        batch = base(self)
+        if calls[0] == int(os.environ["TEST_SIGNAL_AT"]) and after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
     checkpoints._StopBetweenSteps.__next__ = next_and_signal
 sys.exit(main(sys.argv[1:]))
 """
@@ -170,6 +178,32 @@ def test_a_signal_to_one_rank_checkpoints_both_and_resume_continues(
         far = _close_to(out, one_process(other_seed).saes, hooks)
         print("control, another seed:", far)
         assert all(cosine < 0.5 and difference > 0.5 for cosine, difference in far), far
+
+
+def test_a_signal_in_a_runners_last_step_stops_every_rank_before_the_next_runner(
+    tiny_model_dir, files, tmp_path
+):
+    """One runner per hook (``--no-multi-hook``, data-parallel): SIGTERM to rank 1 during the first
+    runner's last step. Every rank finishes that runner (saved and evaluated) and stops before the
+    next; --resume keeps it and trains the second."""
+    sharded, _ = files
+    out = tmp_path / "two"
+    args = train_argv(cli_fields(tiny_model_dir), sharded, out, "--parallel", "data", "--no-multi-hook")
+    worker = _worker(tmp_path, SIGNALLING_WORKER, "signalling.py")
+    env = {"TEST_SIGNAL_RANK": "1", "TEST_SIGNAL_AT": "20", "TEST_SIGNAL_AFTER": "1"}  # 10 norm + 10 steps
+    run = launch([worker, *args], timeout=240, env=env)
+    assert run.returncode != 0
+    line = (
+        f"terminated (SIGTERM): train stopped; {SAE_IDS[0]} finished as the signal came, and the run stopped "
+        f"before its next runner; the finished SAEs are in {out}: the same command with --resume continues"
+    )
+    assert run.stderr.count(line) == 1, run.stderr[-4000:]
+    assert (out / SAE_IDS[0] / "eval_metrics.json").is_file() and not (out / SAE_IDS[1]).exists()
+    run = launch(["-m", "sae_lens_t5gemma_cli", *args, "--resume"], timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count(f"resume   {SAE_IDS[0]}: finished, kept") == 1
+    assert run.stdout.count(f"resume   {SAE_IDS[1]}: from the start") == 1
+    assert all((out / s / "eval_metrics.json").is_file() for s in SAE_IDS)
 
 
 def test_a_rank_killed_while_checkpointing_leaves_no_complete_folder_and_resume_continues(
