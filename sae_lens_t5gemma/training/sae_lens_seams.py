@@ -30,7 +30,13 @@ and overriding a public method, passing ``override_model``/``override_dataset``,
 - :func:`_wandb_mode` and :func:`_quiet_runner_setup`: environment and logging only (no patch):
   SAELens runs in-training evals only in its wandb branch, and warns about overrides by design.
 
-``sae_lens_t5gemma.training.distributed`` adds the seams of multi-process training the same way.
+``sae_lens_t5gemma.training.distributed`` adds the seams of multi-process training the same way,
+each with its why in its docstring, all instance patches made before ``run()``: ``own_modules``
+(the runner's ``saes`` and ``cfg`` cut to this rank's SAEs, with SAELens' private per-SAE tables;
+the store's batch size and multi-hook loader: SAELens has no seam for the data provider),
+``replicate`` (``_save_final_outputs`` / ``save_final_sae`` on rank 0 after the replica check)
+and ``checkpoint_per_rank`` (the store's ``save_to_checkpoint`` / ``load_from_checkpoint`` per
+rank; the runner's checkpoint hook ``_save_runner_checkpoint_files`` / ``save_checkpoint``).
 """
 
 from __future__ import annotations
