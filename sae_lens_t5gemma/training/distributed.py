@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_lens_t5gemma.training.checkpoints import ONE_PROCESS, _record_checkpoint
 from sae_lens_t5gemma.training.memory import sae_state_bytes
 from sae_lens_t5gemma.training.plan import TrainingPlan, per_stack
 
@@ -160,7 +161,7 @@ def choose_mode(plan: TrainingPlan, world_size: int) -> str:
 def job(plan: TrainingPlan, ranks: Ranks | None) -> dict[str, Any]:
     """What a checkpoint records of the processes that wrote it (``--resume`` must match it)."""
     if ranks is None:
-        return {"world_size": 1, "parallel": None}
+        return dict(ONE_PROCESS)
     return {"world_size": ranks.world_size, "parallel": choose_mode(plan, ranks.world_size)}
 
 
@@ -465,8 +466,6 @@ def checkpoint_per_rank(runner: Any, plan: TrainingPlan, ranks: Ranks, whole_cfg
     ``runner_cfg.json`` and the record that marks the folder complete; the store reads its
     own rank's file back on resume. The run's context records the job and agrees on stops.
     """
-    from sae_lens_t5gemma.training.checkpoints import _record_checkpoint
-
     store = runner.activations_store
     name = store_state_name(ranks)
     store.save_to_checkpoint = lambda path: store.save(str(Path(path) / name))

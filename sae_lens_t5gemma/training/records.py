@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sae_lens_t5gemma.outputs import atomic_write
+from sae_lens_t5gemma.training.checkpoints import ONE_PROCESS
 from sae_lens_t5gemma.training.config import INPUT_CONVENTION_KEY, _check_release_name
 from sae_lens_t5gemma.training.evals import eval_feeds, flatten_metrics
 from sae_lens_t5gemma.training.plan import TrainingPlan, per_stack
@@ -64,7 +65,7 @@ def _finish(
     """
     from sae_lens import SAE
 
-    processes = dict(processes or {"world_size": 1, "parallel": None})
+    processes = dict(processes or ONE_PROCESS)
     if processes["world_size"] > 1:
         processes["final_evals"] = "on rank 0, on batches of its shard of the documents"
 

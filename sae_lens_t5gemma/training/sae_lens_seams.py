@@ -317,7 +317,7 @@ def _replicate(trainer: Any, collectives: Any) -> None:
         sae.activation_fn = _GlobalBatchTopK(sae.activation_fn, collectives)
     if hasattr(sae, "update_topk_threshold"):
         sae.update_topk_threshold = _global_threshold_update(sae, collectives)
-    trainer.step = _synced_step(trainer, collectives, collectives.world_size)
+    trainer.step = _synced_step(trainer, collectives)
     scaler = trainer.activation_scaler
     estimate = scaler.estimate_scaling_factor
 
@@ -348,13 +348,13 @@ def _runner_files_only(trainer: Any) -> Any:
     return save_checkpoint
 
 
-def _synced_step(trainer: Any, collectives: Any, n: int) -> Any:
+def _synced_step(trainer: Any, collectives: Any) -> Any:
     step = trainer.step
 
     def synced(batch: torch.Tensor) -> Any:
         before = trainer.act_freq_scores.clone()
         out = step(batch)
-        trainer.n_training_samples += batch.shape[0] * (n - 1)
+        trainer.n_training_samples += batch.shape[0] * (collectives.world_size - 1)
         collectives.min_(trainer.n_forward_passes_since_fired)
         increments = collectives.sum_(trainer.act_freq_scores - before)
         trainer.act_freq_scores = before + increments
